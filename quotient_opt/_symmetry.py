@@ -213,9 +213,14 @@ class Symmetry:
     def validate(self, params: PyTree, *, what: str = "params") -> None:
         """Checks that ``params`` has every leaf this symmetry acts on, with its shape.
 
+        ``optax.tree.map_params`` calls ``init`` with a leafless placeholder
+        pytree; that is accepted (there is nothing to check).
+
         Raises:
           ValueError: naming the first missing or mis-shaped parameter path.
         """
+        if type(params).__name__ == "_ParamsPlaceholder" and not jax.tree.leaves(params):
+            return
         leaves = leaves_by_path(params)
         for path, shape in self.shapes:
             if path not in leaves:

@@ -1,0 +1,281 @@
+"""The MaxPool stall over many seeds: plain Adam against the library's mechanisms.
+
+The question's set-up (``shared/references/maxpool-stall-question.txt``):
+``Linear(2 → 2)`` then a max over the two outputs, PyTorch-style uniform init,
+1000 points ``X ~ U[0, 1]^2``, ``y = max(x + 2y, 3x + y)``, Adam lr 0.02,
+4000 full-batch steps. Also the max of 3 planes in 3-D (3 pieces) and of 4
+planes in 2-D (4 pieces), every plane the maximum somewhere on the data.
+
+All seeds of one (task, method) pair train in one ``jax.vmap`` over seeds of a
+``lax.scan`` over steps. Success = final MSE < 1e-6.
+
+    python -m benchmarks.maxpool [--quick] [--seeds N] [--steps T] [--json PATH] [--out DIR]
+
+With ``--out DIR`` each (task, method) result is cached in ``DIR`` and skipped
+when present (resumable), and PNGs of the loss curves (median, 10–90% band)
+and of the final-MSE histograms are written there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+import quotient_opt as qo
+from quotient_opt.models import MaxPoolNet, functional, max_of_planes_task, maxpool_task, mse
+
+THRESHOLD = 1e-6
+LEARNING_RATE = 0.02
+
+#: name -> (pieces, planes (k, d), offsets (k,)); the first is the question's task.
+TASKS: dict[str, tuple[int, list[list[float]], list[float] | None]] = {
+    "question (2 pieces, 2-D)": (2, [[1.0, 2.0], [3.0, 1.0]], None),
+    "3 planes, 3-D": (3, [[1.0, 2.0, 0.5], [3.0, 1.0, 0.0], [0.5, 0.5, 3.0]], None),
+    "4 planes, 2-D": (4, [[1, 1], [3, 1], [1, 3], [3, 3]], [-0.25, -1.25, -1.25, -2.25]),
+}
+
+#: Settings of ``qo.revive_dead_units`` used here.
+REVIVE = dict(patience=10, every=10)
+
+
+def make_task(name: str) -> tuple[qo.models.MaxTask, int, int]:
+    """``(task, pieces, in_features)`` for one of :data:`TASKS`."""
+    pieces, planes, offsets = TASKS[name]
+    if name.startswith("question"):
+        task = maxpool_task()
+    else:
+        task = max_of_planes_task(planes, offsets)
+    return task, pieces, task.x.shape[1]
+
+
+def methods(sym: qo.Symmetry) -> tuple[dict[str, Callable[[jax.Array], Any]], list[str]]:
+    """``{name: seed -> optimizer}`` for every method available, and the names missing."""
+    adam = lambda: optax.adam(LEARNING_RATE)  # noqa: E731
+    out: dict[str, Callable[[jax.Array], Any]] = {"adam": lambda s: adam()}
+    missing = []
+    candidates = {
+        "adam + revive_dead_units": lambda f: (lambda s: f(adam(), sym, seed=s, **REVIVE)),
+        "adam + revive (split only)": lambda f: (
+            lambda s: f(adam(), sym, seed=s, newton_steps=0, **REVIVE)
+        ),
+        "rebalance(adam)": lambda f: (lambda s: f(adam(), sym, every=10)),
+        "quotient_adam": lambda f: (lambda s: f(LEARNING_RATE, sym)),
+    }
+    attr = {
+        "adam + revive_dead_units": "revive_dead_units",
+        "adam + revive (split only)": "revive_dead_units",
+        "rebalance(adam)": "rebalance",
+        "quotient_adam": "quotient_adam",
+    }
+    for name, build in candidates.items():
+        f = getattr(qo, attr[name], None)
+        if f is None:
+            missing.append(f"{name} (qo.{attr[name]} not found)")
+            continue
+        out[name] = build(f)
+    return out, missing
+
+
+def train(
+    task: qo.models.MaxTask,
+    pieces: int,
+    make_tx: Callable[[jax.Array], Any],
+    seeds: np.ndarray,
+    steps: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Trains one MaxPoolNet per seed (vmap over seeds, scan over steps).
+
+    Returns:
+      ``(losses (seeds, steps), final (seeds,))``: the loss before each step
+      and the loss after the last one.
+    """
+    d = task.x.shape[1]
+    apply, _ = functional(MaxPoolNet(pieces, 1, d, rngs=nnx.Rngs(0)))
+
+    def loss(p: Any) -> jax.Array:
+        return mse(apply(p, task.x), task.y)
+
+    def one(seed: jax.Array) -> tuple[jax.Array, jax.Array]:
+        model = MaxPoolNet(pieces, 1, d, rngs=nnx.Rngs(params=jax.random.key(seed)))
+        params = nnx.state(model, nnx.Param)
+        tx = optax.with_extra_args_support(make_tx(seed))
+        state = tx.init(params)
+
+        def body(carry: Any, _: None) -> tuple[Any, jax.Array]:
+            params, state = carry
+            value, grad = jax.value_and_grad(loss)(params)
+            updates, state = tx.update(grad, state, params, value_fn=loss)
+            return (optax.apply_updates(params, updates), state), value
+
+        (params, _), losses = jax.lax.scan(body, (params, state), None, length=steps)
+        return losses, loss(params)
+
+    losses, final = jax.jit(jax.vmap(one))(jnp.asarray(seeds, jnp.int32))
+    return np.asarray(losses), np.asarray(final)
+
+
+def summarize(losses: np.ndarray, final: np.ndarray) -> dict[str, Any]:
+    """Success rate, median final MSE, median steps to MSE < 1e-6, loss-curve quantiles."""
+    ok = final < THRESHOLD
+    below = losses < THRESHOLD
+    hit = below.any(axis=1)
+    first = np.where(hit, below.argmax(axis=1), -1)
+    q10, q50, q90 = np.quantile(losses, [0.1, 0.5, 0.9], axis=0)
+    return {
+        "seeds": int(final.size),
+        "success_rate": float(ok.mean()),
+        "rate_below_1e-4": float((final < 1e-4).mean()),
+        "median_final_mse": float(np.median(final)),
+        "median_steps_to_1e-6": float(np.median(first[hit])) if hit.any() else None,
+        "final_mse": final.tolist(),
+        "curve": {"q10": q10.tolist(), "q50": q50.tolist(), "q90": q90.tolist()},
+    }
+
+
+def run(
+    *,
+    seeds: int,
+    steps: int,
+    tasks: list[str] | None = None,
+    only: list[str] | None = None,
+    out: str | None = None,
+    progress: bool = True,
+) -> tuple[dict[str, dict[str, dict[str, Any]]], list[str]]:
+    """Runs every (task, method) pair; cached per pair in ``out`` when given."""
+    from tqdm.auto import tqdm
+
+    tasks = list(TASKS) if tasks is None else tasks
+    plan = []
+    missing: list[str] = []
+    for tname in tasks:
+        task, pieces, d = make_task(tname)
+        sym = qo.infer_symmetry(MaxPoolNet(pieces, 1, d, rngs=nnx.Rngs(0)))
+        ms, miss = methods(sym)
+        missing = miss
+        for mname, make in ms.items():
+            if only is None or mname in only:
+                plan.append((tname, task, pieces, mname, make))
+    results: dict[str, dict[str, dict[str, Any]]] = {}
+    bar = tqdm(plan, desc="maxpool", disable=not progress, file=sys.stderr)
+    for tname, task, pieces, mname, make in bar:
+        bar.set_postfix_str(f"{tname} | {mname}")
+        cache = None
+        if out:
+            slug = "".join(c if c.isalnum() else "_" for c in f"{tname}__{mname}")
+            cache = os.path.join(out, f"{slug}__s{seeds}_t{steps}.json")
+        if cache and os.path.exists(cache):
+            with open(cache) as f:
+                res = json.load(f)
+        else:
+            t0 = time.perf_counter()
+            losses, final = train(task, pieces, make, np.arange(seeds), steps)
+            res = summarize(losses, final)
+            res["seconds"] = time.perf_counter() - t0
+            if cache:
+                with open(cache, "w") as f:
+                    json.dump(res, f)
+        results.setdefault(tname, {})[mname] = res
+    return results, missing
+
+
+def table(results: dict[str, dict[str, dict[str, Any]]]) -> str:
+    """The results as a markdown table."""
+    lines = [
+        "| task | method | success (MSE < 1e-6) | MSE < 1e-4 | median final MSE "
+        "| median steps to 1e-6 | seconds |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for tname, per in results.items():
+        for mname, r in per.items():
+            steps = r["median_steps_to_1e-6"]
+            lines.append(
+                f"| {tname} | {mname} | {100 * r['success_rate']:.1f}% of {r['seeds']} "
+                f"| {100 * r['rate_below_1e-4']:.1f}% | {r['median_final_mse']:.2e} "
+                f"| {'-' if steps is None else int(steps)} | {r.get('seconds', 0):.0f} |"
+            )
+    return "\n".join(lines)
+
+
+def plot(results: dict[str, dict[str, dict[str, Any]]], out: str) -> list[str]:
+    """Loss curves (median and 10–90% band) and final-MSE histograms, one PNG each per task."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    for i, (tname, per) in enumerate(results.items()):
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5))
+        for mname, r in per.items():
+            c = r["curve"]
+            x = np.arange(len(c["q50"]))
+            (line,) = a1.semilogy(x, c["q50"], label=mname)
+            a1.fill_between(x, c["q10"], c["q90"], color=line.get_color(), alpha=0.15)
+            fin = np.maximum(np.asarray(r["final_mse"]), 1e-16)
+            a2.hist(np.log10(fin), bins=60, range=(-16, 0), histtype="step", label=mname,
+                    color=line.get_color())
+        a1.axhline(THRESHOLD, color="k", lw=0.5, ls="--")
+        a1.set(xlabel="step", ylabel="MSE (median, 10–90% band)", title=tname)
+        a2.axvline(np.log10(THRESHOLD), color="k", lw=0.5, ls="--")
+        a2.set(xlabel="log10 final MSE", ylabel="seeds", title="final MSE")
+        a1.legend(fontsize=8)
+        fig.tight_layout()
+        path = os.path.join(out, f"maxpool_task{i}.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        files.append(path)
+    return files
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="32 seeds, 1500 steps")
+    ap.add_argument("--seeds", type=int, default=None, help="seeds per (task, method); 1000")
+    ap.add_argument("--steps", type=int, default=None, help="training steps; 4000")
+    ap.add_argument("--tasks", type=int, nargs="*", default=None, help="task indices (0, 1, 2)")
+    ap.add_argument("--methods", nargs="*", default=None, help="method names to run")
+    ap.add_argument("--json", default=None, help="write results here")
+    ap.add_argument("--out", default=None, help="cache and PNG directory")
+    args = ap.parse_args(argv)
+    seeds = args.seeds or (32 if args.quick else 1000)
+    steps = args.steps or (1500 if args.quick else 4000)
+    names = list(TASKS)
+    tasks = None if args.tasks is None else [names[i] for i in args.tasks]
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+    results, missing = run(seeds=seeds, steps=steps, tasks=tasks, only=args.methods, out=args.out)
+    print(f"MaxPool stall: {seeds} seeds, {steps} full-batch steps, Adam lr {LEARNING_RATE}, "
+          f"revive {REVIVE}")
+    print(table(results))
+    if missing:
+        print("not available: " + "; ".join(missing))
+    summary = {
+        "seeds": seeds, "steps": steps, "revive": REVIVE, "missing": missing, "results": results,
+    }
+    if args.out:
+        for f in plot(results, args.out):
+            print("wrote", f)
+    if args.json:
+        slim = {
+            t: {m: {k: v for k, v in r.items() if k not in ("final_mse", "curve")}
+                for m, r in per.items()}
+            for t, per in results.items()
+        }
+        with open(args.json, "w") as f:
+            json.dump({**summary, "results": slim}, f, indent=1)
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,215 @@
+"""Per-step overhead of the quotient transformations, as a ratio to plain Adam.
+
+Model: MLP 784-512-512-10 (flax.nnx, ReLU), batch 256 of random data, softmax
+cross-entropy. One jitted training step = loss gradient + optimizer update +
+``optax.apply_updates``. Every method is timed in the same run, round-robin
+(one block of steps per method per round), so machine noise hits all of them
+alike; the reported time is the median over all timed steps after warm-up.
+
+Methods (all with Adam, lr 1e-3):
+
+* ``adam``: ``optax.adam``.
+* ``adam+project_horizontal``: ``optax.chain(optax.adam, qo.project_horizontal)``
+  (the projection acts on Adam's output).
+* ``path_norm+adam``: ``optax.chain(qo.scale_by_path_norm, optax.adam)`` (the
+  gradient is path-normalized, then Adam'd).
+* ``rebalance(adam, every=1)`` and ``teleport(adam, every=1)``: if present in
+  ``qo`` at run time, else reported as missing.
+
+Targets: <= 1.15x for the projection and the path norm, <= 1.3x for
+``rebalance(every=1)``.
+
+Usage::
+
+    python -m benchmarks.overhead [--quick] [--json PATH] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+import quotient_opt as qo
+from quotient_opt.models import functional
+
+TARGETS = {
+    "adam+project_horizontal": 1.15,
+    "path_norm+adam": 1.15,
+    "rebalance(adam, every=1)": 1.3,
+}
+
+
+def mlp(seed: int = 0) -> nnx.Sequential:
+    rngs = nnx.Rngs(seed)
+    return nnx.Sequential(
+        nnx.Linear(784, 512, rngs=rngs),
+        nnx.relu,
+        nnx.Linear(512, 512, rngs=rngs),
+        nnx.relu,
+        nnx.Linear(512, 10, rngs=rngs),
+    )
+
+
+def methods(sym: qo.Symmetry, lr: float = 1e-3) -> dict[str, Callable[[], object] | None]:
+    """Name -> factory of the optimizer (``None`` when missing from ``qo``)."""
+    out: dict[str, Callable[[], object] | None] = {
+        "adam": lambda: optax.adam(lr),
+        "adam+project_horizontal": lambda: optax.chain(
+            optax.adam(lr), qo.project_horizontal(sym)
+        ),
+        "path_norm+adam": lambda: optax.chain(qo.scale_by_path_norm(sym), optax.adam(lr)),
+    }
+    reb = getattr(qo, "rebalance", None)
+    out["rebalance(adam, every=1)"] = (
+        None if reb is None else (lambda: reb(optax.adam(lr), sym, every=1))
+    )
+    tel = getattr(qo, "teleport", None)
+    out["teleport(adam, every=1)"] = (
+        None if tel is None else (lambda: tel(optax.adam(lr), sym, every=1))
+    )
+    return out
+
+
+def make_step(apply, tx, x, y, needs_value_fn: bool):
+    def loss_fn(p):
+        return optax.softmax_cross_entropy_with_integer_labels(apply(p, x), y).mean()
+
+    @jax.jit
+    def step(params, state):
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        extra = {"value_fn": loss_fn, "value": loss, "grad": grads} if needs_value_fn else {}
+        updates, state = tx.update(grads, state, params, **extra)
+        return optax.apply_updates(params, updates), state, loss
+
+    return step
+
+
+def run(*, quick: bool, seed: int = 0) -> dict:
+    model = mlp(seed)
+    sym = qo.infer_symmetry(model)
+    apply, params0 = functional(model)
+    kx, ky = jax.random.split(jax.random.key(seed))
+    x = jax.random.normal(kx, (256, 784), jnp.float32)
+    y = jax.random.randint(ky, (256,), 0, 10)
+    rounds, per_round, warmup = (6, 5, 3) if quick else (12, 10, 5)
+
+    runners = {}
+    status = {}
+    for name, factory in methods(sym).items():
+        if factory is None:
+            status[name] = "missing"
+            continue
+        tx = factory()
+        step = make_step(apply, tx, x, y, needs_value_fn=name.startswith("teleport"))
+        state = tx.init(params0)
+        params = params0
+        t0 = time.perf_counter()
+        params, state, loss = jax.block_until_ready(step(params, state))
+        compile_s = time.perf_counter() - t0
+        for _ in range(warmup):
+            params, state, loss = step(params, state)
+        jax.block_until_ready(loss)
+        runners[name] = [step, params, state]
+        status[name] = f"ok (compile {compile_s:.1f}s)"
+
+    times: dict[str, list[float]] = {n: [] for n in runners}
+    try:
+        from tqdm import tqdm
+
+        it = tqdm(range(rounds), desc="rounds", leave=False)
+    except ImportError:  # pragma: no cover
+        it = range(rounds)
+    for _ in it:
+        for name, r in runners.items():
+            step, params, state = r
+            for _ in range(per_round):
+                t = time.perf_counter()
+                params, state, loss = step(params, state)
+                jax.block_until_ready(loss)
+                times[name].append(time.perf_counter() - t)
+            r[1], r[2] = params, state
+
+    base = float(np.median(times["adam"]))
+    rows = []
+    for name, st in status.items():
+        if name not in times:
+            rows.append({"method": name, "status": st})
+            continue
+        med = float(np.median(times[name]))
+        row = {
+            "method": name,
+            "status": st,
+            "median_ms": 1e3 * med,
+            "ratio": med / base,
+            "steps_timed": len(times[name]),
+        }
+        if name in TARGETS:
+            row["target"] = TARGETS[name]
+            row["met"] = med / base <= TARGETS[name]
+        rows.append(row)
+    return {
+        "model": "MLP 784-512-512-10 (ReLU), batch 256, softmax CE, float32",
+        "device": jax.devices()[0].device_kind,
+        "cpu_count": os.cpu_count(),
+        "quick": quick,
+        "rows": rows,
+        "raw_ms": {n: [1e3 * t for t in ts] for n, ts in times.items()},
+    }
+
+
+def print_table(res: dict) -> None:
+    print(f"{res['model']} on {res['device']}")
+    print(f"{'method':28s} {'median ms':>10s} {'ratio':>7s} {'target':>7s}  met")
+    for r in res["rows"]:
+        if "ratio" not in r:
+            print(f"{r['method']:28s} {'-':>10s} {'-':>7s} {'-':>7s}  {r['status']}")
+            continue
+        tgt = f"{r['target']:.2f}" if "target" in r else "-"
+        met = ("yes" if r["met"] else "NO") if "met" in r else ""
+        print(f"{r['method']:28s} {r['median_ms']:10.2f} {r['ratio']:7.3f} {tgt:>7s}  {met}")
+
+
+def plot(res: dict, out: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(out, exist_ok=True)
+    names = list(res["raw_ms"])
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.boxplot([res["raw_ms"][n] for n in names], vert=False, tick_labels=names)
+    ax.set_xlabel("step time (ms)")
+    ax.set_title("per-step time, MLP 784-512-512-10, batch 256")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "overhead.png"), dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer rounds (CI-sized)")
+    ap.add_argument("--json", help="write results to this JSON file")
+    ap.add_argument("--out", help="write a PNG figure into this directory")
+    args = ap.parse_args(argv)
+    res = run(quick=args.quick)
+    print_table(res)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=2)
+    if args.out:
+        plot(res, args.out)
+    return res
+
+
+if __name__ == "__main__":
+    main()

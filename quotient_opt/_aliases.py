@@ -1,0 +1,150 @@
+"""Quotient optimizers: SGD and Adam on the quotient by unit rescalings and permutations.
+
+Both are :func:`~quotient_opt.rebalance` (every step by default) around the
+Optax optimizer followed by :func:`~quotient_opt.project_horizontal`:
+
+.. math::
+
+   \\theta^\\star = \\mathrm{canon}(\\theta), \\qquad
+   u = -\\eta\\, P_{\\theta^\\star}\\,\\mathrm{opt}\\big(e^{-s^\\star}\\cdot\\nabla L(\\theta)\\big),
+   \\qquad \\theta_+ = \\theta^\\star + u,
+
+where :math:`P_{\\theta}` removes the component along the rescaling orbit
+(:math:`J(J^\\top J)^{-1}J^\\top`), so the step moves across orbits only and
+keeps every unit's balance :math:`\\lVert w_{in}\\rVert^2 + b^2 -
+\\lVert w_{out}\\rVert^2` to first order.
+
+Which sense of equivariance (tested in ``tests/test_equivariance.py``,
+measured by ``python -m benchmarks.equivariance``):
+
+* ``quotient_sgd``, ``quotient_adam``, ``rebalance(any elementwise optimizer)``
+  and ``teleport(..., from_canonical=True)`` work on the **canonical section**:
+  the first step moves :math:`\\theta` and :math:`g\\cdot\\theta` to the same
+  minimal-energy point up to the permutation :math:`\\pi` of :math:`g`, and
+  every later step is permutation-equivariant, so the runs satisfy
+  :math:`\\theta'_t = \\pi\\cdot\\theta_t` for :math:`t \\ge 1`: the final
+  parameters are **equal after canonicalization** (and compute the same
+  function), but :math:`\\theta'_T \\ne g\\cdot\\theta_T` (the scale part of
+  :math:`g` is forgotten at step one).
+* ``path_sgd`` / ``scale_by_path_norm`` (and ``project_horizontal`` chained
+  after them) are **exactly equivariant**: :math:`\\theta'_T = g\\cdot\\theta_T`,
+  because the path-norm metric transforms with the group.
+* Plain ``optax.sgd``/``optax.adam`` are permutation-equivariant only: their
+  step at :math:`g\\cdot\\theta` is not :math:`g` applied to their step at
+  :math:`\\theta` (a gradient scales by :math:`1/c` where the parameter
+  scales by :math:`c`; Adam's normalization removes scale altogether).
+
+References:
+  Stock et al. *Equi-normalization of Neural Networks*, 2019.
+  https://arxiv.org/abs/1902.10416
+
+  Neyshabur, Salakhutdinov, Srebro. *Path-SGD*, 2015.
+  https://arxiv.org/abs/1506.02617
+
+  Kingma, Ba. *Adam*, 2014. https://arxiv.org/abs/1412.6980
+"""
+
+from __future__ import annotations
+
+import jax
+import optax
+
+from quotient_opt._rebalance import rebalance
+from quotient_opt._symmetry import Symmetry
+
+
+def _projection(sym: Symmetry) -> list[optax.GradientTransformation]:
+    try:
+        from quotient_opt._projection import project_horizontal
+    except ImportError:  # pragma: no cover - projection module absent
+        return []
+    return [project_horizontal(sym)]
+
+
+def quotient_sgd(
+    learning_rate: optax.ScalarOrSchedule,
+    sym: Symmetry,
+    *,
+    momentum: float | None = None,
+    nesterov: bool = False,
+    every: int = 1,
+    project: bool = True,
+    tol: jax.typing.ArrayLike | None = None,
+    max_iter: int = 50,
+) -> optax.GradientTransformationExtraArgs:
+    """SGD (optionally with momentum) on the canonical section of the rescaling orbits.
+
+    ``rebalance(chain(optax.sgd(learning_rate, momentum, nesterov),
+    project_horizontal(sym)), sym, every=every)``. The momentum buffer is
+    transported as a covector at each rebalance. For plain SGD the gradient of
+    an invariant loss is already horizontal, so the projection only matters
+    with momentum. Equal after canonicalization from :math:`\\theta` and
+    :math:`g\\cdot\\theta` (module docstring).
+
+    Args:
+      learning_rate: scalar or Optax schedule.
+      sym: the network's :class:`~quotient_opt.Symmetry`.
+      momentum: heavy-ball decay, or ``None``.
+      nesterov: Nesterov momentum.
+      every: rebalance period (>= 1).
+      project: chain :func:`~quotient_opt.project_horizontal` after the step.
+      tol: canonicalization tolerance.
+      max_iter: canonicalization iteration cap.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``.
+
+    References:
+      Stock et al. 2019, https://arxiv.org/abs/1902.10416
+    """
+    parts = [optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov)]
+    if project:
+        parts += _projection(sym)
+    return rebalance(optax.chain(*parts), sym, every=every, tol=tol, max_iter=max_iter)
+
+
+def quotient_adam(
+    learning_rate: optax.ScalarOrSchedule,
+    sym: Symmetry,
+    *,
+    b1: jax.typing.ArrayLike = 0.9,
+    b2: jax.typing.ArrayLike = 0.999,
+    eps: jax.typing.ArrayLike = 1e-8,
+    every: int = 1,
+    project: bool = True,
+    tol: jax.typing.ArrayLike | None = None,
+    max_iter: int = 50,
+) -> optax.GradientTransformationExtraArgs:
+    """Adam on the canonical section of the rescaling orbits, with horizontal steps.
+
+    ``rebalance(chain(optax.scale_by_adam(b1, b2, eps), project_horizontal(sym),
+    optax.scale_by_learning_rate(learning_rate)), sym, every=every)``. Adam's
+    moments are transported at each rebalance (``mu`` like a gradient, ``nu``
+    like a squared gradient). Adam's preconditioned step is not horizontal;
+    the projection removes its useless component along the orbit. Equal
+    after canonicalization from :math:`\\theta` and :math:`g\\cdot\\theta`
+    (module docstring).
+
+    Args:
+      learning_rate: scalar or Optax schedule.
+      sym: the network's :class:`~quotient_opt.Symmetry`.
+      b1: decay of the first moment.
+      b2: decay of the second moment.
+      eps: Adam's denominator epsilon.
+      every: rebalance period (>= 1).
+      project: chain :func:`~quotient_opt.project_horizontal`.
+      tol: canonicalization tolerance.
+      max_iter: canonicalization iteration cap.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``.
+
+    References:
+      Kingma, Ba 2014, https://arxiv.org/abs/1412.6980;
+      Stock et al. 2019, https://arxiv.org/abs/1902.10416
+    """
+    parts = [optax.scale_by_adam(b1=b1, b2=b2, eps=eps)]
+    if project:
+        parts += _projection(sym)
+    parts.append(optax.scale_by_learning_rate(learning_rate))
+    return rebalance(optax.chain(*parts), sym, every=every, tol=tol, max_iter=max_iter)

@@ -1,0 +1,205 @@
+"""Path-SGD: gradients divided by the path-norm's per-weight curvature.
+
+For a network of affine layers behind ReLU (or max-pool) units, the squared
+:math:`\\ell_2` path-norm sums, over every input-to-output path, the product of
+the squared weights on the path (a bias is an edge from a constant unit, so
+paths may also start at a bias). Path-SGD divides each weight's gradient by
+
+.. math::
+
+    \\gamma(w) = \\frac{\\partial \\phi}{\\partial (w^2)}
+      = \\sum_{\\text{paths } P \\ni w} \\; \\prod_{e \\in P,\\, e \\neq w} e^2 ,
+
+the sum over the paths through :math:`w` of the product of the *other*
+squared weights. One forward and one backward pass through the squared linear
+skeleton give all of them at once:
+
+.. math::
+
+    f_0 = \\mathbf 1, \\quad f_l = (W_l^{\\odot 2})^\\top \\bar f_{l-1} + b_l^{\\odot 2},
+    \\qquad
+    g_L = \\mathbf 1, \\quad \\bar g_{l} = W_{l+1}^{\\odot 2}\\, g_{l+1},
+
+    \\gamma(W_l[i, j]) = \\bar f_{l-1, i}\\, g_{l, j}, \\qquad
+    \\gamma(b_l[j]) = g_{l, j},
+
+where for a max-pool layer a window's forward value :math:`\\bar f` is the sum
+over its pieces and each piece's backward value :math:`g` is its window's
+:math:`\\bar g` (for elementwise activations the bars are no-ops).
+
+Under a rescaling of a unit by :math:`c > 0`, every path through an incoming
+weight also crosses an outgoing weight (scaled by :math:`1/c`), so
+:math:`\\gamma' = \\gamma / c^2` for a weight scaled by :math:`c`, while its
+gradient becomes :math:`\\partial L / c`; the step
+:math:`\\Delta w' = c\\, \\Delta w` therefore moves with the parameters: Path-SGD
+is exactly rescaling- (and permutation-) equivariant, momentum included.
+
+References:
+  Neyshabur, Salakhutdinov, Srebro. *Path-SGD: Path-Normalized Optimization in
+  Deep Neural Networks*, 2015. https://arxiv.org/abs/1506.02617
+
+  Neyshabur, Tomioka, Srebro. *Norm-Based Capacity Control in Neural
+  Networks*, 2015. https://arxiv.org/abs/1503.00036
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from quotient_opt._symmetry import Path, Symmetry, leaves_by_path, map_with_path
+
+PyTree = Any
+
+
+def _kernel_in_out(x: jax.Array, out_axis: int) -> jax.Array:
+    """A kernel as ``(in, out)``."""
+    return x if out_axis == 1 else x.T
+
+
+def path_norm_curvature(sym: Symmetry, params: PyTree) -> PyTree:
+    """The per-weight path sums :math:`\\gamma` of every kernel and bias in ``sym.layers``.
+
+    Args:
+      sym: the network's :class:`~quotient_opt.Symmetry` (its ``layers`` chain).
+      params: parameters.
+
+    Returns:
+      A params-shaped pytree of :math:`\\gamma` (ones on leaves outside
+      ``sym.layers``), in at least float32. It transforms like a second
+      moment: ``gamma(g·θ) = sym.act(gamma(θ), g, power=-2)``.
+    """
+    leaves = leaves_by_path(params)
+    dtype = jnp.promote_types(jnp.result_type(*jax.tree.leaves(params)), jnp.float32)
+    layers = sym.layers
+    sq_k = [
+        _kernel_in_out(jnp.square(leaves[lay.kernel].astype(dtype)), lay.kernel_out_axis)
+        for lay in layers
+    ]
+    # Forward: window values entering each layer.
+    f_in = [jnp.ones((layers[0].in_features,), dtype)]
+    for lay, k2 in zip(layers[:-1], sq_k[:-1]):
+        f = f_in[-1] @ k2
+        if lay.bias is not None:
+            f = f + jnp.square(leaves[lay.bias].astype(dtype))
+        f_in.append(f.reshape(lay.outputs, lay.pieces).sum(-1))
+    # Backward: piece values leaving each layer.
+    g_out: list[jax.Array] = [None] * len(layers)  # type: ignore[list-item]
+    g_win = jnp.ones((layers[-1].outputs,), dtype)
+    for idx in range(len(layers) - 1, -1, -1):
+        lay = layers[idx]
+        g_out[idx] = jnp.repeat(g_win, lay.pieces)
+        g_win = sq_k[idx] @ g_out[idx]
+    gamma: dict[Path, jax.Array] = {}
+    for lay, f, g in zip(layers, f_in, g_out):
+        gk = f[:, None] * g[None, :]
+        gamma[lay.kernel] = gk if lay.kernel_out_axis == 1 else gk.T
+        if lay.bias is not None:
+            gamma[lay.bias] = g
+    return map_with_path(
+        lambda path, x: gamma[path] if path in gamma else jnp.ones(jnp.shape(x), dtype), params
+    )
+
+
+def scale_by_path_norm(
+    sym: Symmetry,
+    *,
+    eps: jax.typing.ArrayLike = 1e-12,
+) -> optax.GradientTransformationExtraArgs:
+    """Divides each weight's update by its path-norm curvature (Path-SGD's preconditioner).
+
+    .. math::
+
+        u_w \\leftarrow \\frac{u_w}{\\max(\\gamma(w), \\epsilon)}, \\qquad
+        \\gamma(w) = \\sum_{\\text{paths } P \\ni w} \\prod_{e \\in P,\\, e \\ne w} e^2,
+
+    computed at the current parameters by one forward and one backward pass of
+    the squared linear skeleton (see the module docstring); for max-pool layers
+    the pieces of a window share its paths. Handles flax ``(in, out)`` and
+    equinox ``(out, in)`` kernels. Leaves outside ``sym.layers`` pass through.
+
+    With an invariant loss, the resulting step is exactly equivariant under
+    unit rescalings and permutations (:math:`\\gamma' = \\gamma / c^2` for a
+    weight scaled by :math:`c`). The ``max(·, eps)`` guard only matters where
+    :math:`\\gamma < \\epsilon`: :math:`\\gamma = 0` means every path through the
+    weight has another zero weight, where an exact gradient is zero too. The
+    division runs in at least float32 and the result is cast back.
+
+    Args:
+      sym: the network's :class:`~quotient_opt.Symmetry`.
+      eps: floor of :math:`\\gamma`.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``; ``update`` requires
+      ``params``.
+
+    References:
+      Neyshabur, Salakhutdinov, Srebro. *Path-SGD: Path-Normalized
+      Optimization in Deep Neural Networks*, 2015.
+      https://arxiv.org/abs/1506.02617
+    """
+    if not isinstance(sym, Symmetry):
+        raise ValueError(f"sym: expected a quotient_opt.Symmetry, got {type(sym).__name__}")
+    if not sym.layers:
+        raise ValueError("sym: the Symmetry has no layers")
+
+    def init_fn(params: PyTree) -> optax.EmptyState:
+        sym.validate(params)
+        return optax.EmptyState()
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del extra_args
+        if params is None:
+            raise ValueError("scale_by_path_norm: update() needs params=")
+        gamma = path_norm_curvature(sym, params)
+
+        def one(u: jax.Array, gm: jax.Array) -> jax.Array:
+            floor = jnp.asarray(eps, gm.dtype)
+            return (u.astype(gm.dtype) / jnp.maximum(gm, floor)).astype(u.dtype)
+
+        return jax.tree.map(one, updates, gamma), state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def path_sgd(
+    learning_rate: optax.ScalarOrSchedule,
+    sym: Symmetry,
+    *,
+    momentum: float | None = None,
+    eps: jax.typing.ArrayLike = 1e-12,
+) -> optax.GradientTransformationExtraArgs:
+    """Path-SGD: SGD (optionally with heavy-ball momentum) on path-normalized gradients.
+
+    .. math::
+
+        m_t = \\beta m_{t-1} + \\frac{\\nabla_w L}{\\gamma(w)}, \\qquad
+        w \\leftarrow w - \\eta\\, m_t ,
+
+    ``optax.chain(scale_by_path_norm(sym, eps=eps), optax.trace(momentum),
+    optax.scale_by_learning_rate(learning_rate))``. Exactly equivariant under
+    unit rescalings and permutations: the momentum buffer is a sum of
+    path-normalized gradients, which all transform like the parameters.
+
+    Args:
+      learning_rate: a scalar or an Optax schedule.
+      sym: the network's :class:`~quotient_opt.Symmetry`.
+      momentum: heavy-ball decay :math:`\\beta`, or ``None`` for none.
+      eps: floor of :math:`\\gamma` (see :func:`scale_by_path_norm`).
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``.
+
+    References:
+      Neyshabur, Salakhutdinov, Srebro. *Path-SGD: Path-Normalized
+      Optimization in Deep Neural Networks*, 2015.
+      https://arxiv.org/abs/1506.02617
+    """
+    parts = [scale_by_path_norm(sym, eps=eps)]
+    if momentum is not None:
+        parts.append(optax.trace(decay=momentum))
+    parts.append(optax.scale_by_learning_rate(learning_rate))
+    return optax.chain(*parts)

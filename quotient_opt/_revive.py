@@ -1,0 +1,539 @@
+"""Reviving dead units and max-pool pieces by splitting an exchangeable sibling.
+
+A hidden unit that is inactive on every training point (a ReLU below zero, a
+max-pool piece that never wins its window) receives exactly zero gradient, and
+so does every weight setting of it that stays inactive: the set of parameters
+computing the network's function contains a whole flat region around it, and
+gradient methods cannot leave it. This is the MaxPool stall: one piece wins on
+every point, the other is dead, and the network computes the best single plane.
+
+:func:`revive_dead_units` detects such units from the gradient alone and moves
+each to a point of (or next to) the same function's fibre where it receives
+gradient, by *splitting* a live sibling that the symmetry says is
+exchangeable with it:
+
+* **Elementwise units (ReLU, ...)**: the dead unit ``p`` becomes a copy of a live
+  unit ``d`` of the same layer and the outgoing weights of both are halved,
+
+  .. math::
+      w^{in}_p \\leftarrow w^{in}_d, \\qquad
+      w^{out}_p,\\ w^{out}_d \\leftarrow \\tfrac12\\, w^{out}_d,
+
+  which is exactly function-preserving on every input where ``p`` was inactive
+  (the dead unit contributed nothing there).
+
+* **Max-pool pieces**: the dead piece ``p`` becomes the live piece ``d`` of the
+  same window plus a hinge whose kink runs through ``d``'s data,
+
+  .. math::
+      (w_p, b_p) \\leftarrow (w_d, b_d) + \\varepsilon\\,(u, -u^\\top m),
+      \\qquad \\max(z_d, z_p) = z_d + \\varepsilon\\,\\mathrm{relu}(u^\\top(x - m)),
+
+  where ``m`` is the curvature-weighted centroid of the inputs on which ``d``
+  wins (read off one Hessian column of the loss, no data needed) and ``u`` a
+  random direction. With ``value_fn`` (the loss, as in Optax's line searches)
+  ``num_candidates`` directions are tried, the loss along each ray
+  :math:`\\varepsilon \\mapsto L` is fitted by a quadratic (exact for a squared
+  error) and the split goes to the best minimizer; it is applied only if it
+  lowers the loss. Without ``value_fn`` the split is ``d`` plus a random
+  perturbation of relative size ``perturbation``.
+
+Detection: unit ``(w, j)`` is *dead* when the gradient of all its incoming
+parameters is exactly zero; it is revived after ``patience`` consecutive dead
+steps if a sibling (same window for pieces, same layer for units) is alive.
+Exact zeros are what a unit that is inactive on every point gets, and what a
+live unit essentially never gets; a network that fits the data exactly has no
+live donor and is left alone. One unit per unit group is revived per step, the
+one dead longest; its inner optimizer statistics (incoming and, for units,
+outgoing) are reset to zero.
+
+References:
+  Liu, Wang, Wu, Liu. *Splitting Steepest Descent for Growing Neural
+  Architectures*, 2019. https://arxiv.org/abs/1910.02366
+
+  Chen, Goodfellow, Shlens. *Net2Net: Accelerating Learning via Knowledge
+  Transfer*, 2015. https://arxiv.org/abs/1511.05641
+
+  Lu, Shin, Su, Karniadakis. *Dying ReLU and Initialization: Theory and
+  Numerical Examples*, 2019. https://arxiv.org/abs/1903.06733
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from quotient_opt._state import map_param_like
+from quotient_opt._symmetry import Path, Symmetry, UnitGroup, leaves_by_path, map_with_path
+
+PyTree = Any
+Specs = tuple[tuple[Path, int], ...]
+
+
+class ReviveDeadUnitsState(NamedTuple):
+    """State of :func:`revive_dead_units`.
+
+    Attributes:
+      count: number of updates so far (int32).
+      dead_steps: per unit group, consecutive steps each unit has had an exactly
+        zero incoming gradient (int32, ``windows * pieces``).
+      revivals: number of units revived so far (int32).
+      key: PRNG key of the perturbations.
+      inner_state: the inner optimizer's state.
+    """
+
+    count: jax.Array
+    dead_steps: tuple[jax.Array, ...]
+    revivals: jax.Array
+    key: jax.Array
+    inner_state: optax.OptState
+
+
+# --------------------------------------------------------------------------- unit rows
+
+
+def _rows(tree: PyTree, specs: Specs, n: int) -> list[jax.Array]:
+    """The ``(n, e)`` blocks holding unit ``i``'s entries in row ``i``, one per leaf."""
+    leaves = leaves_by_path(tree)
+    return [jnp.moveaxis(leaves[p], a, 0).reshape(n, -1) for p, a in specs]
+
+
+def _write_rows(tree: PyTree, specs: Specs, blocks: list[jax.Array]) -> PyTree:
+    """Inverse of :func:`_rows`: writes the blocks back into their leaves."""
+    table = {p: (a, b) for (p, a), b in zip(specs, blocks)}
+
+    def put(path: Path, leaf: jax.Array) -> jax.Array:
+        if path not in table:
+            return leaf
+        a, b = table[path]
+        moved = jnp.moveaxis(leaf, a, 0)
+        return jnp.moveaxis(b.reshape(moved.shape).astype(leaf.dtype), 0, a)
+
+    return map_with_path(put, tree)
+
+
+def _sizes(blocks: list[jax.Array]) -> list[int]:
+    return [b.shape[1] for b in blocks]
+
+
+def _split_cols(v: jax.Array, sizes: list[int]) -> list[jax.Array]:
+    out, i = [], 0
+    for s in sizes:
+        out.append(v[..., i : i + s])
+        i += s
+    return out
+
+
+def _set_row(tree: PyTree, specs: Specs, n: int, row: jax.Array, vec: jax.Array,
+             do: jax.Array) -> PyTree:
+    """``tree`` with unit ``row``'s entries (concatenated over ``specs``) set to ``vec`` if ``do``."""
+    blocks = _rows(tree, specs, n)
+    hit = (jnp.arange(n) == row)[:, None] & do
+    parts = _split_cols(vec, _sizes(blocks))
+    new = [jnp.where(hit, p[None, :].astype(b.dtype), b) for b, p in zip(blocks, parts)]
+    return _write_rows(tree, specs, new)
+
+
+def _bias_column(sym: Symmetry, grp: UnitGroup, tree: PyTree) -> int | None:
+    """Index of the bias entry in a unit's concatenated incoming vector."""
+    bias = next((lay.bias for lay in sym.layers if lay.name == grp.name), None)
+    blocks = _rows(tree, grp.incoming, grp.units)
+    col = 0
+    for (path, _), b in zip(grp.incoming, blocks):
+        if path == bias:
+            return col
+        col += b.shape[1]
+    return None
+
+
+def _incoming_dim(grp: UnitGroup, tree: PyTree) -> int:
+    return sum(b.shape[1] for b in _rows(tree, grp.incoming, grp.units))
+
+
+def _masked_pick(key: jax.Array, mask: jax.Array, score: jax.Array | None = None) -> jax.Array:
+    """Index of the masked entry with the largest ``score``, ties broken at random."""
+    noise = jax.random.uniform(key, mask.shape)
+    s = noise if score is None else score.astype(jnp.float32) + noise
+    return jnp.argmax(jnp.where(mask, s, -jnp.inf))
+
+
+# --------------------------------------------------------------------------- the split
+
+
+def _piece_split(
+    sym: Symmetry,
+    grp: UnitGroup,
+    params: PyTree,
+    p: jax.Array,
+    alive: jax.Array,
+    key: jax.Array,
+    value_fn: Callable[[PyTree], jax.Array] | None,
+    perturbation: jax.Array,
+    num_candidates: int,
+    line_search: bool,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """New incoming vector for dead piece ``p``, its donor, and whether to apply it."""
+    n, k = grp.units, grp.pieces
+    V = jnp.concatenate(_rows(params, grp.incoming, n), axis=1)
+    dim = V.shape[1]
+    dtype = V.dtype
+    window = p // k
+    donors = alive & (jnp.arange(n) // k == window)
+    bias = _bias_column(sym, grp, params)
+    kmask = jnp.ones((dim,), bool) if bias is None else jnp.arange(dim) != bias
+    kd, kc = jax.random.split(key)
+
+    if value_fn is None:
+        d = _masked_pick(kd, donors)
+        xi = jax.random.normal(kc, (dim,), dtype)
+        a = perturbation * jnp.linalg.norm(V[d])
+        return V[d] + a * xi / jnp.linalg.norm(xi), d, jnp.asarray(True)
+
+    def loss_with(z: jax.Array) -> jax.Array:
+        return value_fn(_set_row(params, grp.incoming, n, p, z, jnp.asarray(True)))
+
+    # Curvature-weighted centroid of the inputs each piece of the window wins on:
+    # with p a copy of piece j raised by delta, d/db grad_z L = sum_i h_i [x_i, 1].
+    def centroid(j: jax.Array) -> jax.Array:
+        if bias is None:
+            return jnp.zeros((dim,), dtype)
+        e = (jnp.arange(dim) == bias).astype(dtype)
+        delta = 1e-3 * (jnp.linalg.norm(V[j]) + jnp.finfo(dtype).tiny)
+        col = jax.jvp(jax.grad(loss_with), (V[j] + delta * e,), (e,))[1]
+        s = col[bias]
+        ok = s > 0
+        return jnp.where(kmask & ok, col / jnp.where(ok, s, 1), 0)
+
+    first = window * k
+    cents = jax.vmap(centroid)(first + jnp.arange(k))  # (k, dim)
+
+    keys = jax.random.split(kc, num_candidates)
+
+    def candidate(key_m: jax.Array) -> tuple[jax.Array, ...]:
+        k1, k2 = jax.random.split(key_m)
+        d = _masked_pick(k1, donors)
+        u = jnp.where(kmask, jax.random.normal(k2, (dim,), dtype), 0)
+        u = u / jnp.linalg.norm(u)
+        m = cents[d - first]
+        step = u if bias is None else u.at[bias].set(-jnp.dot(u, m))
+        a = perturbation * jnp.linalg.norm(V[d])
+        return d, step * a, jnp.stack([loss_with(V[d] + step * a),
+                                       loss_with(V[d] + 2 * step * a)])
+
+    donor, steps, vals = jax.vmap(candidate)(keys)  # (M,), (M, dim), (M, 2)
+    base = V[donor]
+    l0 = value_fn(params)
+    if not line_search:
+        best = jnp.argmin(vals[:, 0])
+        return base[best] + steps[best], donor[best], jnp.asarray(True)
+    # L(t a) = L0 + beta t + gamma t^2 along each ray (exact for squared error).
+    d1, d2 = vals[:, 0] - l0, vals[:, 1] - l0
+    gamma = (d2 - 2 * d1) / 2
+    beta = (4 * d1 - d2) / 2
+    t_star = jnp.where(gamma > 0, -beta / (2 * jnp.where(gamma > 0, gamma, 1)), 2.0)
+    t_star = jnp.clip(t_star, 1.0, 50.0)
+    pred = l0 + beta * t_star + gamma * t_star**2
+    pred = jnp.where(beta < 0, pred, jnp.inf)
+    best = jnp.argmin(pred)
+    z_star = base[best] + t_star[best] * steps[best]
+    l_star = loss_with(z_star)
+    # Fall back to the best measured point if the quadratic model was off.
+    flat = jnp.argmin(vals.reshape(-1))
+    z_meas = base[flat // 2] + (1 + flat % 2) * steps[flat // 2]
+    l_meas = vals.reshape(-1)[flat]
+    use_star = l_star <= l_meas
+    z = jnp.where(use_star, z_star, z_meas)
+    d = jnp.where(use_star, donor[best], donor[flat // 2])
+    improved = jnp.where(use_star, l_star, l_meas) < l0
+    return z, d, improved
+
+
+
+def _polish_window(
+    grp: UnitGroup,
+    params: PyTree,
+    window: jax.Array,
+    value_fn: Callable[[PyTree], jax.Array],
+    steps: int,
+) -> PyTree:
+    """Newton steps on the pieces of one window, each kept only if it lowers the loss.
+
+    With the partition of the data among the pieces fixed, a squared error is
+    quadratic in the window's pieces, so each step is the least-squares fit of
+    every piece on the points it wins; repeating it alternates partition and
+    fit (alternating minimization for max-affine regression).
+    """
+    n, k = grp.units, grp.pieces
+    rows = jnp.arange(n)
+    V = jnp.concatenate(_rows(params, grp.incoming, n), axis=1)
+    dim = V.shape[1]
+    first = window * k
+
+    def with_window(Z: jax.Array) -> PyTree:
+        full = jax.lax.dynamic_update_slice(V, Z.reshape(k, dim), (first, 0))
+        blocks = _split_cols(full, _sizes(_rows(params, grp.incoming, n)))
+        return _write_rows(params, grp.incoming, blocks)
+
+    def loss(Z: jax.Array) -> jax.Array:
+        return value_fn(with_window(Z))
+
+    def step(carry: tuple[jax.Array, jax.Array], _: None) -> tuple[tuple[jax.Array, jax.Array], None]:
+        Z, l = carry
+        g = jax.grad(loss)(Z)
+        H = jax.hessian(loss)(Z)
+        lam = 1e-6 * jnp.trace(H) / H.shape[0] + jnp.finfo(Z.dtype).tiny
+        dz = -jnp.linalg.solve(H + lam * jnp.eye(H.shape[0], dtype=Z.dtype), g)
+        Zn = Z + jnp.where(jnp.isfinite(dz), dz, 0)
+        ln = loss(Zn)
+        better = ln < l
+        return (jnp.where(better, Zn, Z), jnp.where(better, ln, l)), None
+
+    Z0 = jax.lax.dynamic_slice(V, (first, 0), (k, dim)).reshape(-1)
+    del rows
+    (Z, _), _ = jax.lax.scan(step, (Z0, loss(Z0)), None, length=steps)
+    return with_window(Z)
+
+
+def _revive_group(
+    sym: Symmetry,
+    grp: UnitGroup,
+    params: PyTree,
+    dead: jax.Array,
+    alive: jax.Array,
+    key: jax.Array,
+    value_fn: Callable[[PyTree], jax.Array] | None,
+    patience: jax.Array,
+    perturbation: jax.Array,
+    num_candidates: int,
+    line_search: bool,
+    newton_steps: int,
+) -> tuple[PyTree, jax.Array, jax.Array, jax.Array]:
+    """Revives at most one unit of ``grp``: new params, revived unit, its donor, whether done."""
+    n, k, W = grp.units, grp.pieces, grp.windows
+    if k > 1:
+        sibling_alive = jnp.repeat(alive.reshape(W, k).any(axis=1), k)
+    else:
+        sibling_alive = jnp.full((n,), alive.sum() > 0)
+    eligible = (dead >= patience) & sibling_alive
+    kp, kd, ks = jax.random.split(key, 3)
+    p = _masked_pick(kp, eligible, dead)
+    do = eligible.any()
+    if k > 1:
+        z, d, ok = _piece_split(sym, grp, params, p, alive, ks, value_fn, perturbation,
+                             num_candidates, line_search)
+        do = do & ok
+        new = _set_row(params, grp.incoming, n, p, z, do)
+        if value_fn is not None and newton_steps > 0 and k * _incoming_dim(grp, params) <= 256:
+            polished = _polish_window(grp, new, p // k, value_fn, newton_steps)
+            new = jax.tree.map(lambda a, b: jnp.where(do, a, b), polished, new)
+        return new, p, d, do
+    # Elementwise units: copy a live unit, halve both outgoing rows.
+    d = _masked_pick(kd, alive & (jnp.arange(n) != p))
+    V = jnp.concatenate(_rows(params, grp.incoming, n), axis=1)
+    new = _set_row(params, grp.incoming, n, p, V[d], do)
+    O = jnp.concatenate(_rows(new, grp.outgoing, W), axis=1)
+    half = O[d] / 2
+    new = _set_row(new, grp.outgoing, W, d, half, do)
+    new = _set_row(new, grp.outgoing, W, p, half, do)
+    return new, p, d, do
+
+
+# --------------------------------------------------------------------------- the wrapper
+
+
+def revive_dead_units(
+    inner: optax.GradientTransformation,
+    sym: Symmetry,
+    *,
+    patience: jax.typing.ArrayLike = 20,
+    every: int = 1,
+    perturbation: jax.typing.ArrayLike = 0.05,
+    num_candidates: int = 8,
+    line_search: bool = True,
+    newton_steps: int = 10,
+    seed: jax.typing.ArrayLike = 0,
+) -> optax.GradientTransformationExtraArgs:
+    """Wraps an optimizer so that dead units and max-pool pieces are split back to life.
+
+    Each step, a unit whose incoming gradient is exactly zero counts one more
+    dead step (a unit with any nonzero incoming gradient is reset to zero).
+    When some unit has been dead for ``patience`` steps and a sibling is alive
+    (same window for max-pool pieces, same layer for elementwise units), the
+    longest-dead unit ``p`` of each unit group is replaced by a split of a live
+    sibling ``d``:
+
+    .. math::
+        \\text{units:}\\quad w^{in}_p = w^{in}_d,\\ \\ w^{out}_p = w^{out}_d
+        \\leftarrow w^{out}_d / 2 \\qquad
+        \\text{pieces:}\\quad \\theta_p = \\theta_d + \\varepsilon\\,(u, -u^\\top m),
+
+    (see the module docstring for the choice of ``u``, ``m`` and
+    :math:`\\varepsilon`), the inner optimizer's statistics of ``p`` are reset
+    to zero, and the returned update is
+
+    .. math::
+        \\Delta = \\theta' + \\mathrm{inner}(g, \\theta') - \\theta,
+
+    where :math:`\\theta'` are the moved parameters, so that
+    ``optax.apply_updates(params, updates)`` lands on the inner step taken from
+    the moved point. The unit split is exactly function-preserving on all data
+    (``p`` was inactive on it); the piece split changes the function by at most
+    :math:`\\varepsilon\\,\\max_i |u^\\top(x_i - m)|` and, with ``value_fn`` and
+    ``line_search``, is applied only when it lowers the loss.
+
+    Extra args: ``value_fn`` (optional) ``params -> scalar loss``, the Optax
+    line-search convention; needed only to place max-pool splits on the data.
+    Unknown extra args are passed on to ``inner``.
+
+    The update path has no host callbacks and no data-dependent shapes; it is
+    jit-, ``lax.scan``- and ``vmap``-safe. The candidate search runs under a
+    ``lax.cond`` on "some unit is due", so un-batched runs pay for it only on
+    revival steps (under ``vmap`` the cond becomes a select and runs every step).
+
+    Args:
+      inner: the optimizer to wrap (e.g. ``optax.adam(0.02)``).
+      sym: the network's :class:`~quotient_opt.Symmetry`.
+      patience: consecutive zero-gradient steps before a unit is revived.
+      every: look for due units only every ``every`` steps (the count is the
+        same for every run of a ``vmap`` over seeds, so this ``lax.cond`` stays
+        a real branch there and the search costs ``1/every`` per step).
+      perturbation: relative size :math:`\\varepsilon / \\|\\theta_d\\|` of the
+        piece split (the first trial step of the line search).
+      num_candidates: random split directions tried per revival (``value_fn``).
+      line_search: move pieces to the best point along the best direction (and
+        only if the loss drops) instead of to the fixed trial step.
+      newton_steps: with ``value_fn``, Newton steps on the revived window's
+        pieces after a max-pool split (each kept only if it lowers the loss;
+        skipped for windows of more than 256 parameters, where the dense
+        Hessian would be costly). ``0`` disables.
+      seed: seed of the PRNG key kept in the state (may be a traced integer, so
+        ``vmap`` over seeds gives independent perturbations).
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``.
+
+    Raises:
+      ValueError: for a bad configuration, or (at ``init``) params that do not
+        match ``sym``, naming the parameter path.
+
+    References:
+      Liu, Wang, Wu, Liu. *Splitting Steepest Descent for Growing Neural
+      Architectures*, 2019. https://arxiv.org/abs/1910.02366
+
+      Chen, Goodfellow, Shlens. *Net2Net: Accelerating Learning via Knowledge
+      Transfer*, 2015. https://arxiv.org/abs/1511.05641
+    """
+    if not isinstance(sym, Symmetry):
+        raise ValueError(f"sym: expected a quotient_opt.Symmetry, got {type(sym).__name__}")
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ValueError(f"every must be a positive int, got {every!r}")
+    if isinstance(newton_steps, bool) or not isinstance(newton_steps, int) or newton_steps < 0:
+        raise ValueError(f"newton_steps must be a non-negative int, got {newton_steps!r}")
+    if isinstance(num_candidates, bool) or not isinstance(num_candidates, int) or num_candidates < 1:
+        raise ValueError(f"num_candidates must be a positive int, got {num_candidates!r}")
+    for name, v in (("patience", patience), ("perturbation", perturbation)):
+        if isinstance(v, (int, float)) and v < 0:
+            raise ValueError(f"{name} must be >= 0, got {v}")
+    inner = optax.with_extra_args_support(inner)
+    groups = sym.groups
+
+    def init_fn(params: PyTree) -> ReviveDeadUnitsState:
+        sym.validate(params)
+        return ReviveDeadUnitsState(
+            count=jnp.zeros([], jnp.int32),
+            dead_steps=tuple(jnp.zeros((g.units,), jnp.int32) for g in groups),
+            revivals=jnp.zeros([], jnp.int32),
+            key=jax.random.PRNGKey(jnp.asarray(seed, jnp.uint32)),
+            inner_state=inner.init(params),
+        )
+
+    def update_fn(
+        updates: PyTree,
+        state: ReviveDeadUnitsState,
+        params: PyTree | None = None,
+        *,
+        value_fn: Callable[[PyTree], jax.Array] | None = None,
+        **extra_args: Any,
+    ) -> tuple[PyTree, ReviveDeadUnitsState]:
+        if params is None:
+            raise ValueError("revive_dead_units: update needs params")
+        alive, dead = [], []
+        for grp, steps in zip(groups, state.dead_steps):
+            g = jnp.concatenate(_rows(updates, grp.incoming, grp.units), axis=1)
+            live = jnp.any(g != 0, axis=1)
+            alive.append(live)
+            dead.append(jnp.where(live, 0, steps + 1).astype(jnp.int32))
+        key, sub = jax.random.split(state.key)
+        keys = jax.random.split(sub, max(len(groups), 1))
+
+        def revive(params: PyTree) -> tuple[PyTree, tuple[jax.Array, ...]]:
+            out = []
+            for i, grp in enumerate(groups):
+                params, p, d, do = _revive_group(
+                    sym, grp, params, dead[i], alive[i], keys[i], value_fn,
+                    jnp.asarray(patience), jnp.asarray(perturbation), num_candidates,
+                    line_search, newton_steps,
+                )
+                out.append(jnp.stack([p, d, do]).astype(jnp.int32))
+            return params, tuple(out)
+
+        def skip(params: PyTree) -> tuple[PyTree, tuple[jax.Array, ...]]:
+            return params, tuple(jnp.zeros((3,), jnp.int32) for _ in groups)
+
+        due = jnp.asarray(False)
+        for d in dead:
+            due = due | jnp.any(d >= patience)
+
+        def maybe(params: PyTree) -> tuple[PyTree, tuple[jax.Array, ...]]:
+            return jax.lax.cond(due, revive, skip, params)
+
+        moved, picks = jax.lax.cond(state.count % every == 0, maybe, skip, params)
+        polishes = value_fn is not None and newton_steps > 0
+
+        def reset(kind: str, tree: PyTree) -> PyTree:
+            # The revived unit starts with no momentum and its donor's second
+            # moments (a clone inherits the scale of its gradients).
+            for grp, (p, d, do) in zip(groups, picks):
+                specs = [(grp.incoming, grp.units)]
+                if grp.pieces == 1:
+                    specs.append((grp.outgoing, grp.windows))
+                for sp, n in specs:
+                    if not sp:
+                        continue
+                    rows = jnp.concatenate(_rows(tree, sp, n), axis=1)
+                    val = jnp.zeros_like(rows[d]) if kind == "first" else rows[d]
+                    tree = _set_row(tree, sp, n, p, val, do.astype(bool))
+                if grp.pieces > 1 and kind == "first" and polishes:
+                    # The Newton polish moved the whole window: drop its stale momentum.
+                    blocks = _rows(tree, grp.incoming, grp.units)
+                    hit = (jnp.arange(grp.units) // grp.pieces == p // grp.pieces) & (do > 0)
+                    tree = _write_rows(
+                        tree, grp.incoming, [jnp.where(hit[:, None], 0, b) for b in blocks]
+                    )
+            return tree
+
+        inner_state = map_param_like(reset, state.inner_state, params)
+        if value_fn is not None:
+            extra_args = {**extra_args, "value_fn": value_fn}
+        inner_updates, inner_state = inner.update(updates, inner_state, moved, **extra_args)
+        new_updates = jax.tree.map(
+            lambda m, u, p: ((m + u) - p).astype(p.dtype), moved, inner_updates, params
+        )
+        n_moved = sum(pk[2] for pk in picks) if groups else 0
+        dead = tuple(
+            jnp.where((jnp.arange(g.units) == pk[0]) & (pk[2] > 0), 0, d)
+            for g, pk, d in zip(groups, picks, dead)
+        )
+        return new_updates, ReviveDeadUnitsState(
+            count=optax.safe_increment(state.count),
+            dead_steps=dead,
+            revivals=(state.revivals + n_moved).astype(jnp.int32),
+            key=key,
+            inner_state=inner_state,
+        )
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

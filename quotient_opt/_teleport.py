@@ -1,0 +1,205 @@
+"""Symmetry teleportation over positive rescalings.
+
+Every ``every`` steps, before the inner step, the parameters are moved along
+their rescaling orbit (the function is unchanged) to a point where the loss
+gradient is larger, by a few steps of normalized gradient ascent on the
+log-scales:
+
+.. math::
+
+   F(s) = \\lVert \\nabla L(e^{s}\\cdot\\theta_0) \\rVert^2, \\qquad
+   s \\leftarrow \\Pi_{[s_0 - B,\\, s_0 + B]}\\Big(s + \\eta\\,
+   \\frac{\\nabla_s F}{\\lVert \\nabla_s F \\rVert}\\Big),
+
+with :math:`L` given by the ``value_fn`` extra argument (Optax's line-search
+convention). Since :math:`L` is invariant, :math:`\\nabla L(e^s\\cdot\\theta)
+= e^{-s}\\cdot\\nabla L(\\theta)`, so :math:`F` is convex in :math:`s` and
+unbounded (shrinking a unit's incoming weights inflates their gradient):
+the ascent is normalized (each step moves the log-scales by exactly
+``learning_rate`` in Euclidean norm, or not at all where the gradient of
+:math:`F` vanishes or is not finite) and the log-scales are clipped to
+``±max_log_scale`` around the start, so it cannot blow up.
+
+By default the ascent starts from the canonical (minimal-energy) point of the
+orbit, so the teleported point depends only on the orbit (up to the
+permutation): the optimizer is then equivariant in the "equal after
+canonicalization" sense, like :func:`~quotient_opt.rebalance`. With
+``from_canonical=False`` it starts from the current parameters, as in the
+paper, and is not equivariant.
+
+The gradient handed to the inner optimizer is ``updates`` transported as a
+covector (so ``updates`` should be the gradient of the invariant loss), and
+the inner state is transported as in :func:`~quotient_opt.rebalance`.
+
+References:
+  Zhao, Dehmamy, Walters, Yu. *Symmetry Teleportation for Accelerated
+  Optimization*, NeurIPS 2022. https://arxiv.org/abs/2205.10637
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from quotient_opt._canonical import canonical_log_scales, rescale, solve_dtype
+from quotient_opt._rebalance import check_every, check_params, step_on_orbit
+from quotient_opt._symmetry import LogScales, Symmetry
+
+PyTree = Any
+
+
+class TeleportState(NamedTuple):
+    """State of :func:`teleport`.
+
+    Attributes:
+      count: steps taken (int32).
+      inner_state: the inner optimizer's state.
+    """
+
+    count: jax.Array
+    inner_state: optax.OptState
+
+
+def teleport_log_scales(
+    sym: Symmetry,
+    params: PyTree,
+    value_fn: Callable[[PyTree], jax.Array],
+    *,
+    steps: int = 10,
+    learning_rate: jax.typing.ArrayLike = 0.1,
+    max_log_scale: jax.typing.ArrayLike = 2.0,
+    from_canonical: bool = True,
+    tol: jax.typing.ArrayLike | None = None,
+    max_iter: int = 50,
+) -> LogScales:
+    """Log-scales :math:`s` that (locally) increase :math:`\\lVert\\nabla L(e^s\\cdot\\theta)\\rVert^2`.
+
+    Args:
+      sym: the symmetry.
+      params: parameters.
+      value_fn: the loss, ``value_fn(params) -> scalar``.
+      steps: ascent steps.
+      learning_rate: Euclidean length of each (normalized) ascent step.
+      max_log_scale: bound on each log-scale relative to the start.
+      from_canonical: start from the canonical point of the orbit.
+      tol: canonicalization tolerance.
+      max_iter: canonicalization iteration cap.
+
+    Returns:
+      One log-scale array per group, relative to ``params``.
+    """
+    dt = solve_dtype(params)
+    if from_canonical:
+        s0 = canonical_log_scales(sym, params, tol=tol, max_iter=max_iter)[0]
+    else:
+        s0 = sym.zero_log_scales(dt)
+    mask = tuple(jnp.full((g.windows,), g.rescalable, bool) for g in sym.groups)
+
+    def objective(s):
+        grads = jax.grad(value_fn)(rescale(sym, params, s))
+        return sum(jnp.sum(jnp.square(x.astype(dt))) for x in jax.tree.leaves(grads))
+
+    def body(_, s):
+        d = jax.grad(objective)(s)
+        d = tuple(jnp.where(m, x, 0) for x, m in zip(d, mask))
+        n = jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in d))
+        ok = jnp.isfinite(n) & (n > 0)
+        step = jnp.where(ok, learning_rate / jnp.where(ok, n, 1), 0)
+        return tuple(
+            jnp.clip(x + jnp.where(ok, step * dx, 0), a - max_log_scale, a + max_log_scale)
+            for x, dx, a in zip(s, d, s0)
+        )
+
+    return jax.lax.fori_loop(0, steps, body, s0)
+
+
+def teleport(
+    inner: optax.GradientTransformation,
+    sym: Symmetry,
+    *,
+    every: int = 10,
+    steps: int = 10,
+    learning_rate: jax.typing.ArrayLike = 0.1,
+    max_log_scale: jax.typing.ArrayLike = 2.0,
+    from_canonical: bool = True,
+    tol: jax.typing.ArrayLike | None = None,
+    max_iter: int = 50,
+) -> optax.GradientTransformationExtraArgs:
+    """Wraps ``inner`` with symmetry teleportation every ``every`` steps.
+
+    ``update(updates, state, params, *, value_fn, **extra_args)``: on steps
+    with ``count % every == 0`` (the first included) the parameters are moved
+    along their rescaling orbit by ``steps`` normalized ascent steps on the
+    squared gradient norm of ``value_fn`` (module docstring), the gradient and
+    the inner state are transported there, and the inner step is taken there;
+    the returned update is :math:`(g\\cdot\\theta + u) - \\theta`.
+
+    Args:
+      inner: any Optax transformation.
+      sym: the network's :class:`~quotient_opt.Symmetry`.
+      every: teleport period in steps (>= 1).
+      steps: ascent steps per teleport.
+      learning_rate: length of each ascent step in log-scale space.
+      max_log_scale: bound ``B`` on each log-scale around the start point
+        (the canonical point by default).
+      from_canonical: start the ascent from the canonical point of the orbit
+        (equivariant; default) or from the current parameters (the paper's
+        choice).
+      tol: canonicalization tolerance.
+      max_iter: canonicalization iteration cap.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``.
+
+    Raises:
+      ValueError: bad ``every``/``steps`` at construction; params not matching
+        ``sym`` at ``init``; missing ``params`` or ``value_fn`` at ``update``.
+
+    References:
+      Zhao et al. 2022, https://arxiv.org/abs/2205.10637
+    """
+    check_every(every)
+    if isinstance(steps, int) and steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}")
+    inner = optax.with_extra_args_support(inner)
+
+    def init_fn(params: PyTree) -> TeleportState:
+        sym.validate(params)
+        return TeleportState(jnp.zeros([], jnp.int32), inner.init(params))
+
+    def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
+        check_params(params, "teleport")
+        if value_fn is None:
+            raise ValueError(
+                "teleport: pass the loss as update(..., value_fn=lambda params: loss) "
+                "(Optax line-search convention)"
+            )
+        sym.validate(params)
+        dt = solve_dtype(params)
+        s = jax.lax.cond(
+            state.count % every == 0,
+            lambda p: teleport_log_scales(
+                sym,
+                p,
+                value_fn,
+                steps=steps,
+                learning_rate=learning_rate,
+                max_log_scale=max_log_scale,
+                from_canonical=from_canonical,
+                tol=tol,
+                max_iter=max_iter,
+            ),
+            lambda p: sym.zero_log_scales(dt),
+            params,
+        )
+        out, inner_state = step_on_orbit(
+            inner, sym, updates, state.inner_state, params, s,
+            dict(extra_args, value_fn=value_fn),
+        )
+        return out, TeleportState(optax.safe_increment(state.count), inner_state)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -1,0 +1,348 @@
+"""The common battery over every transformation and alias of the library.
+
+Modelled on Optax's ``optax/contrib/_common_test.py``: each case is
+``(name, factory(sym) -> optimizer, needs_value_fn)``; every case must
+
+* accept and ignore unknown extra keyword arguments, without recompiling;
+* work with ``optax.tree.map_params`` on its state;
+* keep float32, float64 and bfloat16 params' dtype through init/update;
+* keep the params' sharding in its updates and state (4 host devices, in a
+  subprocess with ``XLA_FLAGS=--xla_force_host_platform_device_count=4``);
+* converge inside ``lax.scan`` on the sawtooth task and on the MaxPool task;
+
+and the aliases (and numeric-hyperparameter transforms) must work under
+``optax.inject_hyperparams`` with the same results as without.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import quotient_opt as qo
+from quotient_opt._state import map_param_like
+from quotient_opt.models import functional
+
+
+class Case(NamedTuple):
+    name: str
+    factory: Callable[[qo.Symmetry], optax.GradientTransformation]
+    needs_value_fn: bool
+
+
+LR = 0.01
+
+CASES = [
+    Case(
+        "project_horizontal",
+        lambda sym: optax.chain(optax.adam(LR), qo.project_horizontal(sym)),
+        False,
+    ),
+    Case(
+        "scale_by_path_norm",
+        lambda sym: optax.chain(qo.scale_by_path_norm(sym), optax.adam(LR)),
+        False,
+    ),
+    Case("path_sgd", lambda sym: qo.path_sgd(0.02, sym, momentum=0.9), False),
+    Case("rebalance", lambda sym: qo.rebalance(optax.adam(LR), sym, every=3), False),
+    Case("teleport", lambda sym: qo.teleport(optax.adam(LR), sym, every=3, steps=2), True),
+    Case("revive_dead_units", lambda sym: qo.revive_dead_units(optax.adam(LR), sym), True),
+    Case("quotient_sgd", lambda sym: qo.quotient_sgd(0.05, sym, momentum=0.9), False),
+    Case("quotient_adam", lambda sym: qo.quotient_adam(LR, sym), False),
+]
+CASE_IDS = [c.name for c in CASES]
+
+# (name, factory, kwargs) for inject_hyperparams: the aliases and the
+# transformations with numeric hyperparameters.
+INJECTABLE = [
+    ("path_sgd", lambda: qo.path_sgd, dict(learning_rate=0.02, momentum=0.9)),
+    ("quotient_sgd", lambda: qo.quotient_sgd, dict(learning_rate=0.05, momentum=0.9)),
+    ("quotient_adam", lambda: qo.quotient_adam, dict(learning_rate=LR)),
+    ("scale_by_path_norm", lambda: qo.scale_by_path_norm, dict(eps=1e-12)),
+    ("project_horizontal", lambda: qo.project_horizontal, dict(tol=1e-6, max_iter=40)),
+]
+
+
+def small_mlp(dtype=jnp.float32, seed=0):
+    rngs = nnx.Rngs(seed)
+    model = nnx.Sequential(
+        nnx.Linear(4, 8, param_dtype=dtype, rngs=rngs),
+        nnx.relu,
+        nnx.Linear(8, 8, param_dtype=dtype, rngs=rngs),
+        nnx.relu,
+        nnx.Linear(8, 4, param_dtype=dtype, rngs=rngs),
+    )
+    apply, params = functional(model)
+    return qo.infer_symmetry(model), apply, params
+
+
+def mlp_problem(dtype=jnp.float32):
+    sym, apply, params = small_mlp(dtype)
+    x = jax.random.normal(jax.random.key(1), (32, 4), dtype)
+    y = jax.random.normal(jax.random.key(2), (32, 4), dtype)
+
+    def loss(p):
+        return jnp.mean((apply(p, x).astype(jnp.float32) - y.astype(jnp.float32)) ** 2)
+
+    return sym, params, loss
+
+
+def extra_for(case: Case, loss) -> dict:
+    return {"value_fn": loss} if case.needs_value_fn else {}
+
+
+def scan_train(tx, params, loss, extra, steps):
+    """Trains ``steps`` steps inside one jitted ``lax.scan``; returns the losses."""
+
+    @jax.jit
+    def run(p):
+        def body(c, _):
+            p, s = c
+            value, g = jax.value_and_grad(loss)(p)
+            u, s = tx.update(g, s, p, **extra)
+            return (optax.apply_updates(p, u), s), value
+
+        (p, _), losses = jax.lax.scan(body, (p, tx.init(p)), None, length=steps)
+        return losses, loss(p)
+
+    losses, final = run(params)
+    return np.asarray(losses), float(final)
+
+
+# --------------------------------------------------------------------------- extra args
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_ignores_unknown_extra_args_without_recompiling(case):
+    sym, params, loss = mlp_problem()
+    tx = case.factory(sym)
+    extra = extra_for(case, loss)
+    traces = []
+
+    @jax.jit
+    def update(g, s, p, junk):
+        traces.append(1)
+        return tx.update(g, s, p, some_unknown_arg=junk, another_one=junk * 2, **extra)
+
+    @jax.jit
+    def update_plain(g, s, p):
+        return tx.update(g, s, p, **extra)
+
+    state = tx.init(params)
+    grads = jax.grad(loss)(params)
+    outs = [update(grads, state, params, jnp.asarray(v, jnp.float32)) for v in (1.0, 2.0, 3.0)]
+    assert len(traces) == 1
+    ref = update_plain(grads, state, params)
+    for out in outs:
+        for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(ref)):
+            np.testing.assert_array_equal(a, b)
+
+
+# --------------------------------------------------------------------------- inject
+
+
+@pytest.mark.parametrize("name,get,kwargs", INJECTABLE, ids=[i[0] for i in INJECTABLE])
+def test_works_under_inject_hyperparams(name, get, kwargs):
+    sym, params, loss = mlp_problem(jnp.float32)
+    fn = get()
+    tx = fn(sym=sym, **kwargs)
+    tx_inj = optax.inject_hyperparams(fn)(sym=sym, **kwargs)
+    grads = jax.grad(loss)(params)
+    s, s_inj = tx.init(params), tx_inj.init(params)
+    for k in kwargs:
+        assert k in s_inj.hyperparams
+    step = jax.jit(lambda t, g, st, p: t.update(g, st, p), static_argnums=0)
+    for _ in range(3):
+        u, s = step(tx, grads, s, params)
+        u_inj, s_inj = step(tx_inj, grads, s_inj, params)
+        for a, b in zip(jax.tree.leaves(u_inj), jax.tree.leaves(u)):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+        for a, b in zip(jax.tree.leaves(s_inj.inner_state), jax.tree.leaves(s)):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+        params = optax.apply_updates(params, u)
+        grads = jax.grad(loss)(params)
+
+
+# --------------------------------------------------------------------------- map_params
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_tree_map_params_on_state(case):
+    sym, params, loss = mlp_problem()
+    tx = case.factory(sym)
+    state = tx.init(params)
+    same = optax.tree.map_params(tx, lambda v: v, state)
+    assert jax.tree.structure(same) == jax.tree.structure(state)
+    for a, b in zip(jax.tree.leaves(same), jax.tree.leaves(state)):
+        np.testing.assert_array_equal(a, b)
+    # a real map: every params-shaped leaf becomes 2.0, other leaves are kept
+    twos = optax.tree.map_params(tx, lambda v: jnp.full_like(v, 2.0), state)
+    assert jax.tree.structure(twos) == jax.tree.structure(state)
+    seen = []
+
+    def check(kind, sub):
+        seen.append(kind)
+        for leaf in jax.tree.leaves(sub):
+            np.testing.assert_array_equal(leaf, 2.0)
+        return sub
+
+    map_param_like(check, twos, params)
+    u, _ = jax.jit(lambda s: tx.update(jax.grad(loss)(params), s, params, **extra_for(case, loss)))(
+        state
+    )
+    assert jax.tree.structure(u) == jax.tree.structure(params)
+
+
+# --------------------------------------------------------------------------- dtypes
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_keeps_param_dtypes(case):
+    for dtype in (jnp.float32, jnp.float64, jnp.bfloat16):
+        sym, params, loss = mlp_problem(dtype)
+        tx = case.factory(sym)
+        state = tx.init(params)
+        step = jax.jit(lambda s, p: tx.update(jax.grad(loss)(p), s, p, **extra_for(case, loss)))
+        for _ in range(2):
+            u, state = step(state, params)
+            for a, p in zip(jax.tree.leaves(u), jax.tree.leaves(params)):
+                assert a.dtype == p.dtype == dtype, (case.name, dtype)
+                assert bool(jnp.all(jnp.isfinite(a)))
+            params = optax.apply_updates(params, u)
+
+        def check(kind, sub, dtype=dtype):
+            for leaf in jax.tree.leaves(sub):
+                assert leaf.dtype == dtype, (case.name, kind, dtype)
+            return sub
+
+        map_param_like(check, state, params)
+        for leaf in jax.tree.leaves(params):
+            assert leaf.dtype == dtype
+
+
+# --------------------------------------------------------------------------- sharding
+
+_SHARDING_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import jax, jax.numpy as jnp, optax
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    sys.path.insert(0, sys.argv[1])
+    import test_common as T
+    from quotient_opt._state import map_param_like
+
+    assert len(jax.devices()) == 4, jax.devices()
+    mesh = Mesh(jax.devices(), ("x",))
+
+    def spec(x):
+        axes = [None] * x.ndim
+        for i in reversed(range(x.ndim)):
+            if x.shape[i] % 4 == 0:
+                axes[i] = "x"
+                break
+        return NamedSharding(mesh, P(*axes))
+
+    results = {}
+    for case in T.CASES:
+        try:
+            sym, params, loss = T.mlp_problem(jnp.float32)
+            params = jax.tree.map(lambda x: jax.device_put(x, spec(x)), params)
+            tx = case.factory(sym)
+            extra = T.extra_for(case, loss)
+            state = tx.init(params)  # eager, like optax (jit(init) drops shardings)
+            grads = jax.grad(loss)(params)
+            grads = jax.tree.map(lambda g, p: jax.device_put(g, p.sharding), grads, params)
+            upd = jax.jit(lambda g, s, p: tx.update(g, s, p, **extra))
+            u, state = upd(grads, state, params)
+            u, state = upd(grads, state, params)
+            bad = []
+            for path_leaf, p in zip(jax.tree_util.tree_flatten_with_path(u)[0],
+                                    jax.tree.leaves(params)):
+                path, a = path_leaf
+                if not a.sharding.is_equivalent_to(p.sharding, p.ndim):
+                    bad.append(f"update {jax.tree_util.keystr(path)}: {a.sharding.spec}")
+            def check(kind, sub):
+                for a, p in zip(jax.tree.leaves(sub), jax.tree.leaves(params)):
+                    if not a.sharding.is_equivalent_to(p.sharding, p.ndim):
+                        bad.append(f"state ({kind}) {a.shape}: {a.sharding}")
+                return sub
+            map_param_like(check, state, params)
+            results[case.name] = {"ok": not bad, "bad": bad}
+        except Exception as e:  # report per case
+            results[case.name] = {"ok": False, "bad": [f"{type(e).__name__}: {e}"]}
+    print("RESULT" + json.dumps(results))
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def sharding_results():
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
+    env["JAX_PLATFORMS"] = "cpu"
+    env["JAX_ENABLE_X64"] = "1"
+    here = os.path.dirname(os.path.abspath(__file__))
+    proc = subprocess.run(
+        [sys.executable, "-c", _SHARDING_SCRIPT, here],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    return json.loads(lines[-1][len("RESULT") :])
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_keeps_param_sharding(case, sharding_results):
+    res = sharding_results[case.name]
+    assert res["ok"], res["bad"]
+
+
+# --------------------------------------------------------------------------- convergence
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_converges_on_sawtooth_in_scan(case):
+    model = qo.models.SawtoothNet(rngs=nnx.Rngs(0), param_dtype=jnp.float32)
+    apply, params = functional(model)
+    sym = qo.infer_symmetry(model)
+    task = qo.models.sawtooth_task(dtype=jnp.float32)
+    x = 2 * task.x - 1  # inputs in [-1, 1] keep more ReLUs alive at init
+
+    def loss(p):
+        return qo.models.mse(apply(p, x), task.y)
+
+    tx = case.factory(sym)
+    losses, final = scan_train(tx, params, loss, extra_for(case, loss), 300)
+    assert np.all(np.isfinite(losses)) and np.isfinite(final)
+    assert final < 0.3 * losses[0], (case.name, losses[0], final)
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_converges_on_maxpool_in_scan(case):
+    model = qo.models.MaxPoolNet(rngs=nnx.Rngs(1))
+    apply, params = functional(model)
+    sym = qo.infer_symmetry(model)
+    task = qo.models.maxpool_task(n=200, dtype=jnp.float32)
+
+    def loss(p):
+        return qo.models.mse(apply(p, task.x), task.y)
+
+    tx = case.factory(sym)
+    losses, final = scan_train(tx, params, loss, extra_for(case, loss), 300)
+    assert np.all(np.isfinite(losses)) and np.isfinite(final)
+    assert final < 0.1 * losses[0], (case.name, losses[0], final)
