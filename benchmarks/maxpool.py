@@ -46,7 +46,7 @@ TASKS: dict[str, tuple[int, list[list[float]], list[float] | None]] = {
 }
 
 #: Settings of ``qo.revive_dead_units`` used here.
-REVIVE = dict(patience=10, every=10)
+REVIVE = dict(patience=10, every=50)
 
 
 def make_task(name: str) -> tuple[qo.models.MaxTask, int, int]:

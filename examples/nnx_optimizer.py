@@ -16,15 +16,15 @@ these transformations need. Run::
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
 import optax
 from flax import nnx
 
 import quotient_opt as qo
 
 
-def train(model: nnx.Module, tx: optax.GradientTransformation, x, y, steps: int) -> tuple[float, float]:
+def train(
+    model: nnx.Module, tx: optax.GradientTransformation, x, y, steps: int
+) -> tuple[float, float]:
     """Full-batch training; returns the MSE before and after."""
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
 
@@ -67,5 +67,4 @@ def main() -> dict[str, tuple[float, float]]:
 
 
 if __name__ == "__main__":
-    jax.config.update("jax_enable_x64", False)
     main()

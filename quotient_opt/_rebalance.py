@@ -130,7 +130,7 @@ def rebalance(
       inner: any Optax transformation (e.g. ``optax.adam(1e-3)``).
       sym: the network's :class:`~quotient_opt.Symmetry`.
       every: rebalance period in steps (>= 1).
-      tol: balance tolerance of the canonicalization (default ``100 · eps``).
+      tol: balance tolerance of the canonicalization (default ``10 · eps``).
       max_iter: iteration cap of the canonicalization.
 
     Returns:

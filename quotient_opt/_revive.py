@@ -268,7 +268,6 @@ def _polish_window(
     fit (alternating minimization for max-affine regression).
     """
     n, k = grp.units, grp.pieces
-    rows = jnp.arange(n)
     V = jnp.concatenate(_rows(params, grp.incoming, n), axis=1)
     dim = V.shape[1]
     first = window * k
@@ -281,8 +280,8 @@ def _polish_window(
     def loss(Z: jax.Array) -> jax.Array:
         return value_fn(with_window(Z))
 
-    def step(carry: tuple[jax.Array, jax.Array], _: None) -> tuple[tuple[jax.Array, jax.Array], None]:
-        Z, l = carry
+    def step(carry: tuple[jax.Array, jax.Array, jax.Array, jax.Array]) -> tuple[jax.Array, ...]:
+        i, Z, l, _ = carry
         g = jax.grad(loss)(Z)
         H = jax.hessian(loss)(Z)
         lam = 1e-6 * jnp.trace(H) / H.shape[0] + jnp.finfo(Z.dtype).tiny
@@ -290,11 +289,13 @@ def _polish_window(
         Zn = Z + jnp.where(jnp.isfinite(dz), dz, 0)
         ln = loss(Zn)
         better = ln < l
-        return (jnp.where(better, Zn, Z), jnp.where(better, ln, l)), None
+        return i + 1, jnp.where(better, Zn, Z), jnp.where(better, ln, l), better
 
     Z0 = jax.lax.dynamic_slice(V, (first, 0), (k, dim)).reshape(-1)
-    del rows
-    (Z, _), _ = jax.lax.scan(step, (Z0, loss(Z0)), None, length=steps)
+    # Stop at the first step that does not lower the loss (a fixed point).
+    _, Z, _, _ = jax.lax.while_loop(
+        lambda c: (c[0] < steps) & c[3], step, (0, Z0, loss(Z0), jnp.asarray(True))
+    )
     return with_window(Z)
 
 

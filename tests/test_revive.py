@@ -1,0 +1,346 @@
+"""Tests of qo.revive_dead_units: detection, exact splits, safety, and the stall itself."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import quotient_opt as qo
+from quotient_opt.models import MaxPoolNet, functional, max_of_planes_task, maxpool_task, mse
+
+DTYPES = [jnp.float32, jnp.float64]
+
+
+def _maxpool(pieces=2, windows=1, d=2, dtype=jnp.float32, seed=0):
+    model = MaxPoolNet(pieces, windows, d, rngs=nnx.Rngs(seed), param_dtype=dtype)
+    apply, params = functional(model)
+    return qo.infer_symmetry(model), apply, params
+
+
+def _set(params, path, value):
+    return qo._symmetry.map_with_path(
+        lambda p, x: jnp.asarray(value, x.dtype) if p == path else x, params
+    )
+
+
+def _get(params, path):
+    return qo._symmetry.leaves_by_path(params)[path]
+
+
+def _stalled(dtype=jnp.float32):
+    """The question's net at the exact plane (3, 1) with piece 1 far below: dead."""
+    task = maxpool_task(dtype=dtype)
+    sym, apply, params = _maxpool(dtype=dtype)
+    params = _set(params, ("layers", 0, "kernel"), [[3.0, 0.5], [1.0, 0.5]])
+    params = _set(params, ("layers", 0, "bias"), [0.0, -100.0])
+
+    def loss(p):
+        return mse(apply(p, task.x), task.y)
+
+    return sym, apply, params, loss, task
+
+
+def _step(tx, params, state, loss):
+    g = jax.grad(loss)(params)
+    upd, state = tx.update(g, state, params, value_fn=loss)
+    return optax.apply_updates(params, upd), state, g
+
+
+# --------------------------------------------------------------------------- detection
+
+
+def test_detects_dead_piece_and_revives_it():
+    sym, _, params, loss, _ = _stalled()
+    tx = qo.revive_dead_units(optax.adam(0.02), sym, patience=5)
+    state = tx.init(params)
+    step = jax.jit(lambda p, s: _step(tx, p, s, loss))
+    for t in range(4):
+        params, state, g = step(params, state)
+        assert np.asarray(state.dead_steps[0]).tolist() == [0, t + 1]
+        assert int(state.revivals) == 0
+    l_before = float(loss(params))
+    params, state, _ = step(params, state)  # 5th dead step: revived
+    assert int(state.revivals) == 1
+    assert np.asarray(state.dead_steps[0]).tolist() == [0, 0]
+    assert float(loss(params)) < 0.5 * l_before  # the split took over data and lowered the loss
+    g = jax.grad(loss)(params)
+    assert np.all(np.abs(np.asarray(_get(g, ("layers", 0, "bias")))) > 0)  # both pieces alive
+
+
+def test_no_detection_on_healthy_pieces():
+    task = maxpool_task()
+    sym, apply, params = _maxpool()
+    params = _set(params, ("layers", 0, "kernel"), [[1.1, 2.9], [1.9, 1.1]])
+    params = _set(params, ("layers", 0, "bias"), [0.05, -0.05])
+
+    def loss(p):
+        return mse(apply(p, task.x), task.y)
+
+    tx = qo.revive_dead_units(optax.adam(0.01), sym, patience=2)
+    state = tx.init(params)
+    step = jax.jit(lambda p, s: _step(tx, p, s, loss))
+    for _ in range(30):
+        params, state, _ = step(params, state)
+    assert np.asarray(state.dead_steps[0]).tolist() == [0, 0]
+    assert int(state.revivals) == 0
+
+
+def test_no_revival_without_live_donor():
+    """At an exact fit every gradient is zero: nothing is dead, nothing moves."""
+    task = maxpool_task(dtype=jnp.float64)
+    sym, apply, params = _maxpool(dtype=jnp.float64)
+    params = _set(params, ("layers", 0, "kernel"), np.asarray(task.kernel))
+    params = _set(params, ("layers", 0, "bias"), np.asarray(task.bias))
+
+    def loss(p):
+        return mse(apply(p, task.x), task.y)
+
+    tx = qo.revive_dead_units(optax.adam(0.02), sym, patience=1)
+    state = tx.init(params)
+    new = params
+    step = jax.jit(lambda p, s: _step(tx, p, s, loss))
+    for _ in range(3):
+        new, state, _ = step(new, state)
+    assert int(state.revivals) == 0
+    for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(params)):
+        np.testing.assert_allclose(a, b, atol=1e-12)
+
+
+# --------------------------------------------------------------------------- exact splits
+
+
+def _dead_relu_mlp(dtype):
+    model = nnx.Sequential(
+        nnx.Linear(3, 6, rngs=nnx.Rngs(1), param_dtype=dtype), nnx.relu,
+        nnx.Linear(6, 5, rngs=nnx.Rngs(2), param_dtype=dtype), nnx.relu,
+        nnx.Linear(5, 2, rngs=nnx.Rngs(3), param_dtype=dtype),
+    )
+    apply, params = functional(model)
+    k = np.asarray(_get(params, ("layers", 0, "kernel"))).copy()
+    b = np.asarray(_get(params, ("layers", 0, "bias"))).copy()
+    k[:, 2] = -np.abs(k[:, 2]) - 0.1  # unit 2 is dead on x in [0, 1]^3
+    b[2] = -1.0
+    params = _set(params, ("layers", 0, "kernel"), k)
+    params = _set(params, ("layers", 0, "bias"), b)
+    return qo.infer_symmetry(model), apply, params
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_relu_split_is_exactly_function_preserving_nnx(dtype):
+    sym, apply, params = _dead_relu_mlp(dtype)
+    x = jax.random.uniform(jax.random.key(0), (64, 3), dtype)
+    y = jnp.sin(x.sum(1, keepdims=True)) * jnp.ones((1, 2), dtype)
+
+    def loss(p):
+        return mse(apply(p, x), y)
+
+    tx = qo.revive_dead_units(optax.sgd(0.0), sym, patience=1)
+    state = tx.init(params)
+    g = jax.grad(loss)(params)
+    assert np.all(np.asarray(_get(g, ("layers", 0, "kernel")))[:, 2] == 0)
+    upd, state = jax.jit(tx.update)(g, state, params)
+    new = optax.apply_updates(params, upd)
+    assert int(state.revivals) == 1
+    k_new = np.asarray(_get(new, ("layers", 0, "kernel")))
+    close = dict(rtol=1e-6, atol=1e-6) if dtype == jnp.float32 else dict(rtol=1e-14, atol=0)
+    donor = [j for j in range(6) if j != 2 and np.allclose(k_new[:, j], k_new[:, 2], **close)]
+    assert donor, "unit 2 should be a copy of a live unit"
+    out = np.asarray(_get(new, ("layers", 2, "kernel")))
+    np.testing.assert_allclose(out[2], out[donor[0]], **close)
+    tol = 1e-5 if dtype == jnp.float32 else 1e-13
+    np.testing.assert_allclose(apply(new, x), apply(params, x), rtol=tol, atol=tol)
+    g_new = jax.grad(loss)(new)
+    assert np.any(np.asarray(_get(g_new, ("layers", 0, "kernel")))[:, 2] != 0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_relu_split_is_exactly_function_preserving_equinox(dtype):
+    model = eqx.nn.MLP(3, 2, 6, 2, activation=jax.nn.relu, key=jax.random.key(0))
+    model = jax.tree.map(lambda a: a.astype(dtype) if eqx.is_array(a) else a, model)
+    sym = qo.infer_symmetry(model)
+    params, static = eqx.partition(model, eqx.is_array)
+    w = np.asarray(params.layers[0].weight).copy()
+    b = np.asarray(params.layers[0].bias).copy()
+    w[4] = -np.abs(w[4]) - 0.1
+    b[4] = -1.0
+    params = eqx.tree_at(lambda m: (m.layers[0].weight, m.layers[0].bias), params,
+                         (jnp.asarray(w, dtype), jnp.asarray(b, dtype)))
+    x = jax.random.uniform(jax.random.key(1), (64, 3), dtype)
+
+    def f(p):
+        return jax.vmap(eqx.combine(p, static))(x)
+
+    def loss(p):
+        return jnp.mean((f(p) - 1.0) ** 2)
+
+    tx = qo.revive_dead_units(optax.sgd(0.0), sym, patience=1)
+    state = tx.init(params)
+    upd, state = jax.jit(tx.update)(jax.grad(loss)(params), state, params)
+    new = optax.apply_updates(params, upd)
+    assert int(state.revivals) == 1
+    assert not np.allclose(np.asarray(new.layers[0].weight[4]), w[4])
+    tol = 1e-5 if dtype == jnp.float32 else 1e-13
+    np.testing.assert_allclose(f(new), f(params), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("use_value_fn", [True, False])
+def test_maxpool_split_changes_function_by_at_most_the_perturbation(use_value_fn):
+    sym, apply, params, loss, task = _stalled(jnp.float64)
+    pert = 0.01
+    tx = qo.revive_dead_units(optax.sgd(0.0), sym, patience=1, perturbation=pert,
+                              line_search=False, newton_steps=0)
+    state = tx.init(params)
+    g = jax.grad(loss)(params)
+    vf = loss if use_value_fn else None
+    upd, state = jax.jit(lambda g, s, p: tx.update(g, s, p, value_fn=vf))(g, state, params)
+    new = optax.apply_updates(params, upd)
+    assert int(state.revivals) == 1
+    k = np.asarray(_get(params, ("layers", 0, "kernel")))
+    a = pert * np.linalg.norm(np.r_[k[:, 0], 0.0])  # eps = perturbation * |donor|
+    xs = np.asarray(task.x)
+    diff = np.asarray(apply(new, task.x) - apply(params, task.x))
+    assert np.all(diff >= -1e-12)  # a max can only grow
+    bound = 2 * a * np.linalg.norm(xs, axis=1).max() if use_value_fn else a * np.sqrt(
+        (np.linalg.norm(xs, axis=1) ** 2 + 1).max())
+    assert diff.max() <= bound + 1e-12
+    if use_value_fn:  # the kink passes through the data: new piece wins somewhere, not everywhere
+        assert 0 < np.mean(diff > 0) < 1
+
+
+def test_update_is_move_plus_inner_update_at_moved_point():
+    sym, _, params, loss, _ = _stalled(jnp.float64)
+    g = jax.grad(loss)(params)
+    lr = 0.1
+    outs = []
+    for inner in (optax.sgd(0.0), optax.sgd(lr)):
+        tx = qo.revive_dead_units(inner, sym, patience=1)
+        upd, st = jax.jit(lambda g, s, p: tx.update(g, s, p, value_fn=loss))(
+            g, tx.init(params), params)
+        outs.append(upd)
+        assert int(st.revivals) == 1
+    for u0, u1, gi in zip(jax.tree.leaves(outs[0]), jax.tree.leaves(outs[1]), jax.tree.leaves(g)):
+        np.testing.assert_allclose(u1 - u0, -lr * gi, atol=1e-12)
+
+
+def test_inner_state_of_revived_piece_is_reset():
+    sym, _, params, loss, _ = _stalled()
+    tx = qo.revive_dead_units(optax.adam(0.02), sym, patience=3, newton_steps=0)
+    state = tx.init(params)
+    step = jax.jit(lambda p, s: _step(tx, p, s, loss))
+    for _ in range(3):
+        params, state, _ = step(params, state)
+    assert int(state.revivals) == 1
+    mu = state.inner_state[0].mu
+    g = jax.grad(loss)(params)
+    # momentum of the revived piece holds only this step's contribution, not the old one
+    mu_b = np.asarray(_get(mu, ("layers", 0, "bias")))
+    assert abs(mu_b[1]) <= 0.1 * abs(float(_get(g, ("layers", 0, "bias"))[1])) + 1.0
+
+
+# --------------------------------------------------------------------------- generality
+
+
+@pytest.mark.parametrize("pieces,windows,d", [(3, 2, 4), (4, 3, 1)])
+def test_k_pieces_several_windows_any_dim(pieces, windows, d):
+    sym, apply, params = _maxpool(pieces, windows, d, dtype=jnp.float64, seed=3)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.uniform(size=(200, d)))
+    y = jnp.asarray(rng.normal(size=(200, windows)) + np.maximum(0, x @ rng.normal(size=(d, 1))))
+
+    def loss(p):
+        return mse(apply(p, x), y)
+
+    k = np.asarray(_get(params, ("layers", 0, "kernel"))).copy()
+    b = np.asarray(_get(params, ("layers", 0, "bias"))).copy()
+    dead_units = [w * pieces + (w % pieces) for w in range(windows)]  # one per window
+    b[dead_units] = -100.0
+    params = _set(params, ("layers", 0, "bias"), b)
+    tx = qo.revive_dead_units(optax.adam(1e-3), sym, patience=2)
+    state = tx.init(params)
+    l0 = float(loss(params))
+    step = jax.jit(lambda p, s: _step(tx, p, s, loss))
+    for _ in range(2 + windows):
+        params, state, _ = step(params, state)
+    assert int(state.revivals) == windows  # one per step, every window's dead piece
+    g = np.asarray(_get(jax.grad(loss)(params), ("layers", 0, "bias")))
+    assert np.all(g[dead_units] != 0)
+    assert float(loss(params)) < l0
+
+
+def test_jit_scan_vmap_match_unbatched_runs():
+    task = maxpool_task()
+    sym, apply, _ = _maxpool()
+
+    def loss(p):
+        return mse(apply(p, task.x), task.y)
+
+    def run(seed):
+        params = nnx.state(MaxPoolNet(rngs=nnx.Rngs(params=jax.random.key(seed))), nnx.Param)
+        tx = qo.revive_dead_units(optax.adam(0.02), sym, patience=5, every=5, seed=seed)
+
+        def body(c, _):
+            p, s = c
+            p, s, _ = _step(tx, p, s, loss)
+            return (p, s), loss(p)
+
+        (p, s), ls = jax.lax.scan(body, (params, tx.init(params)), None, length=60)
+        return ls, s.revivals
+
+    seeds = jnp.arange(4)
+    ls_v, rev_v = jax.jit(jax.vmap(run))(seeds)
+    for i in range(4):
+        ls_i, rev_i = jax.jit(run)(seeds[i])
+        assert int(rev_i) == int(rev_v[i])
+        np.testing.assert_allclose(ls_i, ls_v[i], rtol=1e-4, atol=1e-6)
+    assert int(jnp.sum(rev_v)) > 0  # the runs did exercise the revival branch
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_configuration_and_structure_errors():
+    sym, _, params = _maxpool()
+    with pytest.raises(ValueError, match="num_candidates"):
+        qo.revive_dead_units(optax.adam(0.1), sym, num_candidates=0)
+    with pytest.raises(ValueError, match="every"):
+        qo.revive_dead_units(optax.adam(0.1), sym, every=0)
+    with pytest.raises(ValueError, match="patience"):
+        qo.revive_dead_units(optax.adam(0.1), sym, patience=-1)
+    other = nnx.state(MaxPoolNet(3, 1, 2, rngs=nnx.Rngs(0)), nnx.Param)
+    with pytest.raises(ValueError, match="layers/0/kernel"):
+        qo.revive_dead_units(optax.adam(0.1), sym).init(other)
+    tx = qo.revive_dead_units(optax.adam(0.1), sym)
+    with pytest.raises(ValueError, match="params"):
+        tx.update(params, tx.init(params))
+
+
+# --------------------------------------------------------------------------- the stall
+
+
+def test_quick_seeded_run_beats_plain_adam():
+    from benchmarks import maxpool as bench
+
+    task, pieces, d = bench.make_task(list(bench.TASKS)[0])
+    sym, _, _ = _maxpool(pieces, 1, d)
+    ms, _ = bench.methods(sym)
+    seeds = np.arange(32)
+    rates = {}
+    for name in ("adam", "adam + revive_dead_units"):
+        _, final = bench.train(task, pieces, ms[name], seeds, 500)
+        rates[name] = float(np.mean(final < 1e-6))
+    assert rates["adam + revive_dead_units"] >= 0.8, rates
+    assert rates["adam + revive_dead_units"] >= rates["adam"] + 0.5, rates
+
+
+def test_three_plane_task_is_well_posed():
+    # the benchmark's extra tasks must use every piece (max_of_planes_task checks)
+    from benchmarks import maxpool as bench
+
+    for name in bench.TASKS:
+        task, pieces, d = bench.make_task(name)
+        assert task.kernel.shape == (d, pieces)
+    with pytest.raises(ValueError, match="planes"):
+        max_of_planes_task([[1.0, 0.0], [0.0, 1.0], [0.1, 0.1]])
