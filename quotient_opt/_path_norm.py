@@ -145,6 +145,8 @@ def scale_by_path_norm(
         raise ValueError(f"sym: expected a quotient_opt.Symmetry, got {type(sym).__name__}")
     if not sym.layers:
         raise ValueError("sym: the Symmetry has no layers")
+    if isinstance(eps, (int, float)) and not eps > 0:
+        raise ValueError(f"eps must be > 0, got {eps}")
 
     def init_fn(params: PyTree) -> optax.EmptyState:
         sym.validate(params)

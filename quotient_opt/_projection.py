@@ -333,6 +333,9 @@ def project_horizontal(
         raise ValueError(f"sym: expected a quotient_opt.Symmetry, got {type(sym).__name__}")
     if isinstance(max_iter, int) and max_iter < 1:
         raise ValueError(f"max_iter must be >= 1, got {max_iter}")
+    for name, val in (("eps", eps), ("tol", tol)):
+        if isinstance(val, (int, float)) and not val >= 0:
+            raise ValueError(f"{name} must be >= 0, got {val}")
 
     def init_fn(params: PyTree) -> optax.EmptyState:
         sym.validate(params)

@@ -257,6 +257,8 @@ def test_errors():
     sym, _, params = _sawtooth(jnp.float32)
     with pytest.raises(ValueError, match="sym"):
         qo.scale_by_path_norm("not a symmetry")
+    with pytest.raises(ValueError, match="eps"):
+        qo.scale_by_path_norm(sym, eps=0.0)
     tx = qo.scale_by_path_norm(sym)
     other = functional(qo.models.MaxPoolNet(rngs=nnx.Rngs(0)))[1]
     with pytest.raises(ValueError, match="layers/0/kernel"):

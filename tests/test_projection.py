@@ -264,6 +264,8 @@ def test_transformation_errors():
         qo.project_horizontal(object())
     with pytest.raises(ValueError, match="max_iter"):
         qo.project_horizontal(sym, max_iter=0)
+    with pytest.raises(ValueError, match="tol"):
+        qo.project_horizontal(sym, tol=-1.0)
     tx = qo.project_horizontal(sym)
     other = make_net("maxpool")[2]
     with pytest.raises(ValueError, match="layers/0/kernel"):
