@@ -1,0 +1,158 @@
+"""rebalance: inner optimizer stepping from the canonical point, state transported."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import quotient_opt as qo
+from quotient_opt._state import transport_state
+from quotient_opt.models import functional, mse
+
+
+def _maxdiff(a, b):
+    return max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def _setup(dtype=jnp.float64, seed=0):
+    r = nnx.Rngs(seed)
+    m = nnx.Sequential(
+        nnx.Linear(2, 6, param_dtype=dtype, rngs=r), nnx.relu,
+        nnx.Linear(6, 5, param_dtype=dtype, rngs=r), nnx.relu,
+        nnx.Linear(5, 1, param_dtype=dtype, rngs=r),
+    )  # fmt: skip
+    apply, p = functional(m)
+    sym = qo.infer_symmetry(m)
+    x = jax.random.uniform(jax.random.key(1), (64, 2), dtype, -1, 1)
+    y = jnp.sin(3 * x[:, :1]) * x[:, 1:]
+
+    def loss(q):
+        return mse(apply(q, x), y)
+
+    p = sym.act(p, sym.sample(jax.random.key(seed + 7), log_scale=2.0, dtype=dtype))
+    return apply, p, sym, loss, x
+
+
+def test_first_step_is_canonical_and_function_preserving():
+    apply, p, sym, loss, x = _setup()
+    opt = qo.rebalance(optax.sgd(0.0), sym)
+    u, _ = opt.update(jax.grad(loss)(p), opt.init(p), p)
+    new = optax.apply_updates(p, u)
+    c, _ = qo.canonicalize(sym, p)
+    assert _maxdiff(new, c) < 1e-12
+    assert _maxdiff(new, p) > 1e-2  # it did move
+    np.testing.assert_allclose(apply(new, x), apply(p, x), rtol=1e-12, atol=1e-12)
+
+
+def test_matches_manual_adam_with_gather_based_transport():
+    """Step = canonical + adam(transported grad, transported state), over several steps."""
+    _, p, sym, loss, _ = _setup()
+    inner = optax.adam(1e-2)
+    opt = qo.rebalance(inner, sym, every=2)
+    s_opt = opt.init(p)
+    q, s_ref = p, inner.init(p)
+    pr = p
+    for t in range(5):
+        u, s_opt = jax.jit(opt.update)(jax.grad(loss)(pr), s_opt, pr)
+        pr = optax.apply_updates(pr, u)
+        # reference
+        gr = jax.grad(loss)(q)
+        if t % 2 == 0:
+            c, g = qo.canonicalize(sym, q)
+            s_ref = transport_state(sym, s_ref, q, g)
+            gr = sym.act(gr, g, power=-1)
+            q = c
+        du, s_ref = inner.update(gr, s_ref, q)
+        q = optax.apply_updates(q, du)
+        assert _maxdiff(pr, q) < 1e-10
+    assert int(s_opt.count) == 5
+    assert s_opt.count.dtype == jnp.int32
+    assert _maxdiff(s_opt.inner_state[0].mu, s_ref[0].mu) < 1e-10
+    assert _maxdiff(s_opt.inner_state[0].nu, s_ref[0].nu) < 1e-10
+
+
+def test_off_steps_are_plain_inner():
+    _, p, sym, loss, _ = _setup()
+    inner = optax.sgd(0.1, momentum=0.9)
+    opt = qo.rebalance(inner, sym, every=3)
+    s = opt.init(p)
+    u, s = opt.update(jax.grad(loss)(p), s, p)
+    p = optax.apply_updates(p, u)
+    gr = jax.grad(loss)(p)
+    u_ref, _ = inner.update(gr, s.inner_state, p)
+    u, s = opt.update(gr, s, p)
+    assert _maxdiff(u, u_ref) < 1e-14
+
+
+def test_scan_vmap_and_converges():
+    _, p, sym, loss, _ = _setup()
+    opt = qo.rebalance(optax.adam(1e-2), sym, every=5)
+
+    def run(p0):
+        def step(c, _):
+            q, s = c
+            u, s = opt.update(jax.grad(loss)(q), s, q)
+            return (optax.apply_updates(q, u), s), loss(q)
+
+        (q, _), losses = jax.lax.scan(step, (p0, opt.init(p0)), None, length=300)
+        return losses
+
+    ps = jax.tree.map(lambda a, b: jnp.stack([a, b]), p, jax.tree.map(lambda a: 1.1 * a, p))
+    losses = jax.jit(jax.vmap(run))(ps)
+    assert bool(jnp.all(jnp.isfinite(losses)))
+    assert bool(jnp.all(losses[:, -1] < 0.3 * losses[:, 0]))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64, jnp.bfloat16])
+def test_dtype_preserved(dtype):
+    _, p, sym, loss, _ = _setup(jnp.float32)
+    p = jax.tree.map(lambda a: a.astype(dtype), p)
+    opt = qo.quotient_adam(1e-3, sym)
+    gr = jax.tree.map(lambda a: jnp.ones_like(a), p)
+    u, s = opt.update(gr, opt.init(p), p)
+    assert all(a.dtype == dtype for a in jax.tree.leaves(u))
+    assert all(bool(jnp.all(jnp.isfinite(a))) for a in jax.tree.leaves(u))
+
+
+def test_inject_hyperparams_and_extra_args():
+    _, p, sym, loss, _ = _setup()
+    opt = optax.inject_hyperparams(qo.quotient_adam, static_args=("every",))(
+        learning_rate=1e-2, sym=sym
+    )
+    s = opt.init(p)
+    u, s = opt.update(jax.grad(loss)(p), s, p, unknown_extra=3)
+    assert float(s.hyperparams["learning_rate"]) == pytest.approx(1e-2)
+    opt2 = optax.inject_hyperparams(qo.quotient_sgd)(learning_rate=0.1, sym=sym, every=2)
+    s2 = opt2.init(p)
+    for _ in range(3):
+        u, s2 = jax.jit(opt2.update)(jax.grad(loss)(p), s2, p)
+        p = optax.apply_updates(p, u)
+    assert bool(jnp.isfinite(loss(p)))
+
+
+def test_nan_gradient_does_not_spread():
+    """A NaN gradient entry propagates where SGD would put it, nowhere else."""
+    _, p, sym, loss, _ = _setup()
+    gr = jax.grad(loss)(p)
+    gr = qo._symmetry.map_with_path(
+        lambda path, a: a.at[0, 0].set(jnp.nan) if path == ("layers", 2, "kernel") else a, gr
+    )
+    opt = qo.rebalance(optax.sgd(0.1), sym)
+    u, _ = opt.update(gr, opt.init(p), p)
+    n_nan = sum(int(jnp.sum(jnp.isnan(a))) for a in jax.tree.leaves(u))
+    assert n_nan == 1
+
+
+def test_bad_config_and_structure():
+    _, p, sym, _, _ = _setup()
+    with pytest.raises(ValueError, match="every"):
+        qo.rebalance(optax.sgd(0.1), sym, every=0)
+    other = nnx.Sequential(nnx.Linear(3, 4, rngs=nnx.Rngs(0)), nnx.relu, nnx.Linear(4, 1, rngs=nnx.Rngs(0)))
+    _, q = functional(other)
+    with pytest.raises(ValueError, match="layers/0/kernel"):
+        qo.rebalance(optax.sgd(0.1), sym).init(q)
+    opt = qo.rebalance(optax.sgd(0.1), sym)
+    with pytest.raises(ValueError, match="params"):
+        opt.update(p, opt.init(p))
