@@ -557,6 +557,11 @@ def _eqx_mlp_layers(model: Any) -> list[Dense]:
     layers = []
     n = len(model.layers)
     for i, lin in enumerate(model.layers):
+        if len(lin.weight.shape) != 2:  # e.g. eqx.nn.MLP(..., scan=True) stacks the layers
+            raise ValueError(
+                f"layer 'layers/{i}': weight of shape {tuple(lin.weight.shape)}; only "
+                "eqx.nn.MLP with one 2-D Linear per layer (scan=False) is supported"
+            )
         out_f, in_f = lin.weight.shape
         last = i == n - 1
         layers.append(

@@ -224,7 +224,8 @@ def test_update_is_move_plus_inner_update_at_moved_point():
     lr = 0.1
     outs = []
     for inner in (optax.sgd(0.0), optax.sgd(lr)):
-        tx = qo.revive_dead_units(inner, sym, patience=1, newton_steps=0, num_candidates=2)
+        tx = qo.revive_dead_units(inner, sym, patience=1, newton_steps=0, num_candidates=2,
+                                  line_search=False)
         upd, st = jax.jit(lambda g, s, p: tx.update(g, s, p, value_fn=loss))(
             g, tx.init(params), params)
         outs.append(upd)

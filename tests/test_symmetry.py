@@ -738,3 +738,9 @@ def test_linen_errors():
     assert [g.windows for g in inner.groups] == [g.windows for g in outer.groups] == [4, 3]
     with pytest.raises(ValueError, match="no parameter at path 'dense_z/kernel'"):
         inner.validate(params)
+
+
+def test_equinox_scanned_mlp_is_rejected():
+    mlp = eqx.filter_eval_shape(eqx.nn.MLP, 2, 1, 4, 3, scan=True, key=jax.random.key(0))
+    with pytest.raises(ValueError, match=r"layers/1.*\(2, 4, 4\).*scan=False"):
+        qo.infer_symmetry(mlp)
