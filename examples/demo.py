@@ -1,6 +1,6 @@
 """The MaxPool stall, solved through the symmetry: ``make demo`` (``python -m examples.demo``).
 
-Trains the question's network (``Linear(2 → 2)`` then max, Adam lr 0.02, 4000
+Trains the question's network (``Linear(2 → 2)`` then max, Adam lr 0.02, 1000
 full-batch steps on ``y = max(x + 2y, 3x + y)``) from 200 random inits, with
 plain Adam and with Adam wrapped in :func:`quotient_opt.revive_dead_units`,
 and prints the success rates side by side. A quick version of
@@ -17,7 +17,7 @@ from benchmarks import maxpool
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", type=int, default=200)
-    ap.add_argument("--steps", type=int, default=4000)
+    ap.add_argument("--steps", type=int, default=1000)
     args = ap.parse_args(argv)
     task = list(maxpool.TASKS)[0]
     results, _ = maxpool.run(

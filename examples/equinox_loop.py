@@ -47,7 +47,10 @@ def main() -> dict[str, tuple[float, float]]:
     results = {}
     for name, make in [
         ("path_sgd", lambda sym: qo.path_sgd(0.02, sym, momentum=0.9)),
-        ("adam + project_horizontal", lambda sym: optax.chain(optax.adam(3e-3), qo.project_horizontal(sym))),
+        (
+            "adam + project_horizontal",
+            lambda sym: optax.chain(optax.adam(3e-3), qo.project_horizontal(sym)),
+        ),
     ]:
         model = eqx.nn.MLP(1, 1, 32, 2, activation=jax.nn.relu, key=jax.random.key(0))
         sym = qo.infer_symmetry(model)

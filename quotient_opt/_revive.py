@@ -35,7 +35,11 @@ exchangeable with it:
   ``num_candidates`` directions are tried, the loss along each ray
   :math:`\\varepsilon \\mapsto L` is fitted by a quadratic (exact for a squared
   error) and the split goes to the best minimizer; it is applied only if it
-  lowers the loss. Without ``value_fn`` the split is ``d`` plus a random
+  lowers the loss. Then ``newton_steps`` Newton steps on the window's pieces
+  (exact least squares of each piece on the points it wins, for a squared
+  error: alternating minimization for max-affine regression) finish the
+  placement, each kept only if it lowers the loss, and the window's stale
+  momentum is dropped. Without ``value_fn`` the split is ``d`` plus a random
   perturbation of relative size ``perturbation``.
 
 Detection: unit ``(w, j)`` is *dead* when the gradient of all its incoming
@@ -56,6 +60,10 @@ References:
 
   Lu, Shin, Su, Karniadakis. *Dying ReLU and Initialization: Theory and
   Numerical Examples*, 2019. https://arxiv.org/abs/1903.06733
+
+  Ghosh, Pananjady, Guntuboyina, Ramchandran. *Max-Affine Regression: Provable,
+  Tractable, and Near-Optimal Statistical Estimation*, 2019.
+  https://arxiv.org/abs/1906.09255
 """
 
 from __future__ import annotations

@@ -193,7 +193,9 @@ def test_plain_sgd_is_not_equivariant():
     sym, apply, params = _sawtooth(jnp.float64)
     task = qo.models.sawtooth_task(dtype=jnp.float64)
     loss = lambda p: qo.models.mse(apply(p, task.x), task.y)  # noqa: E731
-    step = jax.jit(lambda p: optax.apply_updates(p, jax.tree.map(lambda x: -0.01 * x, jax.grad(loss)(p))))
+    step = jax.jit(
+        lambda p: optax.apply_updates(p, jax.tree.map(lambda x: -0.01 * x, jax.grad(loss)(p)))
+    )
     g = sym.sample(jax.random.key(7), log_scale=3.0, dtype=jnp.float64)
     p1, p2 = params, sym.act(params, g)
     for _ in range(20):
