@@ -215,7 +215,7 @@ def plot(results: dict[str, dict[str, dict[str, Any]]], out: str) -> list[str]:
     import matplotlib.pyplot as plt
 
     files = []
-    for i, (tname, per) in enumerate(results.items()):
+    for tname, per in results.items():
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5))
         for mname, r in per.items():
             c = r["curve"]
@@ -231,7 +231,8 @@ def plot(results: dict[str, dict[str, dict[str, Any]]], out: str) -> list[str]:
         a2.set(xlabel="log10 final MSE", ylabel="seeds", title="final MSE")
         a1.legend(fontsize=8)
         fig.tight_layout()
-        path = os.path.join(out, f"maxpool_task{i}.png")
+        slug = "".join(c if c.isalnum() else "_" for c in tname).strip("_")
+        path = os.path.join(out, f"maxpool_{slug}.png")
         fig.savefig(path, dpi=110)
         plt.close(fig)
         files.append(path)

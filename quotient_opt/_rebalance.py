@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from quotient_opt._canonical import canonical_log_scales, rescale, solve_dtype
+from quotient_opt._canonical import canonical_log_scales, rescale
 from quotient_opt._state import map_param_like
 from quotient_opt._symmetry import LogScales, Symmetry
 
@@ -153,14 +153,11 @@ def rebalance(
     def update_fn(updates, state, params=None, **extra_args):
         check_params(params, "rebalance")
         sym.validate(params)
+        # off-steps run the solver for zero iterations (log-scales stay 0):
+        # branchless, and cheap under vmap (a batched lax.cond would run both).
         do = state.count % every == 0
-        dt = solve_dtype(params)
-        s = jax.lax.cond(
-            do,
-            lambda p: canonical_log_scales(sym, p, tol=tol, max_iter=max_iter)[0],
-            lambda p: sym.zero_log_scales(dt),
-            params,
-        )
+        iters = jnp.where(do, max_iter, 0)
+        s = canonical_log_scales(sym, params, tol=tol, max_iter=iters)[0]
         out, inner_state = step_on_orbit(
             inner, sym, updates, state.inner_state, params, s, extra_args
         )

@@ -179,22 +179,18 @@ def teleport(
                 "(Optax line-search convention)"
             )
         sym.validate(params)
-        dt = solve_dtype(params)
-        s = jax.lax.cond(
-            state.count % every == 0,
-            lambda p: teleport_log_scales(
-                sym,
-                p,
-                value_fn,
-                steps=steps,
-                learning_rate=learning_rate,
-                max_log_scale=max_log_scale,
-                from_canonical=from_canonical,
-                tol=tol,
-                max_iter=max_iter,
-            ),
-            lambda p: sym.zero_log_scales(dt),
+        # off-steps: zero ascent steps and zero solver iterations (branchless)
+        do = state.count % every == 0
+        s = teleport_log_scales(
+            sym,
             params,
+            value_fn,
+            steps=jnp.where(do, steps, 0),
+            learning_rate=learning_rate,
+            max_log_scale=max_log_scale,
+            from_canonical=from_canonical,
+            tol=tol,
+            max_iter=jnp.where(do, max_iter, 0),
         )
         out, inner_state = step_on_orbit(
             inner, sym, updates, state.inner_state, params, s,
