@@ -1,0 +1,101 @@
+"""Equivariance, measured: train from θ and from g·θ (log-scales ±3, random permutations).
+
+Uses the harness of ``benchmarks/equivariance.py`` (which runs the full table).
+Canonical-section methods (rebalance, quotient_*, teleport) must end equal
+after canonicalization; plain Optax must fail the same test.
+"""
+
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from benchmarks import equivariance as E  # noqa: E402
+
+import quotient_opt as qo  # noqa: E402
+
+CANONICAL = ["rebalance(adam)", "quotient_sgd", "quotient_adam", "teleport(adam)"]
+
+
+@pytest.fixture(scope="module")
+def saw64():
+    return E.sawtooth_problem(jnp.float64)
+
+
+@pytest.mark.parametrize("name", CANONICAL + ["optax.adam", "optax.sgd"])
+def test_float64_sawtooth(saw64, name):
+    make, kind = E.methods("sawtooth")[name]
+    g = saw64.sym.sample(jax.random.key(1), log_scale=3.0, dtype=jnp.float64)
+    p1, p2 = E.train_pair(saw64, make(saw64.sym), g, 150)
+    d = E.deviations(saw64, p1, p2, g)
+    print(name, d)
+    assert d["spread"] > 0.05  # the trained function is not constant
+    if kind == "baseline":
+        assert d["out"] > 1e-2 and d["orbit"] > 1e-2
+    else:
+        assert d["out"] < 1e-9 and d["orbit"] < 1e-9
+        assert d["g_theta"] > 1e-2  # equal after canonicalization, not θ'=g·θ
+
+
+def test_float32_500_steps_sawtooth():
+    prob = E.sawtooth_problem(jnp.float32)
+    g = prob.sym.sample(jax.random.key(1), log_scale=3.0, dtype=jnp.float32)
+    res = {}
+    for name in ["rebalance(sgd)", "optax.sgd"]:
+        make, _ = E.methods("sawtooth")[name]
+        p1, p2 = E.train_pair(prob, make(prob.sym), g, 500)
+        res[name] = E.deviations(prob, p1, p2, g)
+        print(name, res[name])
+    assert res["rebalance(sgd)"]["spread"] > 0.05
+    assert res["rebalance(sgd)"]["out"] <= 1e-4
+    assert res["rebalance(sgd)"]["orbit"] <= 1e-4
+    assert not res["optax.sgd"]["out"] <= 1e-2
+
+
+def test_mlp_permutation_and_rescaling_float64():
+    prob = E.mlp_problem(jnp.float64)
+    g = prob.sym.sample(jax.random.key(1), log_scale=3.0, dtype=jnp.float64)
+    gp = prob.sym.sample(jax.random.key(2), log_scale=0.0, dtype=jnp.float64)
+    for name in ["quotient_adam", "optax.adam"]:
+        make, kind = E.methods("mlp")[name]
+        opt = make(prob.sym)
+        d = E.deviations(prob, *E.train_pair(prob, opt, g, 100), g)
+        dp = E.deviations(prob, *E.train_pair(prob, opt, gp, 100), gp)
+        print(name, d, dp)
+        assert d["spread"] > 0.05
+        assert dp["out"] < 1e-10 and dp["orbit"] < 1e-9  # permutation-equivariant
+        if kind == "baseline":
+            assert d["out"] > 1e-3
+        else:
+            assert d["out"] < 1e-10 and d["orbit"] < 1e-9
+
+
+def test_conservation_of_balance():
+    """project_horizontal + small-step SGD keeps ||w_in||²+b²-||w_out||²; Adam drifts."""
+    prob = E.mlp_problem(jnp.float64)
+    sym = prob.sym
+
+    def loss(p):
+        return E.mse(prob.apply(p, prob.x), prob.y)
+
+    def drift(opt, steps=300):
+        def step(c, _):
+            p, s = c
+            u, s = opt.update(jax.grad(loss)(p), s, p)
+            return (optax.apply_updates(p, u), s), None
+
+        (p, _), _ = jax.lax.scan(step, (prob.params, opt.init(prob.params)), None, length=steps)
+        b0, b1 = qo.unit_balance(sym, prob.params), qo.unit_balance(sym, p)
+        scale = max(float(jnp.max(jnp.abs(x))) for x in b0)
+        return max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(b0, b1)) / scale, loss(p)
+
+    d_proj, l_proj = drift(optax.chain(optax.sgd(1e-3), qo.project_horizontal(sym)))
+    d_adam, _ = drift(optax.adam(1e-2))
+    print("balance drift: project_horizontal+sgd", d_proj, "adam", d_adam)
+    assert float(l_proj) < float(loss(prob.params))  # it trained
+    assert d_proj < 1e-4
+    assert d_adam > 1e-2

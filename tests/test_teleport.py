@@ -1,0 +1,59 @@
+"""teleport: normalized ascent of the gradient norm over log-scales, function unchanged."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import quotient_opt as qo
+from test_rebalance import _maxdiff, _setup
+
+
+def _gnorm(loss, p):
+    return float(sum(jnp.sum(g**2) for g in jax.tree.leaves(jax.grad(loss)(p))))
+
+
+def test_increases_gradient_norm_function_unchanged_and_bounded():
+    apply, p, sym, loss, x = _setup()
+    opt = qo.teleport(optax.sgd(0.0), sym, every=1, steps=20, learning_rate=0.2, max_log_scale=1.0)
+    u, s = opt.update(jax.grad(loss)(p), opt.init(p), p, value_fn=loss)
+    new = optax.apply_updates(p, u)
+    np.testing.assert_allclose(apply(new, x), apply(p, x), rtol=1e-10, atol=1e-12)
+    c, _ = qo.canonicalize(sym, p)
+    assert _gnorm(loss, new) > 1.5 * _gnorm(loss, c)
+    s0, _ = qo.canonical_log_scales(sym, p)
+    st = qo.teleport_log_scales(sym, p, loss, steps=20, learning_rate=0.2, max_log_scale=1.0)
+    assert max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(st, s0)) <= 1.0 + 1e-12
+    assert int(s.count) == 1
+
+
+def test_off_steps_and_missing_value_fn():
+    _, p, sym, loss, _ = _setup()
+    inner = optax.adam(1e-2)
+    opt = qo.teleport(inner, sym, every=3, steps=2)
+    s = opt.init(p)
+    with pytest.raises(ValueError, match="value_fn"):
+        opt.update(jax.grad(loss)(p), s, p)
+    u, s = opt.update(jax.grad(loss)(p), s, p, value_fn=loss)
+    p = optax.apply_updates(p, u)
+    gr = jax.grad(loss)(p)
+    u_ref, _ = inner.update(gr, s.inner_state, p)
+    u, _ = jax.jit(lambda g, s, q: opt.update(g, s, q, value_fn=loss, extra=1))(gr, s, p)
+    assert _maxdiff(u, u_ref) < 1e-14
+    with pytest.raises(ValueError, match="every"):
+        qo.teleport(inner, sym, every=0)
+
+
+def test_nan_loss_gradient_skips_ascent():
+    _, p, sym, loss, _ = _setup()
+    st = qo.teleport_log_scales(sym, p, lambda q: loss(q) * jnp.nan, steps=3)
+    s0, _ = qo.canonical_log_scales(sym, p)
+    assert all(bool(jnp.all(jnp.isfinite(a))) for a in st)
+    assert _maxdiff(st, s0) == 0.0
+
+
+def test_from_current_point():
+    _, p, sym, loss, _ = _setup()
+    st = qo.teleport_log_scales(sym, p, loss, steps=0, from_canonical=False)
+    assert all(bool(jnp.all(a == 0)) for a in st)
