@@ -28,17 +28,26 @@ the rescaling orbit: ``canonicalize(g·θ)`` and ``canonicalize(θ)`` are the sa
 point up to the permutation part of ``g``. Sorting units then fixes the
 permutation part too.
 
-Solver: each iteration takes one exact red-black coordinate sweep (units of
-even-indexed groups are independent given the odd ones; the one-unit minimum
-is :math:`s_w \\mathrel{+}= \\tfrac14 \\log(\\mathrm{out}_w/\\mathrm{in}_w)`,
-which absorbs large imbalances such as log-scales of ±20 in one step), then a
-Newton step (Jacobi-preconditioned conjugate gradients on the sparse Hessian,
-matrix-free) with a backtracking line search, inside a ``lax.while_loop``
-until the relative balance residual
-:math:`\\max_w |\\mathrm{in}_w - \\mathrm{out}_w| / (\\mathrm{in}_w + \\mathrm{out}_w)`
-is below ``tol`` or has stalled at the rounding floor (quadratic convergence;
-a partially converged balancing is not equivariant). Every step decreases
-:math:`E`.
+Solver: a ``lax.while_loop`` that carries, at the current log-scales, the
+per-unit energies, :math:`E` and the Gram couplings, all from one pass over
+the parameters (the squares are rescaled by broadcasting ``exp`` of the small
+per-window vectors). While the relative balance residual
+:math:`\max_w |\mathrm{in}_w - \mathrm{out}_w| / (\mathrm{in}_w + \mathrm{out}_w)`
+is above 1/2, an iteration is a half red-black coordinate sweep (units of
+even-indexed groups are independent given the odd ones, and vice versa; the
+one-unit minimum is :math:`s_w \mathrel{+}= \tfrac14 \log(\mathrm{out}_w/\mathrm{in}_w)`,
+which absorbs large imbalances such as log-scales of ±20 in one step).
+Below it, an iteration is a Newton step: the Hessian :math:`4 J^\top J` is
+the explicit graph-Laplacian Gram matrix of :mod:`quotient_opt._projection`
+(diagonal :math:`\mathrm{in}_w + \mathrm{out}_w`, couplings the squared
+kernel entries between adjacent groups), solved by Jacobi-scaled conjugate
+gradients that touch only the small coupling matrices. The full step is
+evaluated first (one pass, which also yields the next iteration's
+quantities) and backtracked (Armijo) only if it fails to decrease :math:`E`.
+The loop stops when the residual is below ``tol`` or has stalled at the
+rounding floor (quadratic convergence; a partially converged balancing is
+not equivariant). Near balance, as after one optimizer step from a balanced
+point, this costs one pass plus one per Newton step (typically two).
 
 Dead units: if all incoming parameters (or all outgoing weights) of a unit are
 exactly zero, the infimum over its scale is at infinity. Such units are left
@@ -65,6 +74,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from quotient_opt._projection import _couplings, _gram_solve, _structure
 from quotient_opt._symmetry import (
     Element,
     GroupElement,
@@ -76,6 +86,10 @@ from quotient_opt._symmetry import (
 )
 
 PyTree = Any
+
+# Relative balance residual above which the solver takes red-black sweeps
+# (exact per-unit minimization, robust to huge imbalances) instead of Newton.
+_SWEEP_ABOVE = 0.5
 
 
 # --------------------------------------------------------------------------- helpers
@@ -130,21 +144,6 @@ def rescale(sym: Symmetry, tree: PyTree, log_scales: LogScales, *, power: int = 
         return x
 
     return map_with_path(apply, tree)
-
-
-def _field(sym: Symmetry, shapes: dict[Path, tuple[int, ...]], v: LogScales, dtype: Any):
-    """``{path: n_eᵀ v}`` as arrays broadcastable to each leaf."""
-    out: dict[Path, jax.Array] = {}
-    for path, lst in _ops(sym).items():
-        nd = len(shapes[path])
-        f = jnp.zeros((1,) * nd, dtype)
-        for axis, gi, sign, pieces in lst:
-            s = v[gi]
-            if pieces > 1:
-                s = jnp.repeat(s, pieces)
-            f = f + sign * _bcast(s, nd, axis)
-        out[path] = f
-    return out
 
 
 def _unit_sums(sym: Symmetry, q: dict[Path, jax.Array]) -> tuple[list, list]:
@@ -245,9 +244,10 @@ def canonical_log_scales(
       params: parameters.
       tol: stop when the relative balance residual is below this, or stalls
         below ``1000 · tol`` (default :func:`default_tol` of the solve dtype).
-      max_iter: iteration cap (sweep + Newton step per iteration).
+      max_iter: iteration cap (one half sweep or one Newton step per iteration).
       max_log_scale: bound on ``|s|`` (default ``0.4 · log(finfo.max)``).
-      cg_iter: conjugate-gradient iterations cap per Newton step.
+      cg_iter: conjugate-gradient iterations cap per Newton step (the
+        CG works on the small coupling matrices only).
 
     Returns:
       ``(log_scales, info)``: one ``(windows,)`` array per group (zeros on
@@ -258,29 +258,33 @@ def canonical_log_scales(
     tol = default_tol(dt) if tol is None else tol
     bound = 0.4 * float(np.log(jnp.finfo(dt).max)) if max_log_scale is None else max_log_scale
     q0 = _squares(sym, params, dt)
-    shapes = {p: x.shape for p, x in q0.items()}
     resc = [grp.rescalable for grp in sym.groups]
     tiny = jnp.finfo(dt).tiny
+    eps = jnp.finfo(dt).eps
     zero = tuple(jnp.zeros((grp.windows,), dt) for grp in sym.groups)
     if not any(resc):
         info = CanonicalInfo(jnp.zeros((), dt), jnp.zeros((), jnp.int32), jnp.zeros((), dt))
         return zero, info
+    st = _structure(sym)
+    ridx = [gi for gi, r in enumerate(resc) if r]  # rescalable group -> group index
+    ops = _ops(sym)
 
     ins0, outs0 = _unit_sums(sym, q0)
     # live units: non-zero energy on both sides (dead units stay at scale 0)
     live = tuple(
         (i > tiny) & (o > tiny) & r for i, o, r in zip(ins0, outs0, resc)
     )
-
-    def fld(v):
-        return _field(sym, shapes, v, dt)
+    live_f = [live[gi].astype(dt) for gi in ridx]
 
     def scaled_q(s):
-        f = fld(s)
-        return {p: jnp.where(x > 0, x * jnp.exp(2 * f[p]) if p in f else x, 0) for p, x in q0.items()}
-
-    def energy(q):
-        return sum(jnp.sum(x) for x in q.values())
+        """Squares at ``exp(s)·θ``: small exps broadcast, no full-size exp."""
+        out = {}
+        for p, x in q0.items():
+            for axis, gi, sign, pieces in ops.get(p, ()):
+                v = s[gi] if pieces == 1 else jnp.repeat(s[gi], pieces)
+                x = x * _bcast(jnp.exp((2 * sign) * v), x.ndim, axis)
+            out[p] = x
+        return out
 
     def residual(ins, outs):
         r = jnp.zeros((), dt)
@@ -289,101 +293,95 @@ def canonical_log_scales(
             r = jnp.maximum(r, jnp.max(rr, initial=0))
         return r
 
+    def stats(s):
+        """One pass at ``s``: energy, per-unit sums, couplings, residual."""
+        q = scaled_q(s)
+        ins, outs = _unit_sums(sym, q)
+        coup = [
+            c * live_f[ia][:, None] * live_f[ib][None, :] for ia, ib, c in _couplings(st, q)
+        ]
+        e = sum(jnp.sum(x) for x in q.values())
+        return (e, tuple(ins), tuple(outs), coup), residual(ins, outs)
+
     def clip(s):
         return tuple(jnp.clip(x, -bound, bound) for x in s)
 
-    def sweep(s, parity):
-        q = scaled_q(s)
-        ins, outs = _unit_sums(sym, q)
-        new = []
-        for k, (x, i, o, lv) in enumerate(zip(s, ins, outs, live)):
-            if k % 2 == parity:
-                step = 0.25 * (jnp.log(jnp.where(lv, o, 1)) - jnp.log(jnp.where(lv, i, 1)))
-                x = x + jnp.where(lv, step, 0)
-            new.append(x)
-        return clip(tuple(new))
+    def dot(a, b):
+        return sum(jnp.vdot(x, y) for x, y in zip(a, b))
 
-    def newton(s):
-        q = scaled_q(s)
-        ins, outs = _unit_sums(sym, q)
-        e0 = energy(q)
-        g = tuple(jnp.where(lv, 2 * (i - o), 0) for i, o, lv in zip(ins, outs, live))
-        diag = tuple(jnp.where(lv, 4 * (i + o), 1) for i, o, lv in zip(ins, outs, live))
-
-        def hvp(v):
-            v = tuple(jnp.where(lv, x, 0) for x, lv in zip(v, live))
-            f = fld(v)
-            hi, ho = _unit_sums(sym, {p: x * f[p] if p in f else 0 * x for p, x in q.items()})
-            return tuple(jnp.where(lv, 4 * (a - b), 0) for a, b, lv in zip(hi, ho, live))
-
-        def dot(a, b):
-            return sum(jnp.vdot(x, y) for x, y in zip(a, b))
-
-        b = tuple(-x for x in g)
-        bnorm = jnp.sqrt(dot(b, b))
-        cg_tol = jnp.minimum(0.1, jnp.sqrt(residual(ins, outs))) * bnorm
-        x0 = zero
-        r0 = b
-        z0 = tuple(r / d for r, d in zip(r0, diag))
-        p0 = z0
-        rz0 = dot(r0, z0)
-
-        def cg_cond(c):
-            x, r, p, rz, k = c
-            return (k < cg_iter) & (jnp.sqrt(dot(r, r)) > cg_tol)
-
-        def cg_body(c):
-            x, r, p, rz, k = c
-            hp = hvp(p)
-            php = dot(p, hp)
-            alpha = jnp.where(php > 0, rz / jnp.where(php > 0, php, 1), 0)
-            x = tuple(a + alpha * b_ for a, b_ in zip(x, p))
-            r = tuple(a - alpha * b_ for a, b_ in zip(r, hp))
-            z = tuple(a / d for a, d in zip(r, diag))
-            rz_new = dot(r, z)
-            beta = jnp.where(rz > 0, rz_new / jnp.where(rz > 0, rz, 1), 0)
-            p = tuple(a + beta * b_ for a, b_ in zip(z, p))
-            return x, r, p, rz_new, k + 1
-
-        d, *_ = jax.lax.while_loop(cg_cond, cg_body, (x0, r0, p0, rz0, 0))
-        # a safe step: at most 4 in any log-scale, then backtracking (Armijo)
+    def direction(st_s, res, it):
+        """Half red-black sweep while far from balance, else a Newton step."""
+        _, ins, outs, coup = st_s
+        far = res > _SWEEP_ABOVE
+        parity = it % 2
+        sweep = tuple(
+            jnp.where(
+                lv & (k % 2 == parity),
+                0.25 * (jnp.log(jnp.where(lv, o, 1)) - jnp.log(jnp.where(lv, i, 1))),
+                0,
+            )
+            for k, (i, o, lv) in enumerate(zip(ins, outs, live))
+        )
+        # Newton: (4 J^T J) d = -grad E = 2 (out - in), J^T J the explicit Gram
+        # matrix (diagonal in + out, couplings the squared kernel entries).
+        rhs = [jnp.where(live[gi], 0.5 * (outs[gi] - ins[gi]), 0) for gi in ridx]
+        diag = [jnp.where(live[gi], ins[gi] + outs[gi], 0) for gi in ridx]
+        cg_tol = jnp.minimum(0.1, jnp.sqrt(res))
+        coup = [(c.a, c.b, m) for c, m in zip(st.couplings, coup)]
+        a = _gram_solve(diag, coup, rhs, eps, cg_tol, jnp.where(far, 0, cg_iter))
+        newton = list(zero)
+        for gi, x in zip(ridx, a):
+            newton[gi] = jnp.where(live[gi], x, 0)
+        d = tuple(jnp.where(far, u, v) for u, v in zip(sweep, newton))
+        # a safe step: at most 4 in any log-scale for Newton
         dmax = jnp.max(jnp.stack([jnp.max(jnp.abs(x), initial=0) for x in d]))
-        d = tuple(x * jnp.minimum(1, 4 / jnp.maximum(dmax, tiny)) for x in d)
-        slope = dot(g, d)
-        ok_dir = (slope < 0) & jnp.isfinite(slope)
-        d = tuple(jnp.where(ok_dir, x, 0) for x in d)
-
-        def ls_cond(c):
-            t, k = c
-            trial = clip(tuple(a + t * b_ for a, b_ in zip(s, d)))
-            e = energy(scaled_q(trial))
-            return (k < 30) & ~(e <= e0 + 1e-4 * t * slope)
-
-        t, k = jax.lax.while_loop(ls_cond, lambda c: (c[0] * 0.5, c[1] + 1), (jnp.ones((), dt), 0))
-        t = jnp.where(k < 30, t, 0)
-        return clip(tuple(a + t * b_ for a, b_ in zip(s, d)))
-
-    def measure(s):
-        ins, outs = _unit_sums(sym, scaled_q(s))
-        return residual(ins, outs)
+        lim = jnp.where(far, 1, jnp.minimum(1, 4 / jnp.maximum(dmax, tiny)))
+        return tuple(x * lim for x in d)
 
     def cond(c):
-        s, res, prev, it = c
+        s, st_s, res, prev, it = c
         stalled = (res <= 1e3 * tol) & (res > 0.5 * prev)
         return (it < max_iter) & (res > tol) & ~stalled
 
     def body(c):
-        s, res, _, it = c
-        s = sweep(s, 0)
-        s = sweep(s, 1)
-        s = newton(s)
-        return s, measure(s), res, it + 1
+        s, st_s, res, _, it = c
+        e0, ins, outs, _ = st_s
+        d = direction(st_s, res, it)
+        slope = dot(tuple(2 * (i - o) for i, o in zip(ins, outs)), d)
+        ok_dir = (slope < 0) & jnp.isfinite(slope)
+        d = tuple(jnp.where(ok_dir, x, 0) for x in d)
+        # full step first; backtrack (Armijo) only if it does not decrease E.
+        # slack: E is summed in rounding, so a step at the floor may not show.
+        slack = 64 * eps * e0
 
-    res0 = measure(zero)
+        def ls_cond(lc):
+            t, k, new, _ = lc
+            bad = ~(new[0][0] <= e0 + 1e-4 * t * slope + slack)
+            return (k < 30) & (bad | ~jnp.isfinite(new[0][0]))
+
+        def ls_body(lc):
+            t, k, _, _ = lc
+            t = 0.5 * t
+            trial = clip(tuple(a + t * b_ for a, b_ in zip(s, d)))
+            return t, k + 1, stats(trial), trial
+
+        s1 = clip(tuple(a + b_ for a, b_ in zip(s, d)))
+        one = jnp.ones((), dt)
+        t, k, new, s_new = jax.lax.while_loop(
+            ls_cond, ls_body, (one, jnp.zeros((), jnp.int32), stats(s1), s1)
+        )
+        keep = k < 30
+        s_new = tuple(jnp.where(keep, a, b_) for a, b_ in zip(s_new, s))
+        new = jax.tree.map(lambda a, b_: jnp.where(keep, a, b_), new, (st_s, res))
+        return s_new, new[0], new[1], res, it + 1
+
+    st0, res0 = stats(zero)
     inf = jnp.asarray(jnp.inf, dt)
-    s, res, _, it = jax.lax.while_loop(cond, body, (zero, res0, inf, jnp.zeros((), jnp.int32)))
+    s, st_s, res, _, it = jax.lax.while_loop(
+        cond, body, (zero, st0, res0, inf, jnp.zeros((), jnp.int32))
+    )
     s = tuple(jnp.where(jnp.isfinite(x) & lv, x, 0) for x, lv in zip(s, live))
-    return s, CanonicalInfo(res, it, energy(scaled_q(s)))
+    return s, CanonicalInfo(res, it, st_s[0])
 
 
 def sort_permutation(sym: Symmetry, params: PyTree) -> Element:
@@ -428,7 +426,7 @@ def canonicalize(
     Rescaling: the minimal-energy (balanced, "equinormalized") point
     :math:`\\theta^\\star = \\exp(s^\\star)\\cdot\\theta`,
     :math:`s^\\star = \\arg\\min_s \\lVert \\exp(s)\\cdot\\theta\\rVert^2`,
-    solved to ``tol`` by sweeps + damped Newton (module docstring). With
+    solved to ``tol`` by red-black sweeps + damped Newton (module docstring). With
     ``permutations=True`` the units of every group are then sorted by
     incoming energy (:func:`sort_permutation`), so that two points of one
     orbit of the full group canonicalize to the same parameters.

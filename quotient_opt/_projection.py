@@ -33,7 +33,10 @@ layers act as the ground). It is diagonally dominant, so conjugate gradients
 on the Jacobi-scaled system :math:`D^{-1/2} J^\\top J D^{-1/2}` converge in a
 few iterations. One pass over the parameters gives :math:`J^\\top v`, the
 diagonal and the couplings; one more applies :math:`v - J a`. The CG
-iterations touch only the small hidden-to-hidden coupling matrices.
+iterations touch only the small hidden-to-hidden coupling matrices. The same
+solve (``_gram_solve``) gives the Newton steps of
+:func:`~quotient_opt.canonical_log_scales`, whose Hessian is
+:math:`4 J^\top J`.
 
 Numerics: dead units (all incoming and outgoing parameters zero) make
 :math:`J^\\top J` singular. The solve uses the regularized matrix
@@ -208,6 +211,52 @@ def _cg(matvec, b: list[jax.Array], tol: jax.Array, max_iter: jax.Array) -> list
     return x
 
 
+def _couplings(st: _Structure, sq: dict[Path, jax.Array]) -> list[tuple[int, int, jax.Array]]:
+    """Off-diagonal Gram blocks ``(a, b, S)`` with ``S[u, w] = sum_pieces W[u, (w, p)]^2``.
+
+    ``sq`` maps each kernel path to its squared entries; ``(J^T J)_{uw} = -S[u, w]``.
+    """
+    out = []
+    for c in st.couplings:
+        s = jnp.moveaxis(sq[c.path], c.a_axis, 0)  # (W_a, W_b * k_b)
+        s = s.reshape(st.windows[c.a], st.windows[c.b], st.pieces[c.b]).sum(-1)
+        out.append((c.a, c.b, s))
+    return out
+
+
+def _gram_solve(
+    diag: list[jax.Array],
+    couplings: list[tuple[int, int, jax.Array]],
+    b: list[jax.Array],
+    eps: jax.Array,
+    tol: jax.Array,
+    max_iter: jax.Array,
+) -> list[jax.Array]:
+    """Solves ``((1 + eps) D - C + tiny) a = b`` by Jacobi-scaled CG.
+
+    ``D`` is the Gram diagonal (one vector per rescalable group), ``C`` the
+    symmetric couplings from :func:`_couplings`. Only the small coupling
+    matrices are touched. A non-finite solution is replaced by zeros.
+    """
+    tiny = jnp.finfo(diag[0].dtype).tiny
+    # d^2 = (1 + eps) D + tiny: strictly diagonally dominant, so positive definite.
+    d = [jnp.sqrt((1 + eps) * dg + tiny) for dg in diag]
+    coup = [(ia, ib, s / (d[ia][:, None] * d[ib][None, :])) for ia, ib, s in couplings]
+
+    def matvec(x: list[jax.Array]) -> list[jax.Array]:
+        y = list(x)
+        for ia, ib, s in coup:
+            y[ia] = y[ia] - s @ x[ib]
+            y[ib] = y[ib] - x[ia] @ s
+        return y
+
+    bhat = [bi / di for bi, di in zip(b, d)]
+    x = _cg(matvec, bhat, tol, jnp.asarray(max_iter))
+    a = [xi / di for xi, di in zip(x, d)]
+    finite = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(ai)) for ai in a]))
+    return [jnp.where(finite, ai, 0.0) for ai in a]
+
+
 def _vertical_coefficients(
     st: _Structure,
     params: PyTree,
@@ -227,27 +276,7 @@ def _vertical_coefficients(
 
     b = _window_sums(st, lambda p: th[p] * vv[p], -1.0)
     diag = _window_sums(st, lambda p: sq[p], 1.0)
-    # d^2 = (1 + eps) D + tiny: strictly diagonally dominant, so positive definite.
-    d = [jnp.sqrt((1 + eps) * dg + finfo.tiny) for dg in diag]
-    coup = []
-    for c in st.couplings:
-        s = jnp.moveaxis(sq[c.path], c.a_axis, 0)  # (W_a, W_b * k_b)
-        s = s.reshape(st.windows[c.a], st.windows[c.b], st.pieces[c.b]).sum(-1)
-        coup.append((c.a, c.b, s / (d[c.a][:, None] * d[c.b][None, :])))
-
-    def matvec(x: list[jax.Array]) -> list[jax.Array]:
-        y = list(x)
-        for ia, ib, s in coup:
-            y[ia] = y[ia] - s @ x[ib]
-            y[ib] = y[ib] - x[ia] @ s
-        return y
-
-    bhat = [bi / di for bi, di in zip(b, d)]
-    x = _cg(matvec, bhat, tol, jnp.asarray(max_iter))
-    a = [xi / di for xi, di in zip(x, d)]
-    finite = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(ai)) for ai in a]))
-    a = [jnp.where(finite, ai, 0.0) for ai in a]
-    return a, dtype
+    return _gram_solve(diag, _couplings(st, sq), b, eps, tol, max_iter), dtype
 
 
 def horizontal_component(
