@@ -32,14 +32,14 @@ Solver: a ``lax.while_loop`` that carries, at the current log-scales, the
 per-unit energies, :math:`E` and the Gram couplings, all from one pass over
 the parameters (the squares are rescaled by broadcasting ``exp`` of the small
 per-window vectors). While the relative balance residual
-:math:`\max_w |\mathrm{in}_w - \mathrm{out}_w| / (\mathrm{in}_w + \mathrm{out}_w)`
+:math:`\\max_w |\\mathrm{in}_w - \\mathrm{out}_w| / (\\mathrm{in}_w + \\mathrm{out}_w)`
 is above 1/2, an iteration is a half red-black coordinate sweep (units of
 even-indexed groups are independent given the odd ones, and vice versa; the
-one-unit minimum is :math:`s_w \mathrel{+}= \tfrac14 \log(\mathrm{out}_w/\mathrm{in}_w)`,
+one-unit minimum is :math:`s_w \\mathrel{+}= \\tfrac14 \\log(\\mathrm{out}_w/\\mathrm{in}_w)`,
 which absorbs large imbalances such as log-scales of ±20 in one step).
-Below it, an iteration is a Newton step: the Hessian :math:`4 J^\top J` is
+Below it, an iteration is a Newton step: the Hessian :math:`4 J^\\top J` is
 the explicit graph-Laplacian Gram matrix of :mod:`quotient_opt._projection`
-(diagonal :math:`\mathrm{in}_w + \mathrm{out}_w`, couplings the squared
+(diagonal :math:`\\mathrm{in}_w + \\mathrm{out}_w`, couplings the squared
 kernel entries between adjacent groups), solved by Jacobi-scaled conjugate
 gradients that touch only the small coupling matrices. The full step is
 evaluated first (one pass, which also yields the next iteration's

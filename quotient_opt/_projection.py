@@ -36,7 +36,7 @@ diagonal and the couplings; one more applies :math:`v - J a`. The CG
 iterations touch only the small hidden-to-hidden coupling matrices. The same
 solve (``_gram_solve``) gives the Newton steps of
 :func:`~quotient_opt.canonical_log_scales`, whose Hessian is
-:math:`4 J^\top J`.
+:math:`4 J^\\top J`.
 
 Numerics: dead units (all incoming and outgoing parameters zero) make
 :math:`J^\\top J` singular. The solve uses the regularized matrix
