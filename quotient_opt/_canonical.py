@@ -81,8 +81,10 @@ from quotient_opt._symmetry import (
     LogScales,
     Path,
     Symmetry,
+    broadcast_along,
     leaves_by_path,
     map_with_path,
+    solve_dtype,
 )
 
 PyTree = Any
@@ -93,21 +95,6 @@ _SWEEP_ABOVE = 0.5
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def solve_dtype(params: PyTree) -> Any:
-    """Dtype used for the log-scale solve: the params' float dtype, at least float32."""
-    leaves = jax.tree.leaves(params)
-    dt = jnp.result_type(*leaves) if leaves else jnp.float32
-    if not jnp.issubdtype(dt, jnp.floating):
-        dt = jnp.float32
-    return jnp.promote_types(dt, jnp.float32)
-
-
-def _bcast(v: jax.Array, ndim: int, axis: int) -> jax.Array:
-    shape = [1] * ndim
-    shape[axis] = v.shape[0]
-    return v.reshape(shape)
 
 
 def _ops(sym: Symmetry) -> dict[Path, list[tuple[int, int, int, int]]]:
@@ -140,7 +127,7 @@ def rescale(sym: Symmetry, tree: PyTree, log_scales: LogScales, *, power: int = 
             if pieces > 1:
                 s = jnp.repeat(s, pieces)
             m = jnp.exp((power * sign) * s)
-            x = x * _bcast(m, x.ndim, axis).astype(x.dtype)
+            x = x * broadcast_along(m, x.ndim, axis).astype(x.dtype)
         return x
 
     return map_with_path(apply, tree)
@@ -282,7 +269,7 @@ def canonical_log_scales(
         for p, x in q0.items():
             for axis, gi, sign, pieces in ops.get(p, ()):
                 v = s[gi] if pieces == 1 else jnp.repeat(s[gi], pieces)
-                x = x * _bcast(jnp.exp((2 * sign) * v), x.ndim, axis)
+                x = x * broadcast_along(jnp.exp((2 * sign) * v), x.ndim, axis)
             out[p] = x
         return out
 

@@ -51,6 +51,7 @@ import jax.numpy as jnp
 import optax
 
 from quotient_opt._symmetry import Path, Symmetry, leaves_by_path, map_with_path
+from quotient_opt._transform import check_symmetry, stateless_with_params
 
 PyTree = Any
 
@@ -141,30 +142,22 @@ def scale_by_path_norm(
       Optimization in Deep Neural Networks*, 2015.
       https://arxiv.org/abs/1506.02617
     """
-    if not isinstance(sym, Symmetry):
-        raise ValueError(f"sym: expected a quotient_opt.Symmetry, got {type(sym).__name__}")
+    check_symmetry(sym)
     if not sym.layers:
         raise ValueError("sym: the Symmetry has no layers")
     if isinstance(eps, (int, float)) and not eps > 0:
         raise ValueError(f"eps must be > 0, got {eps}")
 
-    def init_fn(params: PyTree) -> optax.EmptyState:
-        sym.validate(params)
-        return optax.EmptyState()
-
-    def update_fn(updates, state, params=None, **extra_args):
-        del extra_args
-        if params is None:
-            raise ValueError("scale_by_path_norm: update() needs params=")
+    def scale(updates: PyTree, params: PyTree) -> PyTree:
         gamma = path_norm_curvature(sym, params)
 
         def one(u: jax.Array, gm: jax.Array) -> jax.Array:
             floor = jnp.asarray(eps, gm.dtype)
             return (u.astype(gm.dtype) / jnp.maximum(gm, floor)).astype(u.dtype)
 
-        return jax.tree.map(one, updates, gamma), state
+        return jax.tree.map(one, updates, gamma)
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return stateless_with_params(sym, "scale_by_path_norm", scale)
 
 
 def path_sgd(

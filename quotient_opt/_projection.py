@@ -77,7 +77,15 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from quotient_opt._symmetry import Path, Symmetry, leaves_by_path, map_with_path
+from quotient_opt._symmetry import (
+    Path,
+    Symmetry,
+    broadcast_along,
+    leaves_by_path,
+    map_with_path,
+    solve_dtype,
+)
+from quotient_opt._transform import check_every, check_symmetry, stateless_with_params
 
 PyTree = Any
 
@@ -130,18 +138,6 @@ def _sum_except(x: jax.Array, axis: int) -> jax.Array:
     return jnp.sum(x, axis=tuple(i for i in range(x.ndim) if i != axis))
 
 
-def _bcast(v: jax.Array, ndim: int, axis: int) -> jax.Array:
-    shape = [1] * ndim
-    shape[axis] = v.shape[0]
-    return v.reshape(shape)
-
-
-def _compute_dtype(params: PyTree) -> Any:
-    leaves = jax.tree.leaves(params)
-    dt = jnp.result_type(*leaves) if leaves else jnp.float32
-    return jnp.promote_types(dt, jnp.float32)
-
-
 def _window_sums(st: _Structure, fn, sign_out: float) -> list[jax.Array]:
     """Per window: ``sum_in fn(path)`` (pieces summed) ``+ sign_out * sum_out fn(path)``."""
     out = []
@@ -167,7 +163,7 @@ def _tangent(st: _Structure, theta: PyTree, a: list[jax.Array], dtype: Any) -> P
     def one(path: Path, x: jax.Array) -> jax.Array:
         if path not in mult:
             return jnp.zeros_like(x)
-        m = sum(_bcast(v, x.ndim, axis) for axis, v in mult[path])
+        m = sum(broadcast_along(v, x.ndim, axis) for axis, v in mult[path])
         return (x.astype(dtype) * m).astype(x.dtype)
 
     return map_with_path(one, theta)
@@ -266,7 +262,7 @@ def _vertical_coefficients(
     max_iter: jax.typing.ArrayLike,
 ) -> tuple[list[jax.Array], Any]:
     """Solves ``(J^T J) a = J^T v`` (regularized, Jacobi-scaled CG); returns ``(a, dtype)``."""
-    dtype = _compute_dtype(params)
+    dtype = solve_dtype(params)
     finfo = jnp.finfo(dtype)
     eps = finfo.eps if eps is None else jnp.asarray(eps, dtype)
     tol = 10 * finfo.eps if tol is None else jnp.asarray(tol, dtype)
@@ -358,25 +354,13 @@ def project_horizontal(
       Kunin et al. *Neural Mechanics: Symmetry and Broken Conservation Laws in
       Deep Learning Dynamics*, 2020. https://arxiv.org/abs/2012.04728
     """
-    if not isinstance(sym, Symmetry):
-        raise ValueError(f"sym: expected a quotient_opt.Symmetry, got {type(sym).__name__}")
-    if isinstance(max_iter, int) and max_iter < 1:
-        raise ValueError(f"max_iter must be >= 1, got {max_iter}")
+    check_symmetry(sym)
+    check_every(max_iter, "max_iter")
     for name, val in (("eps", eps), ("tol", tol)):
         if isinstance(val, (int, float)) and not val >= 0:
             raise ValueError(f"{name} must be >= 0, got {val}")
 
-    def init_fn(params: PyTree) -> optax.EmptyState:
-        sym.validate(params)
-        return optax.EmptyState()
+    def project(updates: PyTree, params: PyTree) -> PyTree:
+        return horizontal_component(sym, params, updates, eps=eps, tol=tol, max_iter=max_iter)
 
-    def update_fn(updates, state, params=None, **extra_args):
-        del extra_args
-        if params is None:
-            raise ValueError("project_horizontal: update() needs params=")
-        updates = horizontal_component(
-            sym, params, updates, eps=eps, tol=tol, max_iter=max_iter
-        )
-        return updates, state
-
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return stateless_with_params(sym, "project_horizontal", project)

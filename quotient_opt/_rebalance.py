@@ -40,12 +40,12 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from quotient_opt._canonical import canonical_log_scales, rescale
 from quotient_opt._state import map_param_like
 from quotient_opt._symmetry import LogScales, Symmetry
+from quotient_opt._transform import check_every, check_params
 
 PyTree = Any
 
@@ -61,17 +61,6 @@ class RebalanceState(NamedTuple):
 
     count: jax.Array
     inner_state: optax.OptState
-
-
-def check_every(every: Any, name: str = "every") -> None:
-    """Raises ValueError for a concrete ``every < 1`` (traced values pass)."""
-    if isinstance(every, (int, np.integer, float, np.floating)) and every < 1:
-        raise ValueError(f"{name} must be >= 1, got {every}")
-
-
-def check_params(params: PyTree, who: str) -> None:
-    if params is None:
-        raise ValueError(f"{who}: params are required (pass params= to update)")
 
 
 def transport(sym: Symmetry, state: PyTree, params: PyTree, s: LogScales) -> PyTree:

@@ -76,6 +76,7 @@ import jax.numpy as jnp
 import optax
 
 from quotient_opt._state import map_param_like
+from quotient_opt._transform import check_params
 from quotient_opt._symmetry import Path, Symmetry, UnitGroup, leaves_by_path, map_with_path
 
 PyTree = Any
@@ -468,8 +469,7 @@ def revive_dead_units(
         value_fn: Callable[[PyTree], jax.Array] | None = None,
         **extra_args: Any,
     ) -> tuple[PyTree, ReviveDeadUnitsState]:
-        if params is None:
-            raise ValueError("revive_dead_units: update needs params")
+        check_params(params, "revive_dead_units")
         alive, dead = [], []
         for grp, steps in zip(groups, state.dead_steps):
             g = jnp.concatenate(_rows(updates, grp.incoming, grp.units), axis=1)

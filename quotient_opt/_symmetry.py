@@ -185,10 +185,20 @@ def _take(x: jax.Array, idx: jax.Array, axis: int) -> jax.Array:
     return jnp.take(x, idx, axis=axis)
 
 
-def _bcast(v: jax.Array, ndim: int, axis: int) -> jax.Array:
+def broadcast_along(v: jax.Array, ndim: int, axis: int) -> jax.Array:
+    """Reshapes a vector so it broadcasts along ``axis`` of an ``ndim``-array."""
     shape = [1] * ndim
     shape[axis] = v.shape[0]
     return v.reshape(shape)
+
+
+def solve_dtype(params: PyTree) -> Any:
+    """Dtype for solves over the params: their float dtype, at least float32."""
+    leaves = jax.tree.leaves(params)
+    dt = jnp.result_type(*leaves) if leaves else jnp.float32
+    if not jnp.issubdtype(dt, jnp.floating):
+        dt = jnp.float32
+    return jnp.promote_types(dt, jnp.float32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -350,7 +360,7 @@ class Symmetry:
             for axis, idx, logc in ops.get(path, ()):
                 x = _take(x, idx, axis)
                 if logc is not None:
-                    x = x * _bcast(jnp.exp(logc), x.ndim, axis).astype(x.dtype)
+                    x = x * broadcast_along(jnp.exp(logc), x.ndim, axis).astype(x.dtype)
             return x
 
         return map_with_path(apply, params)

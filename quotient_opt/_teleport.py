@@ -46,7 +46,8 @@ import jax.numpy as jnp
 import optax
 
 from quotient_opt._canonical import canonical_log_scales, rescale, solve_dtype
-from quotient_opt._rebalance import check_every, check_params, step_on_orbit
+from quotient_opt._rebalance import step_on_orbit
+from quotient_opt._transform import check_every, check_params
 from quotient_opt._symmetry import LogScales, Symmetry
 
 PyTree = Any

@@ -1,0 +1,52 @@
+"""Optax plumbing shared by the library's gradient transformations."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import optax
+
+from quotient_opt._symmetry import Symmetry
+
+PyTree = Any
+
+
+def check_symmetry(sym: Any) -> None:
+    """Raises ValueError unless ``sym`` is a :class:`~quotient_opt.Symmetry`."""
+    if not isinstance(sym, Symmetry):
+        raise ValueError(f"sym: expected a quotient_opt.Symmetry, got {type(sym).__name__}")
+
+
+def check_every(every: Any, name: str = "every") -> None:
+    """Raises ValueError for a concrete ``every < 1`` (traced values pass)."""
+    if isinstance(every, (int, np.integer, float, np.floating)) and every < 1:
+        raise ValueError(f"{name} must be >= 1, got {every}")
+
+
+def check_params(params: PyTree, who: str) -> None:
+    """Raises ValueError if ``update`` was called without ``params``."""
+    if params is None:
+        raise ValueError(f"{who}: params are required (pass params= to update)")
+
+
+def stateless_with_params(
+    sym: Symmetry, who: str, fn: Callable[[PyTree, PyTree], PyTree]
+) -> optax.GradientTransformationExtraArgs:
+    """A stateless transformation ``updates -> fn(updates, params)``.
+
+    ``init`` validates the params against ``sym`` (ValueError naming the
+    path); ``update`` requires ``params`` and ignores unknown extra args.
+    """
+
+    def init_fn(params: PyTree) -> optax.EmptyState:
+        sym.validate(params)
+        return optax.EmptyState()
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del extra_args
+        check_params(params, who)
+        return fn(updates, params), state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
