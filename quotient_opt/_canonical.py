@@ -133,26 +133,23 @@ def rescale(sym: Symmetry, tree: PyTree, log_scales: LogScales, *, power: int = 
     return map_with_path(apply, tree)
 
 
+def _axis_sums(q: dict[Path, jax.Array], specs: tuple[tuple[Path, int], ...], n: int, dt: Any):
+    """``sum over (path, axis) in specs`` of ``q[path]`` summed over every axis but ``axis``."""
+    total = jnp.zeros((n,), dt)
+    for path, axis in specs:
+        x = q[path]
+        total = total + jnp.sum(x, axis=tuple(a for a in range(x.ndim) if a != axis))
+    return total
+
+
 def _unit_sums(sym: Symmetry, q: dict[Path, jax.Array]) -> tuple[list, list]:
     """Per-window sums of ``q`` over each unit's incoming and outgoing entries."""
+    dt = next(iter(q.values())).dtype if q else jnp.float32
     ins, outs = [], []
     for grp in sym.groups:
-        i = None
-        for path, axis in grp.incoming:
-            x = q[path]
-            r = jnp.sum(x, axis=tuple(a for a in range(x.ndim) if a != axis))
-            i = r if i is None else i + r
-        o = None
-        for path, axis in grp.outgoing:
-            x = q[path]
-            r = jnp.sum(x, axis=tuple(a for a in range(x.ndim) if a != axis))
-            o = r if o is None else o + r
-        dt = next(iter(q.values())).dtype if q else jnp.float32
-        i = jnp.zeros((grp.units,), dt) if i is None else i
-        i = i.reshape(grp.windows, grp.pieces).sum(axis=1)
-        o = jnp.zeros((grp.windows,), dt) if o is None else o
-        ins.append(i)
-        outs.append(o)
+        i = _axis_sums(q, grp.incoming, grp.units, dt)
+        ins.append(i.reshape(grp.windows, grp.pieces).sum(axis=1))
+        outs.append(_axis_sums(q, grp.outgoing, grp.windows, dt))
     return ins, outs
 
 
@@ -385,12 +382,7 @@ def sort_permutation(sym: Symmetry, params: PyTree) -> Element:
     q = _squares(sym, params, dt)
     out = []
     for grp in sym.groups:
-        per_unit = None
-        for path, axis in grp.incoming:
-            x = q[path]
-            r = jnp.sum(x, axis=tuple(a for a in range(x.ndim) if a != axis))
-            per_unit = r if per_unit is None else per_unit + r
-        per_unit = per_unit.reshape(grp.windows, grp.pieces)
+        per_unit = _axis_sums(q, grp.incoming, grp.units, dt).reshape(grp.windows, grp.pieces)
         pp = jnp.argsort(per_unit, axis=1, stable=True).astype(jnp.int32)
         wp = jnp.arange(grp.windows, dtype=jnp.int32)
         if grp.windows_permutable:
