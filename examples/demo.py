@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=1000)
     args = ap.parse_args(argv)
     task = list(maxpool.TASKS)[0]
-    results, _ = maxpool.run(
+    results = maxpool.run(
         seeds=args.seeds,
         steps=args.steps,
         tasks=[task],

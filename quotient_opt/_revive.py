@@ -82,6 +82,9 @@ from quotient_opt._symmetry import Path, Symmetry, UnitGroup, leaves_by_path, ma
 PyTree = Any
 Specs = tuple[tuple[Path, int], ...]
 
+#: Largest window (pieces x incoming parameters) polished with a dense Hessian.
+_MAX_POLISH_SIZE = 256
+
 
 class ReviveDeadUnitsState(NamedTuple):
     """State of :func:`revive_dead_units`.
@@ -191,7 +194,7 @@ def _piece_split(
     dim = V.shape[1]
     dtype = V.dtype
     window = p // k
-    donors = alive & (jnp.arange(n) // k == window)
+    donors = alive & (jnp.arange(n) // k == window) & (jnp.arange(n) != p)
     bias = _bias_column(sym, grp, params)
     kmask = jnp.ones((dim,), bool) if bias is None else jnp.arange(dim) != bias
     kd, kc = jax.random.split(key)
@@ -268,6 +271,7 @@ def _polish_window(
     window: jax.Array,
     value_fn: Callable[[PyTree], jax.Array],
     steps: int,
+    min_decrease: float = 1.0,
 ) -> PyTree:
     """Newton steps on the pieces of one window, each kept only if it lowers the loss.
 
@@ -289,23 +293,61 @@ def _polish_window(
     def loss(Z: jax.Array) -> jax.Array:
         return value_fn(with_window(Z))
 
-    def step(carry: tuple[jax.Array, jax.Array, jax.Array, jax.Array]) -> tuple[jax.Array, ...]:
-        i, Z, l, _ = carry
+    def step(_: Any, carry: tuple[jax.Array, jax.Array, jax.Array]) -> tuple[jax.Array, ...]:
+        Z, l, going = carry
         g = jax.grad(loss)(Z)
         H = jax.hessian(loss)(Z)
-        lam = 1e-6 * jnp.trace(H) / H.shape[0] + jnp.finfo(Z.dtype).tiny
-        dz = -jnp.linalg.solve(H + lam * jnp.eye(H.shape[0], dtype=Z.dtype), g)
+        # Pseudo-inverse: a dead piece leaves H singular, and in float32 a
+        # damped solve of a nearly singular H is unreliable.
+        w, Q = jnp.linalg.eigh((H + H.T) / 2)
+        cut = H.shape[0] * jnp.finfo(Z.dtype).eps * jnp.max(jnp.abs(w))
+        inv = jnp.where(w > cut, 1 / jnp.where(w > cut, w, 1), 0)
+        dz = -Q @ (inv * (Q.T @ g))
         Zn = Z + jnp.where(jnp.isfinite(dz), dz, 0)
         ln = loss(Zn)
-        better = ln < l
-        return i + 1, jnp.where(better, Zn, Z), jnp.where(better, ln, l), better
+        better = going & (ln < min_decrease * l)
+        return jnp.where(better, Zn, Z), jnp.where(better, ln, l), better
 
     Z0 = jax.lax.dynamic_slice(V, (first, 0), (k, dim)).reshape(-1)
     # Stop at the first step that does not lower the loss (a fixed point).
-    _, Z, _, _ = jax.lax.while_loop(
-        lambda c: (c[0] < steps) & c[3], step, (0, Z0, loss(Z0), jnp.asarray(True))
-    )
-    return with_window(Z)
+    # Unrolled on purpose: under vmap, the same body inside a lax.while_loop or
+    # fori_loop (jax 0.10) computed wrong steps for some batch members.
+    carry = (Z0, loss(Z0), jnp.asarray(True))
+    for i in range(steps):
+        carry = step(i, carry)
+    return with_window(carry[0])
+
+
+def _support_share(
+    sym: Symmetry, grp: UnitGroup, params: PyTree, value_fn: Callable[[PyTree], jax.Array]
+) -> jax.Array:
+    """Each piece's share of its window's data, read off the loss curvature along its bias.
+
+    With the partition fixed, :math:`\\partial^2 L / \\partial b_j^2 = \\sum_{i \\in S_j} h_i`
+    sums the output curvature over the points ``S_j`` that piece ``j`` wins
+    (``2/N`` per point for a mean squared error): one Hessian-vector product
+    per piece, no data needed. Returns ones where the layer has no bias.
+    """
+    bias = next((lay.bias for lay in sym.layers if lay.name == grp.name), None)
+    spec = next((sp for sp in grp.incoming if sp[0] == bias), None)
+    n, k = grp.units, grp.pieces
+    if spec is None:
+        return jnp.ones((n,))
+    zeros = jax.tree.map(jnp.zeros_like, params)
+
+    def curvature(u: jax.Array) -> jax.Array:
+        e = _set_row(zeros, (spec,), n, u, jnp.ones((1,)), jnp.asarray(True))
+        col = jax.jvp(jax.grad(value_fn), (params,), (e,))[1]
+        return jnp.concatenate(_rows(col, (spec,), n), axis=1)[u, 0]
+
+    c = jnp.maximum(jax.vmap(curvature)(jnp.arange(n)), 0).reshape(-1, k)
+    total = c.sum(axis=1, keepdims=True)
+    return (c / jnp.where(total > 0, total, 1)).reshape(-1)
+
+
+def _polishable(grp: UnitGroup, params: PyTree) -> bool:
+    """Whether ``grp`` is a max-pool group small enough for dense window Newton steps."""
+    return grp.pieces > 1 and grp.pieces * _incoming_dim(grp, params) <= _MAX_POLISH_SIZE
 
 
 def _revive_group(
@@ -337,7 +379,7 @@ def _revive_group(
                              num_candidates, line_search)
         do = do & ok
         new = _set_row(params, grp.incoming, n, p, z, do)
-        if value_fn is not None and newton_steps > 0 and k * _incoming_dim(grp, params) <= 256:
+        if value_fn is not None and newton_steps > 0 and _polishable(grp, params):
             polished = _polish_window(grp, new, p // k, value_fn, newton_steps)
             new = jax.tree.map(lambda a, b: jnp.where(do, a, b), polished, new)
         return new, p, d, do
@@ -365,6 +407,8 @@ def revive_dead_units(
     num_candidates: int = 8,
     line_search: bool = True,
     newton_steps: int = 10,
+    polish_every: int | None = None,
+    min_support: float = 0.05,
     seed: jax.typing.ArrayLike = 0,
 ) -> optax.GradientTransformationExtraArgs:
     """Wraps an optimizer so that dead units and max-pool pieces are split back to life.
@@ -420,6 +464,19 @@ def revive_dead_units(
         pieces after a max-pool split (each kept only if it lowers the loss;
         skipped for windows of more than 256 parameters, where the dense
         Hessian would be costly). ``0`` disables.
+      polish_every: with ``value_fn``, also run the ``newton_steps`` window
+        Newton steps on *every* max-pool window every ``polish_every`` steps,
+        each kept only if it lowers the loss (the momentum of a moved window is
+        dropped). Adam converges only linearly, at a rate set by its
+        second-moment decay, on a max-affine fit whose partition is already
+        right; the exact least-squares step finishes it. ``None`` (default)
+        polishes only after a revival.
+      min_support: with ``value_fn``, a max-pool piece that wins less than
+        this share of its window's data (measured by the loss curvature along
+        its bias, at each check) is *starved* and revived like a dead one,
+        the split applied only if it lowers the loss. A piece that wins a
+        single point can fit it exactly, and its gradient then vanishes
+        without being exactly zero. ``0`` disables.
       seed: seed of the PRNG key kept in the state (may be a traced integer, so
         ``vmap`` over seeds gives independent perturbations).
 
@@ -443,8 +500,14 @@ def revive_dead_units(
         raise ValueError(f"every must be a positive int, got {every!r}")
     if isinstance(newton_steps, bool) or not isinstance(newton_steps, int) or newton_steps < 0:
         raise ValueError(f"newton_steps must be a non-negative int, got {newton_steps!r}")
+    if polish_every is not None and (
+        isinstance(polish_every, bool) or not isinstance(polish_every, int) or polish_every < 1
+    ):
+        raise ValueError(f"polish_every must be None or a positive int, got {polish_every!r}")
     if isinstance(num_candidates, bool) or not isinstance(num_candidates, int) or num_candidates < 1:
         raise ValueError(f"num_candidates must be a positive int, got {num_candidates!r}")
+    if not 0 <= min_support < 1:
+        raise ValueError(f"min_support must be in [0, 1), got {min_support!r}")
     for name, v in (("patience", patience), ("perturbation", perturbation)):
         if isinstance(v, (int, float)) and v < 0:
             raise ValueError(f"{name} must be >= 0, got {v}")
@@ -479,7 +542,7 @@ def revive_dead_units(
         key, sub = jax.random.split(state.key)
         keys = jax.random.split(sub, max(len(groups), 1))
 
-        def revive(params: PyTree) -> tuple[PyTree, tuple[jax.Array, ...]]:
+        def revive(params: PyTree, dead: list[jax.Array]) -> tuple[PyTree, tuple[jax.Array, ...]]:
             out = []
             for i, grp in enumerate(groups):
                 params, p, d, do = _revive_group(
@@ -490,22 +553,46 @@ def revive_dead_units(
                 out.append(jnp.stack([p, d, do]).astype(jnp.int32))
             return params, tuple(out)
 
-        def skip(params: PyTree) -> tuple[PyTree, tuple[jax.Array, ...]]:
+        def skip(params: PyTree, dead: Any = None) -> tuple[PyTree, tuple[jax.Array, ...]]:
             return params, tuple(jnp.zeros((3,), jnp.int32) for _ in groups)
 
-        due = jnp.asarray(False)
-        for d in dead:
-            due = due | jnp.any(d >= patience)
-
         def maybe(params: PyTree) -> tuple[PyTree, tuple[jax.Array, ...]]:
-            return jax.lax.cond(due, revive, skip, params)
+            due_dead = list(dead)
+            if value_fn is not None and min_support > 0:
+                # Starved pieces (winning almost no data) count as dead; their
+                # split is applied only if it lowers the loss.
+                for i, grp in enumerate(groups):
+                    if grp.pieces > 1:
+                        share = _support_share(sym, grp, params, value_fn)
+                        starved = (share < min_support) & (state.count >= patience)
+                        due_dead[i] = jnp.where(starved, jnp.maximum(dead[i], patience),
+                                                dead[i]).astype(jnp.int32)
+            due = jnp.asarray(False)
+            for d in due_dead:
+                due = due | jnp.any(d >= patience)
+            return jax.lax.cond(due, revive, skip, params, due_dead)
 
         moved, picks = jax.lax.cond(state.count % every == 0, maybe, skip, params)
-        polishes = value_fn is not None and newton_steps > 0
+        polished = [g for g in groups if _polishable(g, params)]
+        if value_fn is not None and polish_every is not None and newton_steps > 0 and polished:
+
+            def polish_all(p: PyTree) -> PyTree:
+                for grp in polished:
+                    p = jax.lax.fori_loop(
+                        0, grp.windows,
+                        lambda w, q, grp=grp: _polish_window(grp, q, w, value_fn, newton_steps, 0.5),
+                        p,
+                    )
+                return p
+
+            due_polish = (state.count > 0) & (state.count % polish_every == 0)
+            moved = jax.lax.cond(due_polish, polish_all, lambda p: p, moved)
 
         def reset(kind: str, tree: PyTree) -> PyTree:
-            # The revived unit starts with no momentum and its donor's second
-            # moments (a clone inherits the scale of its gradients).
+            # A revived unit starts with no momentum and its donor's second
+            # moments (a clone inherits the scale of its gradients); every
+            # other unit whose incoming parameters were moved (a polished
+            # window) loses its now stale momentum.
             for grp, (p, d, do) in zip(groups, picks):
                 specs = [(grp.incoming, grp.units)]
                 if grp.pieces == 1:
@@ -516,12 +603,13 @@ def revive_dead_units(
                     rows = jnp.concatenate(_rows(tree, sp, n), axis=1)
                     val = jnp.zeros_like(rows[d]) if kind == "first" else rows[d]
                     tree = _set_row(tree, sp, n, p, val, do.astype(bool))
-                if grp.pieces > 1 and kind == "first" and polishes:
-                    # The Newton polish moved the whole window: drop its stale momentum.
-                    blocks = _rows(tree, grp.incoming, grp.units)
-                    hit = (jnp.arange(grp.units) // grp.pieces == p // grp.pieces) & (do > 0)
+                if kind == "first":
+                    before = jnp.concatenate(_rows(params, grp.incoming, grp.units), axis=1)
+                    after = jnp.concatenate(_rows(moved, grp.incoming, grp.units), axis=1)
+                    hit = jnp.any(before != after, axis=1)[:, None]
                     tree = _write_rows(
-                        tree, grp.incoming, [jnp.where(hit[:, None], 0, b) for b in blocks]
+                        tree, grp.incoming,
+                        [jnp.where(hit, 0, b) for b in _rows(tree, grp.incoming, grp.units)],
                     )
             return tree
 

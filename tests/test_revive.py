@@ -340,7 +340,7 @@ def test_quick_seeded_run_beats_plain_adam():
 
     task, pieces, d = bench.make_task(list(bench.TASKS)[0])
     sym, _, _ = _maxpool(pieces, 1, d)
-    ms, _ = bench.methods(sym)
+    ms = bench.methods(sym)
     seeds = np.arange(32)
     rates = {}
     for name in ("adam", "adam + revive_dead_units"):
@@ -360,3 +360,84 @@ def test_three_plane_task_is_well_posed():
         assert task.kernel.shape == (d, pieces)
     with pytest.raises(ValueError, match="planes"):
         max_of_planes_task([[1.0, 0.0], [0.0, 1.0], [0.1, 0.1]])
+
+
+# --------------------------------------------------------------------------- starved pieces, polish
+
+
+def _question_with(kernel, bias, dtype=jnp.float32):
+    task = maxpool_task(dtype=dtype)
+    sym, apply, params = _maxpool(dtype=dtype)
+    params = _set(params, ("layers", 0, "kernel"), kernel)
+    params = _set(params, ("layers", 0, "bias"), bias)
+
+    def loss(p):
+        return mse(apply(p, task.x), task.y)
+
+    return sym, params, loss
+
+
+@pytest.mark.parametrize("min_support", [0.05, 0.0])
+def test_starved_piece_is_revived_only_with_min_support(min_support):
+    # piece 0 is the plane (3, 1); piece 1 = (1, 2) - 0.8 wins ~1% of the points:
+    # alive (nonzero gradient) but starved, a stall just like a dead piece.
+    sym, params, loss = _question_with([[3.0, 1.0], [1.0, 2.0]], [0.0, -0.8])
+    g = jax.grad(loss)(params)
+    assert np.all(np.asarray(_get(g, ("layers", 0, "bias"))) != 0)  # nothing is dead
+    tx = qo.revive_dead_units(optax.sgd(0.0), sym, patience=2, min_support=min_support)
+    state = tx.init(params)
+    step = jax.jit(lambda p, s: _step(tx, p, s, loss))
+    l0 = float(loss(params))
+    for _ in range(3):
+        params, state, _ = step(params, state)
+    if min_support > 0:
+        assert int(state.revivals) >= 1
+        assert float(loss(params)) < 1e-3 * l0
+    else:
+        assert int(state.revivals) == 0
+        assert float(loss(params)) == pytest.approx(l0)
+
+
+def test_periodic_polish_finishes_a_nearly_right_fit():
+    # Both pieces alive and nearly right (where Adam converges only linearly).
+    sym, params, loss = _question_with([[3.0, 0.97], [1.0, 2.009]], [0.0, -0.001])
+    assert float(loss(params)) > 1e-6
+    for polish_every, expect_fit in ((3, True), (None, False)):
+        tx = qo.revive_dead_units(optax.sgd(1e-4), sym, polish_every=polish_every)
+        state = tx.init(params)
+        step = jax.jit(lambda p, s, tx=tx: _step(tx, p, s, loss))
+        p = params
+        for _ in range(4):
+            p, state, _ = step(p, state)
+        assert (float(loss(p)) < 1e-10) == expect_fit, (polish_every, float(loss(p)))
+
+
+def test_window_polish_under_vmap_matches_unbatched():
+    # Regression: under vmap, the polish inside a lax loop dropped the step of
+    # one batch member (the second set of weights below).
+    from quotient_opt._revive import _polish_window
+
+    task = max_of_planes_task([[1, 1], [3, 1], [1, 3], [3, 3]], [-0.25, -1.25, -1.25, -2.25])
+    sym, apply, params = _maxpool(pieces=4)
+
+    def loss(p):
+        return mse(apply(p, task.x), task.y)
+
+    sets = [
+        ([[3.0006, 3.0, 1.0203, 1.0], [2.9762, 1.0, 3.0112, 1.0]], [-2.2324, -1.25, -1.2637, -0.25]),
+        ([[3.0, 1.0004, 1.0, 3.0022], [1.0, 3.0032, 1.0, 2.9763]], [-1.25, -1.2526, -0.25, -2.2338]),
+    ]
+    ps = [_set(_set(params, ("layers", 0, "kernel"), k), ("layers", 0, "bias"), b) for k, b in sets]
+    polish = lambda p: loss(_polish_window(sym.groups[0], p, 0, loss, 5))  # noqa: E731
+    single = [float(jax.jit(polish)(p)) for p in ps]
+    batched = jax.vmap(polish)(jax.tree.map(lambda *a: jnp.stack(a), *ps))
+    assert max(single) < 1e-10, single
+    np.testing.assert_allclose(np.asarray(batched), single, rtol=0.5, atol=1e-12)
+
+
+def test_polish_and_support_configuration_errors():
+    sym, _, _ = _maxpool()
+    with pytest.raises(ValueError, match="polish_every"):
+        qo.revive_dead_units(optax.adam(0.1), sym, polish_every=0)
+    with pytest.raises(ValueError, match="min_support"):
+        qo.revive_dead_units(optax.adam(0.1), sym, min_support=1.5)
