@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> None:
         seeds=args.seeds,
         steps=args.steps,
         tasks=[task],
-        only=["adam", "adam + revive_dead_units"],
+        only=["adam", "adam + revive + polish"],
     )
     print(
         f"The MaxPool stall: {args.seeds} random inits, {args.steps} full-batch Adam steps "
@@ -33,9 +33,9 @@ def main(argv: list[str] | None = None) -> None:
     print(maxpool.table(results))
     per = results[task]
     plain = 1 - per["adam"]["success_rate"]
-    revived = 1 - per["adam + revive_dead_units"]["success_rate"]
+    revived = 1 - per["adam + revive + polish"]["success_rate"]
     print(f"stalled or unfinished: plain Adam {100 * plain:.1f}%, "
-          f"Adam + qo.revive_dead_units {100 * revived:.1f}%")
+          f"Adam + qo.revive_dead_units(polish_every={maxpool.POLISH_EVERY}) {100 * revived:.1f}%")
 
 
 if __name__ == "__main__":

@@ -43,13 +43,18 @@ exchangeable with it:
   perturbation of relative size ``perturbation``.
 
 Detection: unit ``(w, j)`` is *dead* when the gradient of all its incoming
-parameters is exactly zero; it is revived after ``patience`` consecutive dead
+parameters is exactly zero. With ``value_fn``, a max-pool piece is also
+*starved* (treated as dead at a check) when it wins less than ``min_support``
+of its window's data, read off the loss curvature along its bias: a piece
+that wins one point can fit it exactly, and its gradient then vanishes
+without being exactly zero. A dead unit is revived after ``patience`` consecutive dead
 steps if a sibling (same window for pieces, same layer for units) is alive.
 Exact zeros are what a unit that is inactive on every point gets, and what a
 live unit essentially never gets; a network that fits the data exactly has no
 live donor and is left alone. One unit per unit group is revived per step, the
-one dead longest; its inner optimizer statistics (incoming and, for units,
-outgoing) are reset to zero.
+one dead longest. Its first moments (incoming and, for units, outgoing) are
+reset to zero and its second moments copied from the donor; every unit whose
+incoming weights a polish moved loses its momentum too.
 
 References:
   Liu, Wang, Wu, Liu. *Splitting Steepest Descent for Growing Neural
