@@ -155,16 +155,19 @@ def _set_row(tree: PyTree, specs: Specs, n: int, row: jax.Array, vec: jax.Array,
     return _write_rows(tree, specs, new)
 
 
+def _bias_spec(sym: Symmetry, grp: UnitGroup) -> tuple[Path, int] | None:
+    """The ``(path, unit axis)`` of the bias among ``grp``'s incoming leaves, if any."""
+    bias = next((lay.bias for lay in sym.layers if lay.name == grp.name), None)
+    return next((sp for sp in grp.incoming if sp[0] == bias), None)
+
+
 def _bias_column(sym: Symmetry, grp: UnitGroup, tree: PyTree) -> int | None:
     """Index of the bias entry in a unit's concatenated incoming vector."""
-    bias = next((lay.bias for lay in sym.layers if lay.name == grp.name), None)
+    spec = _bias_spec(sym, grp)
+    if spec is None:
+        return None
     blocks = _rows(tree, grp.incoming, grp.units)
-    col = 0
-    for (path, _), b in zip(grp.incoming, blocks):
-        if path == bias:
-            return col
-        col += b.shape[1]
-    return None
+    return sum(b.shape[1] for b in blocks[: grp.incoming.index(spec)])
 
 
 def _incoming_dim(grp: UnitGroup, tree: PyTree) -> int:
@@ -333,8 +336,7 @@ def _support_share(
     (``2/N`` per point for a mean squared error): one Hessian-vector product
     per piece, no data needed. Returns ones where the layer has no bias.
     """
-    bias = next((lay.bias for lay in sym.layers if lay.name == grp.name), None)
-    spec = next((sp for sp in grp.incoming if sp[0] == bias), None)
+    spec = _bias_spec(sym, grp)
     n, k = grp.units, grp.pieces
     if spec is None:
         return jnp.ones((n,))

@@ -324,6 +324,10 @@ def test_configuration_and_structure_errors():
         qo.revive_dead_units(optax.adam(0.1), sym, every=0)
     with pytest.raises(ValueError, match="patience"):
         qo.revive_dead_units(optax.adam(0.1), sym, patience=-1)
+    with pytest.raises(ValueError, match="polish_every"):
+        qo.revive_dead_units(optax.adam(0.1), sym, polish_every=0)
+    with pytest.raises(ValueError, match="min_support"):
+        qo.revive_dead_units(optax.adam(0.1), sym, min_support=1.5)
     other = nnx.state(MaxPoolNet(3, 1, 2, rngs=nnx.Rngs(0)), nnx.Param)
     with pytest.raises(ValueError, match="layers/0/kernel"):
         qo.revive_dead_units(optax.adam(0.1), sym).init(other)
@@ -433,11 +437,3 @@ def test_window_polish_under_vmap_matches_unbatched():
     batched = jax.vmap(polish)(jax.tree.map(lambda *a: jnp.stack(a), *ps))
     assert max(single) < 1e-10, single
     np.testing.assert_allclose(np.asarray(batched), single, rtol=0.5, atol=1e-12)
-
-
-def test_polish_and_support_configuration_errors():
-    sym, _, _ = _maxpool()
-    with pytest.raises(ValueError, match="polish_every"):
-        qo.revive_dead_units(optax.adam(0.1), sym, polish_every=0)
-    with pytest.raises(ValueError, match="min_support"):
-        qo.revive_dead_units(optax.adam(0.1), sym, min_support=1.5)
