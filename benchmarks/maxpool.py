@@ -48,7 +48,7 @@ TASKS: dict[str, tuple[int, list[list[float]], list[float] | None]] = {
 #: Settings of ``qo.revive_dead_units`` used here.
 REVIVE = dict(patience=10, every=50)
 #: The periodic window polish (``polish_every``) of the "+ polish" rows.
-POLISH_EVERY = 250
+POLISH_EVERY = 50
 
 
 def make_task(name: str) -> tuple[qo.models.MaxTask, int, int]:

@@ -473,11 +473,12 @@ def revive_dead_units(
         Hessian would be costly). ``0`` disables.
       polish_every: with ``value_fn``, also run the ``newton_steps`` window
         Newton steps on *every* max-pool window every ``polish_every`` steps,
-        each kept only if it lowers the loss (the momentum of a moved window is
-        dropped). Adam converges only linearly, at a rate set by its
-        second-moment decay, on a max-affine fit whose partition is already
-        right; the exact least-squares step finishes it. ``None`` (default)
-        polishes only after a revival.
+        each kept only if it at least halves the loss (the momentum of a moved
+        window is dropped). Adam converges only linearly on a max-affine fit
+        whose partition is already right, and at an exact fit its loss spikes
+        as its second moment decays; the exact least-squares step finishes
+        the first and resets the second. ``None`` (default) polishes only
+        after a revival.
       min_support: with ``value_fn``, a max-pool piece that wins less than
         this share of its window's data (measured by the loss curvature along
         its bias, at each check) is *starved* and revived like a dead one,
