@@ -108,16 +108,7 @@ def train(
     def one(seed: jax.Array) -> tuple[jax.Array, jax.Array]:
         model = MaxPoolNet(pieces, 1, d, rngs=nnx.Rngs(params=jax.random.key(seed)))
         params = nnx.state(model, nnx.Param)
-        tx = optax.with_extra_args_support(make_tx(seed))
-        state = tx.init(params)
-
-        def body(carry: Any, _: None) -> tuple[Any, jax.Array]:
-            params, state = carry
-            value, grad = jax.value_and_grad(loss)(params)
-            updates, state = tx.update(grad, state, params, value_fn=loss)
-            return (optax.apply_updates(params, updates), state), value
-
-        (params, _), losses = jax.lax.scan(body, (params, state), None, length=steps)
+        params, _, losses = qo.fit(make_tx(seed), params, loss, steps)
         return losses, loss(params)
 
     # Full float32 matmuls: GPUs default to TF32, whose rounding alone puts

@@ -5,7 +5,7 @@ rescaling symmetries of feed-forward networks, example flax.nnx models whose
 training is hampered by those symmetries, and tools built on the group action.
 """
 
-from quotient_opt import models
+from quotient_opt import models, training
 from quotient_opt._aliases import quotient_adam, quotient_sgd
 from quotient_opt._canonical import (
     CanonicalInfo,
@@ -20,6 +20,7 @@ from quotient_opt._teleport import TeleportState, teleport, teleport_log_scales
 from quotient_opt._path_norm import path_norm_curvature, path_sgd, scale_by_path_norm
 from quotient_opt._projection import horizontal_component, project_horizontal
 from quotient_opt._revive import ReviveDeadUnitsState, revive_dead_units
+from quotient_opt.training import fit
 from quotient_opt._symmetry import (
     Dense,
     GroupElement,
@@ -57,6 +58,8 @@ __all__ = [
     "Symmetry",
     "UnitGroup",
     "infer_symmetry",
+    "fit",
     "models",
+    "training",
     "symmetry_from_layers",
 ]

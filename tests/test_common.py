@@ -110,13 +110,7 @@ def scan_train(tx, params, loss, extra, steps):
 
     @jax.jit
     def run(p):
-        def body(c, _):
-            p, s = c
-            value, g = jax.value_and_grad(loss)(p)
-            u, s = tx.update(g, s, p, **extra)
-            return (optax.apply_updates(p, u), s), value
-
-        (p, s), losses = jax.lax.scan(body, (p, tx.init(p)), None, length=steps)
+        p, s, losses = qo.fit(tx, p, loss, steps, **extra)
         return losses, loss(p), p, s
 
     losses, final, p, s = run(params)

@@ -83,12 +83,7 @@ def test_conservation_of_balance():
         return E.mse(prob.apply(p, prob.x), prob.y)
 
     def drift(opt, steps=300):
-        def step(c, _):
-            p, s = c
-            u, s = opt.update(jax.grad(loss)(p), s, p)
-            return (optax.apply_updates(p, u), s), None
-
-        (p, _), _ = jax.lax.scan(step, (prob.params, opt.init(prob.params)), None, length=steps)
+        p = jax.jit(lambda p0: qo.fit(opt, p0, loss, steps)[0])(prob.params)
         b0, b1 = qo.unit_balance(sym, prob.params), qo.unit_balance(sym, p)
         scale = max(float(jnp.max(jnp.abs(x))) for x in b0)
         return max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(b0, b1)) / scale, loss(p)
@@ -99,3 +94,62 @@ def test_conservation_of_balance():
     assert float(l_proj) < float(loss(prob.params))  # it trained
     assert d_proj < 1e-4
     assert d_adam > 1e-2
+
+
+def test_float32_500_steps_mlp_sgd_family():
+    """SGD-based methods meet the float32 bar on the MLP at 500 steps; plain SGD does not."""
+    prob = E.mlp_problem(jnp.float32)
+    g = prob.sym.sample(jax.random.key(1), log_scale=3.0, dtype=jnp.float32)
+    for name in ["path_sgd", "quotient_sgd", "rebalance(sgd)", "optax.sgd"]:
+        make, kind = E.methods("mlp")[name]
+        d = E.deviations(prob, *E.train_pair(prob, make(prob.sym), g, 500), g)
+        print(name, d)
+        assert d["spread"] > 0.05
+        if kind == "baseline":
+            assert not d["out"] <= 1e-2
+        else:
+            assert d["out"] <= 1e-4 and d["orbit"] <= 1e-4
+
+
+def test_perturb_is_one_ulp():
+    prob = E.mlp_problem(jnp.float32)
+    q = E.perturb(prob.params, jax.random.key(0))
+    for a, b in zip(jax.tree.leaves(prob.params), jax.tree.leaves(q)):
+        assert a.dtype == b.dtype
+        ulps = jnp.abs(a - b) / jnp.maximum(jnp.spacing(jnp.abs(a)), jnp.finfo(a.dtype).tiny)
+        assert float(jnp.max(ulps)) <= 2.0
+    assert any(bool(jnp.any(a != b)) for a, b in zip(jax.tree.leaves(prob.params), jax.tree.leaves(q)))
+
+
+@pytest.mark.parametrize(
+    "kind,out,perm,floor,expected",
+    [
+        ("canonical", [1e-6, 5e-5], [1e-6, 1e-6], [1e-6, 1e-6], "met"),
+        ("canonical", [1e-6, 5e-4], [1e-6, 1e-6], [1e-6, 3e-4], "floor"),
+        ("canonical", [1e-6, 5e-4], [1e-6, 1e-6], [1e-6, 1e-6], "MISSED"),
+        ("equivariant", [1e-6, 1e-6], [2e-4, 1e-6], [1e-6, 1e-6], "MISSED"),
+        ("baseline", [1e-1, 2e-1], [1e-6, 1e-6], [1e-6, 1e-6], "fails"),
+        ("baseline", [1e-5, 2e-1], [1e-6, 1e-6], [1e-6, 1e-6], "PASSES"),
+    ],
+)
+def test_verdict(kind, out, perm, floor, expected):
+    row = {"kind": kind, "out": out, "perm": perm, "floor": floor}
+    assert E.verdict(row, "float32") == expected
+
+
+def test_benchmark_main_smoke(tmp_path, capsys):
+    path = tmp_path / "eq.json"
+    res = E.main(
+        ["--steps", "20", "--seeds", "2", "--problems", "mlp",
+         "--methods", "optax.adam,quotient_adam", "--json", str(path), "--out", str(tmp_path)]
+    )  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "mlp/float32" in printed and "quotient_adam" in printed
+    assert (tmp_path / "equivariance.png").stat().st_size > 0
+    rows = res["results"]["mlp/float64"]
+    assert set(rows) == {"optax.adam", "quotient_adam"}
+    assert len(rows["quotient_adam"]["out"]) == 2
+    assert rows["quotient_adam"]["verdict"] == "met"
+    assert rows["optax.adam"]["verdict"] == "fails"
+    with pytest.raises(SystemExit):
+        E.main(["--problems", "mnist"])

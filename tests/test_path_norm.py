@@ -166,12 +166,7 @@ def test_path_sgd_training_is_equivariant_float64():
 
     @jax.jit
     def train(p):
-        def body(c, _):
-            p, s = c
-            u, s = tx.update(jax.grad(loss)(p), s, p)
-            return (optax.apply_updates(p, u), s), loss(p)
-
-        (p, _), losses = jax.lax.scan(body, (p, tx.init(p)), None, length=200)
+        p, _, losses = qo.fit(tx, p, loss, 200)
         return p, losses
 
     g = sym.sample(jax.random.key(7), log_scale=3.0, dtype=jnp.float64)
@@ -253,12 +248,7 @@ def test_path_sgd_decreases_loss_on_maxpool_task():
 
     @jax.jit
     def train(p):
-        def body(c, _):
-            p, s = c
-            u, s = tx.update(jax.grad(loss)(p), s, p)
-            return (optax.apply_updates(p, u), s), None
-
-        return jax.lax.scan(body, (p, tx.init(p)), None, length=300)[0][0]
+        return qo.fit(tx, p, loss, 300)[0]
 
     assert float(loss(train(params))) < 0.1 * float(loss(params))
 

@@ -258,16 +258,7 @@ def test_conservation_of_balance_with_projected_sgd_but_not_adam():
     loss = lambda p: qo.models.mse(apply(p, task.x), task.y)  # noqa: E731
 
     def drift(tx, steps=300):
-        @jax.jit
-        def run(p):
-            def body(c, _):
-                p, s = c
-                u, s = tx.update(jax.grad(loss)(p), s, p)
-                return (optax.apply_updates(p, u), s), None
-
-            return jax.lax.scan(body, (p, tx.init(p)), None, length=steps)[0][0]
-
-        p_end = run(params)
+        p_end = jax.jit(lambda p: qo.fit(tx, p, loss, steps)[0])(params)
         balance = jax.jit(lambda p: _balance(sym, p))
         moved = max(
             float(jnp.max(jnp.abs(a - b)))

@@ -90,16 +90,7 @@ def test_scan_converges_and_vmap():
     _, p, sym, loss, _ = _setup()
     opt = qo.rebalance(optax.adam(1e-2), sym, every=5)
 
-    def run(p0):
-        def step(c, _):
-            q, s = c
-            u, s = opt.update(jax.grad(loss)(q), s, q)
-            return (optax.apply_updates(q, u), s), loss(q)
-
-        (q, _), losses = jax.lax.scan(step, (p0, opt.init(p0)), None, length=300)
-        return losses
-
-    losses = jax.jit(run)(p)
+    losses = jax.jit(lambda p0: qo.fit(opt, p0, loss, 300)[2])(p)
     assert bool(jnp.all(jnp.isfinite(losses)))
     assert bool(losses[-1] < 0.3 * losses[0])
     # vmap over a batch of params (short: see the report on long vmapped runs)

@@ -296,12 +296,7 @@ def test_jit_scan_vmap_match_unbatched_runs():
         tx = qo.revive_dead_units(optax.adam(0.02), sym, patience=5, every=5, seed=seed,
                                   newton_steps=0, num_candidates=2)
 
-        def body(c, _):
-            p, s = c
-            p, s, _ = _step(tx, p, s, loss)
-            return (p, s), loss(p)
-
-        (p, s), ls = jax.lax.scan(body, (params, tx.init(params)), None, length=40)
+        _, s, ls = qo.fit(tx, params, loss, 40)
         return ls, s.revivals
 
     seeds = jnp.arange(3)
