@@ -17,18 +17,22 @@ median and max over seeds:
   runs are related by the permutation part of g only);
 * ``perm``: ``out`` for a pure permutation g (every method, baselines
   included, is permutation-equivariant in exact arithmetic);
-* ``floor``: ``out`` between the run from θ and the run from θ perturbed by
-  one ulp (:func:`perturb`): the method's own sensitivity to rounding. Adam
-  on a ReLU network amplifies such perturbations by up to 1e4 in 500 steps
-  (float64 runs with a 1e-7 perturbation do the same), so a float32 run
-  cannot be reproduced more closely than this, symmetry or not;
-* ``spread``: std of f_θ on the grid relative to max |f_θ| (the trained
-  function must not be constant, or agreement is trivial).
+* ``floor``: ``out`` between the run from θ and a run from π·θ moved by as
+  much rounding as the start g·θ carries (:func:`floor_start`; π the
+  permutation part of g): how far the method's own run moves when its start
+  moves by that rounding, with no rescaling involved. Adam on a ReLU network amplifies such
+  perturbations by up to 1e4 in 500 steps (float64 runs from θ and from θ
+  perturbed by 1e-7 do the same), so its float32 runs cannot be reproduced
+  more closely than this, symmetry or not;
+* ``spread``: std of f_θ on the grid relative to max |f_θ|. A seed whose
+  trained function is (nearly) constant, spread < 0.05, agrees trivially and
+  is left out of the statistics and the verdict (the ``seeds`` column counts
+  the seeds kept).
 
 The verdict (:func:`verdict`) of a claimed method against the bar (1e-4 in
-float32, 1e-9 in float64) is ``met``, ``floor`` (missed on some seed, but the
-method's own one-ulp floor also exceeds the bar there) or ``MISSED``. Plain
-``optax.sgd`` and ``optax.adam`` run in the same table as baselines.
+float32, 1e-9 in float64) is ``met``, ``floor`` (missed, but on no more
+seeds than the method's own floor run misses it, plus one) or ``MISSED``. Plain ``optax.sgd`` and ``optax.adam`` run in the same table as
+baselines.
 
 Usage::
 
@@ -39,6 +43,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 from collections.abc import Callable
@@ -139,7 +144,7 @@ def trainer(apply: Callable, opt: Any, steps: int) -> Callable:
     """A jitted ``run(params, x, y) -> final params``: ``steps`` full-batch steps in one scan.
 
     One compiled function per (method, problem kind, dtype), reused across
-    seeds and the runs from θ, g·θ and the perturbed θ.
+    seeds and the runs from θ, g·θ, a permuted θ and the floor start.
     """
 
     def run(p0, x, y):
@@ -156,16 +161,30 @@ def train_pair(prob: Problem, opt: Any, g: Any, steps: int, run: Callable | None
     return run(prob.params, prob.x, prob.y), run(prob.sym.act(prob.params, g), prob.x, prob.y)
 
 
-def perturb(params: Any, key: jax.Array) -> Any:
-    """``θ · (1 + ε u)`` with ``u`` uniform in [-1, 1] and ``ε`` the dtype's eps: one ulp."""
-    leaves, treedef = jax.tree.flatten(params)
+def floor_start(sym: qo.Symmetry, params: Any, g: Any, key: jax.Array) -> Any:
+    """θ moved by as much rounding as the start g·θ carries, and permuted like it.
+
+    With ``c = h·θ = canon(θ)`` and ``c_g = π⁻¹·canon(g·θ)`` (π the
+    permutation part of g; ``c_g = c`` in exact arithmetic, so ``c_g − c`` is
+    the rounding that the start g·θ carries, as the canonical section sees
+    it), returns ``π·h⁻¹·(c + σ·(c_g − c))`` with random signs σ: the same
+    rounding-level perturbation, entry by entry, in a random direction, and
+    the same permutation as g (so the run sums in the same permuted order as
+    the run from g·θ), but no rescaling. In exact arithmetic it is π·θ.
+    """
+    canon = _canonicalizer(sym)
+    c, h = canon(params)
+    perm = _permutation_part(g)
+    cg = sym.act(canon(sym.act(params, g))[0], sym.inverse(perm))
+    leaves, treedef = jax.tree.flatten(c)
     keys = jax.random.split(key, len(leaves))
-    return treedef.unflatten(
+    noisy = treedef.unflatten(
         [
-            x * (1 + jnp.finfo(x.dtype).eps * jax.random.uniform(k, x.shape, x.dtype, -1.0, 1.0))
-            for x, k in zip(leaves, keys)
+            a + jnp.where(jax.random.bernoulli(k, 0.5, a.shape), 1, -1).astype(a.dtype) * (b - a)
+            for a, b, k in zip(leaves, jax.tree.leaves(cg), keys)
         ]
     )
+    return sym.act(sym.act(noisy, sym.inverse(h)), perm)
 
 
 def _rel_max(a: Any, b: Any, ref: Any) -> float:
@@ -173,6 +192,13 @@ def _rel_max(a: Any, b: Any, ref: Any) -> float:
     den = max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(ref))
     r = num / max(den, 1e-300)
     return r if np.isfinite(r) else float("inf")
+
+
+@functools.lru_cache(maxsize=None)
+def _canonicalizer(sym: qo.Symmetry) -> Callable:
+    """One compiled minimal-energy canonicalization per symmetry (eager calls of the
+    solver's ``while_loop`` would compile again on every call)."""
+    return jax.jit(lambda p: qo.canonicalize(sym, p))
 
 
 def _permutation_part(g: Any) -> Any:
@@ -191,8 +217,8 @@ def deviations(prob: Problem, p1: Any, p2: Any, g: Any) -> dict[str, float]:
     sym = prob.sym
     f1 = prob.apply(p1, prob.grid)
     scale = max(float(jnp.max(jnp.abs(f1))), 1e-300)
-    c1, _ = qo.canonicalize(sym, p1)
-    c2, _ = qo.canonicalize(sym, p2)
+    canon = _canonicalizer(sym)
+    c1, c2 = canon(p1)[0], canon(p2)[0]
     return {
         "out": output_deviation(prob, p1, p2),
         "orbit": _rel_max(c2, sym.act(c1, _permutation_part(g)), c1),
@@ -209,10 +235,10 @@ def measure(problem: str, dtype: Any, steps: int, seeds: Any = (0,), names=None)
     """Every method on ``problem`` for each seed (init, data, g); lists per column.
 
     Per seed and method: runs from θ, from g·θ (log-scales ±3 and a random
-    permutation), from g_π·θ (a pure permutation) and from a one-ulp
-    perturbation of θ (:func:`perturb`). ``floor`` is the output deviation
-    between the runs from θ and from the perturbed θ: how far the method's
-    own trajectory moves when its start moves by rounding.
+    permutation), from g_π·θ (a pure permutation) and from
+    :func:`floor_start`. ``floor`` is the output deviation between the runs
+    from θ and from the floor start: how far the method's own trajectory
+    moves when its start moves by the rounding that g·θ carries.
     """
     seeds = list(seeds)
     probs = [PROBLEMS[problem](dtype, seed) for seed in seeds]
@@ -236,7 +262,7 @@ def measure(problem: str, dtype: Any, steps: int, seeds: Any = (0,), names=None)
             d = deviations(prob, p1, p2, g)
             q2 = run(prob.sym.act(prob.params, gp), prob.x, prob.y)
             d["perm"] = output_deviation(prob, p1, q2)
-            r2 = run(perturb(prob.params, jax.random.key(seed + 3)), prob.x, prob.y)
+            r2 = run(floor_start(prob.sym, prob.params, g, jax.random.key(seed + 3)), prob.x, prob.y)
             d["floor"] = output_deviation(prob, p1, r2)
             d["final_mse"] = float(mse(prob.apply(p1, prob.x), prob.y))
             for c in COLUMNS:
@@ -246,45 +272,70 @@ def measure(problem: str, dtype: Any, steps: int, seeds: Any = (0,), names=None)
 
 
 BARS = {"float32": 1e-4, "float64": 1e-9}
+MIN_SPREAD = 0.05
+
+
+def kept(row: dict) -> dict:
+    """The row restricted to seeds whose trained function is not constant (spread >= 0.05)."""
+    idx = [i for i, v in enumerate(row["spread"]) if v >= MIN_SPREAD]
+    return {k: [v[i] for i in idx] if isinstance(v, list) else v for k, v in row.items()}
 
 
 def verdict(row: dict, dtype_name: str) -> str:
     """``met``, ``floor`` or ``MISSED`` for a claimed method; ``fails`` or ``PASSES`` for a baseline.
 
-    ``met``: ``out`` and ``perm`` are within the bar on every seed. ``floor``:
-    not met, but the method's own run from a one-ulp perturbation of θ also
-    moves by more than the bar on some seed, so no implementation of it can
-    meet the bar on this problem. ``MISSED``: neither.
+    Over the seeds :func:`kept`: ``met`` if ``out`` and ``perm`` are within
+    the bar on every seed. ``floor`` if not, but the bar is missed (by
+    ``out`` or ``perm``) on no more seeds than the method's own floor run
+    misses it, plus one: the method is then as far from the bar as rounding
+    alone puts it, and no float implementation of it could do better on this
+    problem. ``MISSED`` otherwise; ``trivial`` if no seed is kept.
     """
     bar = BARS[dtype_name]
     if row["kind"] == "not claimed":
         return "-"
+    row = kept(row)
+    if not row["out"]:
+        return "trivial"
     if row["kind"] == "baseline":
         return "fails" if min(row["out"]) > bar else "PASSES"
     if max(row["out"]) <= bar and max(row["perm"]) <= bar:
         return "met"
-    return "floor" if max(row["floor"]) > bar else "MISSED"
+    missed, floor_missed = misses(row, bar)
+    return "floor" if missed <= floor_missed + 1 else "MISSED"
+
+
+def misses(row: dict, bar: float) -> tuple[int, int]:
+    """Seeds on which ``out`` or ``perm`` exceeds the bar, and on which ``floor`` does."""
+    missed = sum(max(o, p) > bar for o, p in zip(row["out"], row["perm"]))
+    return missed, sum(f > bar for f in row["floor"])
 
 
 def print_table(results: dict) -> None:
     n = len(results["seeds"])
-    print(f"\n{results['steps']} steps, log-scales ±3 + random permutations, {n} seed(s); median / max over seeds")
+    print(
+        f"\n{results['steps']} steps, log-scales ±3 + random permutations; median / max over kept seeds;"
+        "\nmisses: kept seeds where out or perm exceeds the bar / where floor does"
+    )
     hdr = (
-        f"{'method':26s} {'kind':11s} {'out':>17s} {'perm':>17s} {'floor':>17s} "
-        f"{'orbit':>17s} {'g.theta':>8s} {'spread':>6s} {'mse':>8s}  verdict"
+        f"{'method':26s} {'kind':11s} {'seeds':>5s} {'out':>17s} {'perm':>17s} {'floor':>17s} "
+        f"{'orbit':>17s} {'g.theta':>8s} {'mse':>8s} {'misses':>6s}  verdict"
     )
     for key, rows in results["results"].items():
         print(f"\n== {key} (bar {BARS[key.split('/')[1]]:.0e}) ==")
         print(hdr)
-        for name, d in rows.items():
+        for name, row in rows.items():
+            d = kept(row)
 
-            def mm(c):
-                return f"{np.median(d[c]):8.1e}/{max(d[c]):8.1e}"
+            def mm(c, d=d):
+                return f"{np.median(d[c]):8.1e}/{max(d[c]):8.1e}" if d[c] else f"{'-':>17s}"
 
+            med = (lambda c, d=d: f"{np.median(d[c]):8.1e}" if d[c] else f"{'-':>8s}")  # noqa: E731
+            bad, bad_floor = misses(d, BARS[key.split("/")[1]])
             print(
-                f"{name:26s} {d['kind']:11s} {mm('out')} {mm('perm')} {mm('floor')} {mm('orbit')} "
-                f"{np.median(d['g_theta']):8.1e} {min(d['spread']):6.3f} {np.median(d['final_mse']):8.1e}"
-                f"  {d['verdict']}"
+                f"{name:26s} {d['kind']:11s} {len(d['out']):>2d}/{n:<2d} {mm('out')} {mm('perm')} "
+                f"{mm('floor')} {mm('orbit')} {med('g_theta')} {med('final_mse')} {bad:>2d}/{bad_floor:<3d}"
+                f"  {row['verdict']}"
             )
 
 
@@ -310,7 +361,7 @@ def plot(results: dict, path: str) -> None:
         ax.set_xscale("log")
         ax.axvline(BARS[key.split("/")[1]], color="k", ls="--", lw=0.8)
         ax.set_title(key)
-        ax.set_xlabel("output deviation: g·θ run (dots), 1-ulp run (x)")
+        ax.set_xlabel("output deviation: g·θ run (dots), floor run (x)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

@@ -2,7 +2,10 @@
 
 Uses the harness of ``benchmarks/equivariance.py`` (which runs the full table).
 Canonical-section methods (rebalance, quotient_*, teleport) must end equal
-after canonicalization; plain Optax must fail the same test.
+after canonicalization; plain Optax must fail the same test. Float64 runs
+check exactness; float32 runs check the 1e-4 bar where the problem's own
+rounding floor allows it (the benchmark measures that floor per method: Adam
+on the random MLP amplifies a one-ulp change of θ beyond 1e-4 on some seeds).
 """
 
 import pathlib
@@ -111,14 +114,18 @@ def test_float32_500_steps_mlp_sgd_family():
             assert d["out"] <= 1e-4 and d["orbit"] <= 1e-4
 
 
-def test_perturb_is_one_ulp():
+def test_floor_start_is_a_permuted_theta_up_to_rounding():
     prob = E.mlp_problem(jnp.float32)
-    q = E.perturb(prob.params, jax.random.key(0))
-    for a, b in zip(jax.tree.leaves(prob.params), jax.tree.leaves(q)):
+    g = prob.sym.sample(jax.random.key(1), log_scale=3.0, dtype=jnp.float32)
+    start = E.floor_start(prob.sym, prob.params, g, jax.random.key(2))
+    want = prob.sym.act(prob.params, E._permutation_part(g))
+    changed = 0
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(start)):
         assert a.dtype == b.dtype
         ulps = jnp.abs(a - b) / jnp.maximum(jnp.spacing(jnp.abs(a)), jnp.finfo(a.dtype).tiny)
-        assert float(jnp.max(ulps)) <= 2.0
-    assert any(bool(jnp.any(a != b)) for a, b in zip(jax.tree.leaves(prob.params), jax.tree.leaves(q)))
+        assert float(jnp.max(ulps)) <= 32.0
+        changed += int(jnp.sum(a != b))
+    assert changed > 0  # the floor run does start elsewhere
 
 
 @pytest.mark.parametrize(
@@ -126,15 +133,22 @@ def test_perturb_is_one_ulp():
     [
         ("canonical", [1e-6, 5e-5], [1e-6, 1e-6], [1e-6, 1e-6], "met"),
         ("canonical", [1e-6, 5e-4], [1e-6, 1e-6], [1e-6, 3e-4], "floor"),
-        ("canonical", [1e-6, 5e-4], [1e-6, 1e-6], [1e-6, 1e-6], "MISSED"),
-        ("equivariant", [1e-6, 1e-6], [2e-4, 1e-6], [1e-6, 1e-6], "MISSED"),
+        ("canonical", [1e-6, 5e-4], [1e-6, 1e-6], [1e-6, 1e-6], "floor"),  # one seed of slack
+        ("canonical", [2e-4, 5e-4], [1e-6, 1e-6], [1e-6, 1e-6], "MISSED"),
+        ("canonical", [2e-4, 5e-4], [1e-6, 1e-6], [1e-6, 3e-4], "floor"),
+        ("equivariant", [1e-6, 1e-6], [2e-4, 2e-4], [1e-6, 1e-6], "MISSED"),
         ("baseline", [1e-1, 2e-1], [1e-6, 1e-6], [1e-6, 1e-6], "fails"),
         ("baseline", [1e-5, 2e-1], [1e-6, 1e-6], [1e-6, 1e-6], "PASSES"),
     ],
 )
 def test_verdict(kind, out, perm, floor, expected):
-    row = {"kind": kind, "out": out, "perm": perm, "floor": floor}
+    row = {"kind": kind, "out": out, "perm": perm, "floor": floor, "spread": [0.2, 0.3]}
     assert E.verdict(row, "float32") == expected
+    # a seed with a constant trained function is left out
+    trivial = {"kind": kind, "out": out + [1.0], "perm": perm + [1.0], "floor": floor + [1.0],
+               "spread": [0.2, 0.3, 0.01]}  # fmt: skip
+    assert E.verdict(trivial, "float32") == expected
+    assert E.verdict({**row, "spread": [0.0, 0.0]}, "float32") == "trivial"
 
 
 def test_benchmark_main_smoke(tmp_path, capsys):
