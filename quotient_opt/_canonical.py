@@ -68,6 +68,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -210,6 +211,7 @@ def default_tol(dtype: Any) -> float:
     return float(10 * jnp.finfo(dtype).eps)
 
 
+@functools.partial(jax.jit, static_argnames=("sym",))
 def canonical_log_scales(
     sym: Symmetry,
     params: PyTree,
@@ -221,7 +223,9 @@ def canonical_log_scales(
 ) -> tuple[LogScales, CanonicalInfo]:
     """Log-scales :math:`s^\\star = \\arg\\min_s \\lVert \\exp(s)\\cdot\\theta \\rVert^2`.
 
-    See the module docstring for the method. jit-, vmap- and scan-safe.
+    See the module docstring for the method. jit-, vmap- and scan-safe;
+    compiled once per symmetry and input shapes (``sym`` is static), so eager
+    calls do not recompile the solver loop.
 
     Args:
       sym: the symmetry.

@@ -221,3 +221,18 @@ def test_wrong_structure_raises():
     _, _, sym = _mlp(sizes=(2, 6, 5, 4, 1))
     with pytest.raises(ValueError, match="layers/"):
         qo.canonicalize(sym, p)
+
+
+def test_eager_calls_compile_the_solver_once():
+    """Eager calls reuse one compiled solver (a fresh while_loop per call leaked memory)."""
+    from quotient_opt._canonical import canonical_log_scales
+
+    model = qo.models.SawtoothNet(rngs=nnx.Rngs(3))
+    sym = qo.infer_symmetry(model)
+    params = nnx.state(model, nnx.Param)
+    canonical_log_scales(sym, params)
+    before = canonical_log_scales._cache_size()
+    for k in range(3):
+        g = sym.sample(jax.random.key(k), log_scale=2.0)
+        qo.canonicalize(sym, sym.act(params, g))
+    assert canonical_log_scales._cache_size() == before
