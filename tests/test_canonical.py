@@ -230,7 +230,7 @@ def test_eager_calls_compile_the_solver_once():
     model = qo.models.SawtoothNet(rngs=nnx.Rngs(3))
     sym = qo.infer_symmetry(model)
     params = nnx.state(model, nnx.Param)
-    canonical_log_scales(sym, params)
+    qo.canonicalize(sym, params)
     before = canonical_log_scales._cache_size()
     for k in range(3):
         g = sym.sample(jax.random.key(k), log_scale=2.0)
