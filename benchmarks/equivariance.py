@@ -353,15 +353,16 @@ def plot(results: dict, path: str) -> None:
         y = np.arange(len(names))
         clip = lambda v: np.maximum(np.minimum(np.asarray(v, float), 1e3), 1e-17)  # noqa: E731
         for i, n in enumerate(names):
-            col = "tab:red" if rows[n]["kind"] == "baseline" else "tab:blue"
-            ax.scatter(clip(rows[n]["out"]), np.full(len(rows[n]["out"]), i), c=col, s=12, alpha=0.7)
-            ax.scatter(clip(rows[n]["floor"]), np.full(len(rows[n]["floor"]), i - 0.25), c="gray",
+            row = kept(rows[n])
+            col = "tab:red" if row["kind"] == "baseline" else "tab:blue"
+            ax.scatter(clip(row["out"]), np.full(len(row["out"]), i), c=col, s=12, alpha=0.7)
+            ax.scatter(clip(row["floor"]), np.full(len(row["floor"]), i - 0.25), c="gray",
                        marker="x", s=12)  # fmt: skip
         ax.set_yticks(y, names)
         ax.set_xscale("log")
         ax.axvline(BARS[key.split("/")[1]], color="k", ls="--", lw=0.8)
         ax.set_title(key)
-        ax.set_xlabel("output deviation: g·θ run (dots), floor run (x)")
+        ax.set_xlabel("output deviation, kept seeds: g·θ run (dots), floor run (x)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
