@@ -194,7 +194,7 @@ def _rel_max(a: Any, b: Any, ref: Any) -> float:
     return r if np.isfinite(r) else float("inf")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _canonicalizer(sym: qo.Symmetry) -> Callable:
     """One compiled minimal-energy canonicalization per symmetry (eager calls of the
     solver's ``while_loop`` would compile again on every call)."""
@@ -330,7 +330,7 @@ def print_table(results: dict) -> None:
             def mm(c, d=d):
                 return f"{np.median(d[c]):8.1e}/{max(d[c]):8.1e}" if d[c] else f"{'-':>17s}"
 
-            med = (lambda c, d=d: f"{np.median(d[c]):8.1e}" if d[c] else f"{'-':>8s}")  # noqa: E731
+            med = (lambda c, d=d: f"{np.median(d[c]):8.1e}" if d[c] else f"{'-':>8s}")
             bad, bad_floor = misses(d, BARS[key.split("/")[1]])
             print(
                 f"{name:26s} {d['kind']:11s} {len(d['out']):>2d}/{n:<2d} {mm('out')} {mm('perm')} "
@@ -351,7 +351,7 @@ def plot(results: dict, path: str) -> None:
         rows = results["results"][key]
         names = list(rows)
         y = np.arange(len(names))
-        clip = lambda v: np.maximum(np.minimum(np.asarray(v, float), 1e3), 1e-17)  # noqa: E731
+        clip = lambda v: np.maximum(np.minimum(np.asarray(v, float), 1e3), 1e-17)
         for i, n in enumerate(names):
             row = kept(rows[n])
             col = "tab:red" if row["kind"] == "baseline" else "tab:blue"
