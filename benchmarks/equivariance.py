@@ -35,8 +35,9 @@ median and max over seeds:
   the seeds kept).
 
 The verdict (:func:`verdict`) of a claimed method against the bar (1e-4 in
-float32, 1e-9 in float64) is ``met``, ``floor`` (missed, but on no more
-seeds than the method's own floor run misses it, plus one) or ``MISSED``.
+float32, 1e-9 in float64) is ``met``, ``floor`` (missed, but not
+significantly more often than the method's own floor run misses it) or
+``MISSED``, for the runs from θ and g·θ and for the canonical starts.
 Plain ``optax.sgd`` and ``optax.adam`` run in the same table as baselines.
 
 Usage::
@@ -50,6 +51,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import os
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -292,28 +294,45 @@ def kept(row: dict) -> dict:
     return {k: [v[i] for i in idx] if isinstance(v, list) else v for k, v in row.items()}
 
 
-def verdict(row: dict, dtype_name: str) -> str:
+def more_often_p(k1: int, k2: int, n1: int, n2: int) -> float:
+    """One-sided Fisher exact p-value that ``k1`` misses of ``n1`` are more frequent than ``k2`` of ``n2``.
+
+    P(X >= k1) for X hypergeometric: ``n1`` draws from ``n1 + n2`` seeds of
+    which ``k1 + k2`` missed.
+    """
+    total, hits = n1 + n2, k1 + k2
+    den = math.comb(total, n1)
+    return sum(math.comb(hits, x) * math.comb(total - hits, n1 - x) for x in range(k1, min(hits, n1) + 1)) / den
+
+
+def verdict(row: dict, dtype_name: str, column: str = "out") -> str:
     """``met``, ``floor`` or ``MISSED`` for a claimed method; ``fails`` or ``PASSES`` for a baseline.
 
-    Over the seeds :func:`kept`: ``met`` if ``out`` and ``perm`` are within
-    the bar on every seed. ``floor`` if not, but the bar is missed (by
-    ``out`` or ``perm``) on no more seeds than the method's own floor run
-    misses it, plus one: the method is then as far from the bar as rounding
-    alone puts it, and no float implementation of it could do better on this
-    problem. ``MISSED`` otherwise; ``trivial`` if no seed is kept.
+    Over the seeds :func:`kept`: ``met`` if ``column`` (and, for ``out``,
+    ``perm``) is within the bar on every seed. ``floor`` if not, but the bar
+    is not missed significantly more often than the method's own floor run
+    misses it (one-sided Fisher exact test, p >= 0.05): the method is then as
+    far from the bar as rounding alone puts it, and no float implementation
+    of it could do better on this problem. ``MISSED`` otherwise. A baseline
+    ``fails`` if it misses on more than half of the seeds. ``trivial`` if no
+    seed is kept.
     """
     bar = BARS[dtype_name]
     if row["kind"] == "not claimed":
         return "-"
     row = kept(row)
-    if not row["out"]:
+    n = len(row["out"])
+    if not n:
         return "trivial"
+    missed, missed_canon, missed_floor = misses(row, bar)
+    missed = missed if column == "out" else missed_canon
     if row["kind"] == "baseline":
-        return "fails" if min(row["out"]) > bar else "PASSES"
-    if max(row["out"]) <= bar and max(row["perm"]) <= bar:
+        if column != "out":
+            return "-"  # plain Optax from two canonical starts: π-related starts, not its own test
+        return "fails" if missed > n / 2 else "PASSES"
+    if not missed:
         return "met"
-    missed, _, floor_missed = misses(row, bar)
-    return "floor" if missed <= floor_missed + 1 else "MISSED"
+    return "floor" if more_often_p(missed, missed_floor, n, n) >= 0.05 else "MISSED"
 
 
 def misses(row: dict, bar: float) -> tuple[int, int, int]:
@@ -347,7 +366,7 @@ def print_table(results: dict) -> None:
             print(
                 f"{name:26s} {d['kind']:11s} {len(d['out']):>2d}/{n:<2d} {mm('out')} {mm('perm')} "
                 f"{mm('floor')} {mm('orbit')} {med('g_theta')} {med('final_mse')} {bad:>2d}/{bad_canon:>2d}/{bad_floor:<3d}"
-                f"  {row['verdict']}"
+                f"  {row['verdict']} / {row.get('verdict_canon_start', '?')}"
             )
 
 
@@ -405,6 +424,7 @@ def main(argv: list[str] | None = None) -> dict:
             rows = measure(problem, dtype, steps, seeds, names)
             for row in rows.values():
                 row["verdict"] = verdict(row, name)
+                row["verdict_canon_start"] = verdict(row, name, "canon_start")
             results["results"][f"{problem}/{name}"] = rows
     print_table(results)
     if args.json:

@@ -26,6 +26,14 @@ canonicalization (this is an optimizer on a canonical section of the quotient
 by rescaling, not an equivariant one in the sense
 :math:`\\theta'_T = g\\cdot\\theta_T`).
 
+Floating point: the returned update is a difference (Optax's convention), so
+a step that moves parameters by a large factor rounds at the old scale. The
+first step from badly balanced parameters (log-scales of ±3, say) then
+perturbs the run by 10-20x the rounding of the parameters themselves, which
+Adam-type inner optimizers can amplify. Starting from
+``qo.canonicalize(sym, params)[0]`` avoids that jump (``benchmarks/equivariance.py``,
+column ``canon_start``).
+
 References:
   Stock, Graham, Gribonval, Jégou. *Equi-normalization of Neural Networks*,
   ICLR 2019. https://arxiv.org/abs/1902.10416

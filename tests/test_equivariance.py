@@ -128,27 +128,46 @@ def test_floor_start_is_a_permuted_theta_up_to_rounding():
     assert changed > 0  # the floor run does start elsewhere
 
 
+def _seeds(misses: int, n: int = 10) -> list[float]:
+    return [5e-4] * misses + [1e-6] * (n - misses)
+
+
 @pytest.mark.parametrize(
     "kind,out,perm,floor,expected",
     [
-        ("canonical", [1e-6, 5e-5], [1e-6, 1e-6], [1e-6, 1e-6], "met"),
-        ("canonical", [1e-6, 5e-4], [1e-6, 1e-6], [1e-6, 3e-4], "floor"),
-        ("canonical", [1e-6, 5e-4], [1e-6, 1e-6], [1e-6, 1e-6], "floor"),  # one seed of slack
-        ("canonical", [2e-4, 5e-4], [1e-6, 1e-6], [1e-6, 1e-6], "MISSED"),
-        ("canonical", [2e-4, 5e-4], [1e-6, 1e-6], [1e-6, 3e-4], "floor"),
-        ("equivariant", [1e-6, 1e-6], [2e-4, 2e-4], [1e-6, 1e-6], "MISSED"),
-        ("baseline", [1e-1, 2e-1], [1e-6, 1e-6], [1e-6, 1e-6], "fails"),
-        ("baseline", [1e-5, 2e-1], [1e-6, 1e-6], [1e-6, 1e-6], "PASSES"),
+        ("canonical", 0, 0, 0, "met"),
+        ("canonical", 5, 0, 4, "floor"),
+        ("canonical", 3, 0, 0, "floor"),  # 3 of 10 against 0 of 10: p = 0.11
+        ("canonical", 8, 0, 0, "MISSED"),
+        ("equivariant", 0, 8, 1, "MISSED"),
+        ("canonical", 8, 0, 7, "floor"),
+        ("baseline", 10, 0, 0, "fails"),
+        ("baseline", 3, 0, 0, "PASSES"),
     ],
 )
 def test_verdict(kind, out, perm, floor, expected):
-    row = {"kind": kind, "out": out, "perm": perm, "floor": floor, "spread": [0.2, 0.3]}
+    row = {"kind": kind, "out": _seeds(out), "perm": _seeds(perm), "floor": _seeds(floor),
+           "canon_start": _seeds(0), "spread": [0.2] * 10}  # fmt: skip
     assert E.verdict(row, "float32") == expected
-    # a seed with a constant trained function is left out
-    trivial = {"kind": kind, "out": out + [1.0], "perm": perm + [1.0], "floor": floor + [1.0],
-               "spread": [0.2, 0.3, 0.01]}  # fmt: skip
+    # seeds with a constant trained function are left out
+    trivial = {k: (v + [1.0] * 5 if isinstance(v, list) else v) for k, v in row.items()}
+    trivial["spread"] = [0.2] * 10 + [0.01] * 5
     assert E.verdict(trivial, "float32") == expected
-    assert E.verdict({**row, "spread": [0.0, 0.0]}, "float32") == "trivial"
+    assert E.verdict({**row, "spread": [0.0] * 10}, "float32") == "trivial"
+
+
+def test_verdict_canon_start_column():
+    row = {"kind": "canonical", "out": _seeds(8), "perm": _seeds(0), "floor": _seeds(1),
+           "canon_start": _seeds(2), "spread": [0.2] * 10}  # fmt: skip
+    assert E.verdict(row, "float32") == "MISSED"
+    assert E.verdict(row, "float32", "canon_start") == "floor"
+
+
+def test_more_often_p_matches_fisher_exact():
+    scipy_stats = pytest.importorskip("scipy.stats")
+    for k1, k2, n in [(8, 0, 10), (5, 4, 10), (21, 16, 32), (18, 10, 32), (0, 3, 12)]:
+        want = scipy_stats.fisher_exact([[k1, n - k1], [k2, n - k2]], alternative="greater")[1]
+        assert E.more_often_p(k1, k2, n, n) == pytest.approx(want, rel=1e-9)
 
 
 def test_benchmark_main_smoke(tmp_path, capsys):
