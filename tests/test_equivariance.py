@@ -5,7 +5,8 @@ Canonical-section methods (rebalance, quotient_*, teleport) must end equal
 after canonicalization; plain Optax must fail the same test. Float64 runs
 check exactness; float32 runs check the 1e-4 bar where the problem's own
 rounding floor allows it (the benchmark measures that floor per method: Adam
-on the random MLP amplifies a one-ulp change of θ beyond 1e-4 on some seeds).
+on the random MLP amplifies a rounding-level change of θ beyond 1e-4 on some
+seeds).
 """
 
 import pathlib
