@@ -162,9 +162,9 @@ def trainer(apply: Callable, opt: Any, steps: int) -> Callable:
     return jax.jit(run)
 
 
-def train_pair(prob: Problem, opt: Any, g: Any, steps: int, run: Callable | None = None):
+def train_pair(prob: Problem, opt: Any, g: Any, steps: int):
     """Trains from θ and from g·θ with one compiled function; returns both final params."""
-    run = run or trainer(prob.apply, opt, steps)
+    run = trainer(prob.apply, opt, steps)
     return run(prob.params, prob.x, prob.y), run(prob.sym.act(prob.params, g), prob.x, prob.y)
 
 
@@ -251,6 +251,7 @@ def measure(problem: str, dtype: Any, steps: int, seeds: Any = (0,), names=None)
     """
     seeds = list(seeds)
     probs = [PROBLEMS[problem](dtype, seed) for seed in seeds]
+    starts = [_starts(prob, seed, dtype) for seed, prob in zip(seeds, probs)]
     items = methods(problem)
     if names is not None:
         items = {k: v for k, v in items.items() if k in names}
@@ -264,24 +265,35 @@ def measure(problem: str, dtype: Any, steps: int, seeds: Any = (0,), names=None)
     for name, (make, kind) in it:
         run = trainer(probs[0].apply, make(probs[0].sym), steps)
         cols: dict = {c: [] for c in COLUMNS}
-        for seed, prob in zip(seeds, probs):
-            g = prob.sym.sample(jax.random.key(seed + 1), log_scale=3.0, dtype=dtype)
-            gp = prob.sym.sample(jax.random.key(seed + 2), log_scale=0.0, dtype=dtype)
-            p1, p2 = train_pair(prob, None, g, steps, run)
-            d = deviations(prob, p1, p2, g)
-            q2 = run(prob.sym.act(prob.params, gp), prob.x, prob.y)
-            d["perm"] = output_deviation(prob, p1, q2)
-            r2 = run(floor_start(prob.sym, prob.params, g, jax.random.key(seed + 3)), prob.x, prob.y)
-            d["floor"] = output_deviation(prob, p1, r2)
-            canon = _canonicalizer(prob.sym)
-            c1 = run(canon(prob.params)[0], prob.x, prob.y)
-            c2 = run(canon(prob.sym.act(prob.params, g))[0], prob.x, prob.y)
-            d["canon_start"] = output_deviation(prob, c1, c2)
+        for prob, st in zip(probs, starts):
+            end = {k: run(v, prob.x, prob.y) for k, v in st.items() if k != "g"}
+            p1 = end["theta"]
+            d = deviations(prob, p1, end["g_theta"], st["g"])
+            d["perm"] = output_deviation(prob, p1, end["perm"])
+            d["floor"] = output_deviation(prob, p1, end["floor"])
+            d["canon_start"] = output_deviation(prob, end["canon_theta"], end["canon_g_theta"])
             d["final_mse"] = float(mse(prob.apply(p1, prob.x), prob.y))
             for c in COLUMNS:
                 cols[c].append(d[c])
         res[name] = {"kind": kind, **cols}
     return res
+
+
+def _starts(prob: Problem, seed: int, dtype: Any) -> dict:
+    """The start points of one seed, shared by every method (and g itself)."""
+    sym, p = prob.sym, prob.params
+    g = sym.sample(jax.random.key(seed + 1), log_scale=3.0, dtype=dtype)
+    gp = sym.sample(jax.random.key(seed + 2), log_scale=0.0, dtype=dtype)
+    canon = _canonicalizer(sym)
+    return {
+        "g": g,
+        "theta": p,
+        "g_theta": sym.act(p, g),
+        "perm": sym.act(p, gp),
+        "floor": floor_start(sym, p, g, jax.random.key(seed + 3)),
+        "canon_theta": canon(p)[0],
+        "canon_g_theta": canon(sym.act(p, g))[0],
+    }
 
 
 BARS = {"float32": 1e-4, "float64": 1e-9}

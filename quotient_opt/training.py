@@ -27,8 +27,8 @@ def fit(
     (``value_fn`` is the Optax line-search convention, used by
     :func:`~quotient_opt.teleport` and :func:`~quotient_opt.revive_dead_units`;
     a ``value_fn`` in ``extra_args`` overrides it, and transformations without
-    extra-args support ignore both). Not jitted itself,
-    so it composes with ``jax.jit`` and ``jax.vmap`` (over seeds, say).
+    extra-args support ignore both). Not jitted itself, so it composes with
+    ``jax.jit`` and ``jax.vmap`` (over seeds, say).
 
     Args:
       tx: any Optax transformation.
