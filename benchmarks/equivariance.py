@@ -49,7 +49,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import math
 import os
@@ -179,10 +178,9 @@ def floor_start(sym: qo.Symmetry, params: Any, g: Any, key: jax.Array) -> Any:
     the same permutation as g (so the run sums in the same permuted order as
     the run from g·θ), but no rescaling. In exact arithmetic it is π·θ.
     """
-    canon = _canonicalizer(sym)
-    c, h = canon(params)
+    c, h = qo.canonicalize(sym, params)
     perm = _permutation_part(g)
-    cg = sym.act(canon(sym.act(params, g))[0], sym.inverse(perm))
+    cg = sym.act(qo.canonicalize(sym, sym.act(params, g))[0], sym.inverse(perm))
     leaves, treedef = jax.tree.flatten(c)
     keys = jax.random.split(key, len(leaves))
     noisy = treedef.unflatten(
@@ -201,13 +199,6 @@ def _rel_max(a: Any, b: Any, ref: Any) -> float:
     return r if np.isfinite(r) else float("inf")
 
 
-@functools.cache
-def _canonicalizer(sym: qo.Symmetry) -> Callable:
-    """One compiled minimal-energy canonicalization per symmetry (eager calls of the
-    solver's ``while_loop`` would compile again on every call)."""
-    return jax.jit(lambda p: qo.canonicalize(sym, p))
-
-
 def _permutation_part(g: Any) -> Any:
     return tuple(e._replace(log_scale=jnp.zeros_like(e.log_scale)) for e in g)
 
@@ -224,8 +215,7 @@ def deviations(prob: Problem, p1: Any, p2: Any, g: Any) -> dict[str, float]:
     sym = prob.sym
     f1 = prob.apply(p1, prob.grid)
     scale = max(float(jnp.max(jnp.abs(f1))), 1e-300)
-    canon = _canonicalizer(sym)
-    c1, c2 = canon(p1)[0], canon(p2)[0]
+    c1, c2 = qo.canonicalize(sym, p1)[0], qo.canonicalize(sym, p2)[0]
     return {
         "out": output_deviation(prob, p1, p2),
         "orbit": _rel_max(c2, sym.act(c1, _permutation_part(g)), c1),
@@ -284,15 +274,14 @@ def _starts(prob: Problem, seed: int, dtype: Any) -> dict:
     sym, p = prob.sym, prob.params
     g = sym.sample(jax.random.key(seed + 1), log_scale=3.0, dtype=dtype)
     gp = sym.sample(jax.random.key(seed + 2), log_scale=0.0, dtype=dtype)
-    canon = _canonicalizer(sym)
     return {
         "g": g,
         "theta": p,
         "g_theta": sym.act(p, g),
         "perm": sym.act(p, gp),
         "floor": floor_start(sym, p, g, jax.random.key(seed + 3)),
-        "canon_theta": canon(p)[0],
-        "canon_g_theta": canon(sym.act(p, g))[0],
+        "canon_theta": qo.canonicalize(sym, p)[0],
+        "canon_g_theta": qo.canonicalize(sym, sym.act(p, g))[0],
     }
 
 
