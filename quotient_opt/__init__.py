@@ -1,65 +1,86 @@
 """quotient_opt: optimization on neural-network weight space modulo its symmetries.
 
 Optax gradient transformations that respect the permutation and positive
-rescaling symmetries of feed-forward networks, example flax.nnx models whose
+rescaling symmetries of neural networks, example flax.nnx models whose
 training is hampered by those symmetries, and tools built on the group action.
+
+Subpackages:
+
+* :mod:`quotient_opt.symmetry`: the symmetry spec, its group action and canonical forms.
+* :mod:`quotient_opt.transforms`: the Optax gradient transformations.
+* :mod:`quotient_opt.training`: training loops.
+* :mod:`quotient_opt.nn`: layers the symmetry machinery understands.
+* :mod:`quotient_opt.models`: the example models and their tasks.
 """
 
-from quotient_opt import models, training
-from quotient_opt._aliases import quotient_adam, quotient_sgd
-from quotient_opt._canonical import (
+from quotient_opt import models, nn, symmetry, training, transforms
+from quotient_opt.symmetry import (
     CanonicalInfo,
-    canonical_log_scales,
-    canonicalize,
-    sort_permutation,
-    unit_balance,
-    unit_energies,
-)
-from quotient_opt._rebalance import RebalanceState, rebalance
-from quotient_opt._teleport import TeleportState, teleport, teleport_log_scales
-from quotient_opt._path_norm import path_norm_curvature, path_sgd, scale_by_path_norm
-from quotient_opt._projection import horizontal_component, project_horizontal
-from quotient_opt._revive import ReviveDeadUnitsState, revive_dead_units
-from quotient_opt.training import fit
-from quotient_opt._symmetry import (
     Dense,
     GroupElement,
     Symmetry,
     UnitGroup,
+    canonical_log_scales,
+    canonicalize,
     infer_symmetry,
+    sort_permutation,
     symmetry_from_layers,
+    unit_balance,
+    unit_energies,
+)
+from quotient_opt.training import fit
+from quotient_opt.transforms import (
+    RebalanceState,
+    ReviveDeadUnitsState,
+    TeleportState,
+    horizontal_component,
+    path_norm_curvature,
+    path_sgd,
+    project_horizontal,
+    quotient_adam,
+    quotient_sgd,
+    rebalance,
+    revive_dead_units,
+    scale_by_path_norm,
+    teleport,
+    teleport_log_scales,
+    transport_state,
 )
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CanonicalInfo",
+    "Dense",
+    "GroupElement",
     "RebalanceState",
+    "ReviveDeadUnitsState",
+    "Symmetry",
     "TeleportState",
+    "UnitGroup",
     "canonical_log_scales",
     "canonicalize",
-    "quotient_adam",
-    "quotient_sgd",
-    "rebalance",
-    "sort_permutation",
-    "teleport",
-    "teleport_log_scales",
-    "unit_balance",
-    "unit_energies",
+    "fit",
     "horizontal_component",
+    "infer_symmetry",
+    "models",
+    "nn",
     "path_norm_curvature",
     "path_sgd",
     "project_horizontal",
-    "ReviveDeadUnitsState",
+    "quotient_adam",
+    "quotient_sgd",
+    "rebalance",
     "revive_dead_units",
     "scale_by_path_norm",
-    "Dense",
-    "GroupElement",
-    "Symmetry",
-    "UnitGroup",
-    "infer_symmetry",
-    "fit",
-    "models",
-    "training",
+    "sort_permutation",
+    "symmetry",
     "symmetry_from_layers",
+    "teleport",
+    "teleport_log_scales",
+    "training",
+    "transforms",
+    "transport_state",
+    "unit_balance",
+    "unit_energies",
 ]

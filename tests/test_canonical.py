@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import quotient_opt as qo
-from quotient_opt._canonical import rescale
+from quotient_opt.symmetry._canonical import rescale
 from quotient_opt.models import MaxOverPieces, SawtoothNet, functional
 
 
@@ -139,7 +139,7 @@ def test_dead_units(dtype, which):
     p = sym.act(p, sym.sample(jax.random.key(3), log_scale=2.0, permute=False, dtype=dtype))
     # unit 2 of the second hidden layer ('layers/2'): incoming = kernel[:, 2], bias[2];
     # outgoing = layers/4 kernel[2, :]
-    leaves = qo._symmetry.leaves_by_path(p)
+    leaves = qo.symmetry._spec.leaves_by_path(p)
 
     def edit(path, x):
         if which in ("incoming", "both") and path == ("layers", 2, "kernel"):
@@ -151,7 +151,7 @@ def test_dead_units(dtype, which):
         return x
 
     assert ("layers", 2, "kernel") in leaves
-    p = qo._symmetry.map_with_path(edit, p)
+    p = qo.symmetry._spec.map_with_path(edit, p)
     s, info = qo.canonical_log_scales(sym, p)
     assert all(bool(jnp.all(jnp.isfinite(x))) for x in s)
     assert float(s[1][2]) == 0.0
@@ -225,7 +225,7 @@ def test_wrong_structure_raises():
 
 def test_eager_calls_compile_the_solver_once():
     """Eager calls reuse one compiled solver (a fresh while_loop per call leaked memory)."""
-    from quotient_opt._canonical import canonical_log_scales
+    from quotient_opt.symmetry._canonical import canonical_log_scales
 
     model = qo.models.SawtoothNet(rngs=nnx.Rngs(3))
     sym = qo.infer_symmetry(model)

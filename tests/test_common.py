@@ -34,7 +34,7 @@ import pytest
 from flax import nnx
 
 import quotient_opt as qo
-from quotient_opt._state import map_param_like
+from quotient_opt.transforms._transport import map_param_like
 from quotient_opt.models import functional
 
 
@@ -287,7 +287,7 @@ _SHARDING_SCRIPT = textwrap.dedent(
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
     sys.path.insert(0, sys.argv[1])
     import test_common as T
-    from quotient_opt._state import map_param_like
+    from quotient_opt.transforms._transport import map_param_like
 
     assert len(jax.devices()) == 4, jax.devices()
     mesh = Mesh(jax.devices(), ("x",))

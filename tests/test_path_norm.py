@@ -15,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import quotient_opt as qo
-from quotient_opt._symmetry import leaves_by_path, map_with_path
+from quotient_opt.symmetry._spec import leaves_by_path, map_with_path
 from quotient_opt.models import MaxOverPieces, functional
 
 

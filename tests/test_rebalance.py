@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 import quotient_opt as qo
-from quotient_opt._state import transport_state
+from quotient_opt.transforms._transport import transport_state
 from quotient_opt.models import functional, mse
 
 
@@ -132,7 +132,7 @@ def test_nan_gradient_does_not_spread():
     """A NaN gradient entry propagates where SGD would put it, nowhere else."""
     _, p, sym, loss, _ = _setup()
     gr = jax.grad(loss)(p)
-    gr = qo._symmetry.map_with_path(
+    gr = qo.symmetry._spec.map_with_path(
         lambda path, a: a.at[0, 0].set(jnp.nan) if path == ("layers", 2, "kernel") else a, gr
     )
     opt = qo.rebalance(optax.sgd(0.1), sym)

@@ -21,13 +21,13 @@ def _maxpool(pieces=2, windows=1, d=2, dtype=jnp.float32, seed=0):
 
 
 def _set(params, path, value):
-    return qo._symmetry.map_with_path(
+    return qo.symmetry._spec.map_with_path(
         lambda p, x: jnp.asarray(value, x.dtype) if p == path else x, params
     )
 
 
 def _get(params, path):
-    return qo._symmetry.leaves_by_path(params)[path]
+    return qo.symmetry._spec.leaves_by_path(params)[path]
 
 
 def _stalled(dtype=jnp.float32):
@@ -414,7 +414,7 @@ def test_periodic_polish_finishes_a_nearly_right_fit():
 def test_window_polish_under_vmap_matches_unbatched():
     # Regression: under vmap, the polish inside a lax loop dropped the step of
     # one batch member (the second set of weights below).
-    from quotient_opt._revive import _polish_window
+    from quotient_opt.transforms._revive import _polish_window
 
     task = max_of_planes_task([[1, 1], [3, 1], [1, 3], [3, 3]], [-0.25, -1.25, -1.25, -2.25])
     sym, apply, params = _maxpool(pieces=4)

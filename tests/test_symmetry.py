@@ -35,7 +35,7 @@ from hypothesis import strategies as st
 
 import quotient_opt as qo
 from quotient_opt import models
-from quotient_opt._symmetry import Dense, leaves_by_path, map_with_path, path_str
+from quotient_opt.symmetry._spec import Dense, leaves_by_path, map_with_path, path_str
 
 F32, F64 = jnp.float32, jnp.float64
 EPS = {F32: float(jnp.finfo(F32).eps), F64: float(jnp.finfo(F64).eps)}

@@ -45,10 +45,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from quotient_opt._canonical import canonical_log_scales, rescale, solve_dtype
-from quotient_opt._rebalance import step_on_orbit
-from quotient_opt._transform import check_every, check_params
-from quotient_opt._symmetry import LogScales, Symmetry
+from quotient_opt.symmetry._canonical import canonical_log_scales, rescale, solve_dtype
+from quotient_opt.transforms._rebalance import step_on_orbit
+from quotient_opt.transforms._common import check_every, check_params
+from quotient_opt.symmetry._spec import LogScales, Symmetry
 
 PyTree = Any
 

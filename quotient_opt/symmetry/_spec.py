@@ -516,7 +516,7 @@ def symmetry_from_layers(layers: Sequence[Dense]) -> Symmetry:
 def _nnx_layers(model: Any) -> list[Dense]:
     from flax import nnx
 
-    from quotient_opt.models import MaxOverPieces
+    from quotient_opt.nn import MaxOverPieces
 
     layers: list[Dense] = []
     pending: Dense | None = None

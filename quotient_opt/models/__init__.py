@@ -28,25 +28,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from quotient_opt._symmetry import map_with_path
+from quotient_opt.nn import MaxOverPieces
+from quotient_opt.symmetry._spec import map_with_path
 
 Array = jax.Array
-
-
-class MaxOverPieces(nnx.Module):
-    """Max over consecutive groups of ``pieces`` features (max-pool / maxout).
-
-    Feature ``w * pieces + j`` is piece ``j`` of window ``w``; the output has
-    ``features / pieces`` entries.
-    """
-
-    def __init__(self, pieces: int):
-        if pieces < 1:
-            raise ValueError(f"pieces must be >= 1, got {pieces}")
-        self.pieces = pieces
-
-    def __call__(self, x: Array) -> Array:
-        return jnp.max(x.reshape(*x.shape[:-1], -1, self.pieces), axis=-1)
 
 
 def torch_uniform_init(fan_in: int) -> Callable:

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import optax
 
-from quotient_opt._symmetry import Symmetry
+from quotient_opt.symmetry._spec import Symmetry
 
 PyTree = Any
 

@@ -49,13 +49,13 @@ from __future__ import annotations
 import jax
 import optax
 
-from quotient_opt._rebalance import rebalance
-from quotient_opt._symmetry import Symmetry
+from quotient_opt.transforms._rebalance import rebalance
+from quotient_opt.symmetry._spec import Symmetry
 
 
 def _projection(sym: Symmetry) -> list[optax.GradientTransformation]:
     try:
-        from quotient_opt._projection import project_horizontal
+        from quotient_opt.transforms._projection import project_horizontal
     except ImportError:  # pragma: no cover - projection module absent
         return []
     return [project_horizontal(sym)]

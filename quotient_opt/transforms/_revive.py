@@ -80,9 +80,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from quotient_opt._state import map_param_like
-from quotient_opt._transform import check_params
-from quotient_opt._symmetry import Path, Symmetry, UnitGroup, leaves_by_path, map_with_path
+from quotient_opt.transforms._transport import map_param_like
+from quotient_opt.transforms._common import check_params
+from quotient_opt.symmetry._spec import Path, Symmetry, UnitGroup, leaves_by_path, map_with_path
 
 PyTree = Any
 Specs = tuple[tuple[Path, int], ...]

@@ -50,8 +50,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from quotient_opt._symmetry import Path, Symmetry, leaves_by_path, map_with_path
-from quotient_opt._transform import check_symmetry, stateless_with_params
+from quotient_opt.symmetry._spec import Path, Symmetry, leaves_by_path, map_with_path
+from quotient_opt.transforms._common import check_symmetry, stateless_with_params
 
 PyTree = Any
 

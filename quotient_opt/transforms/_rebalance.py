@@ -14,7 +14,7 @@ there, with the gradient and the inner state carried along:
 
 and the returned update is :math:`\\theta_+ - \\theta`. First moments are
 transported like gradients (power -1), second moments like squared gradients
-(power -2), see :func:`quotient_opt._state.transport_state`.
+(power -2), see :func:`quotient_opt.transport_state`.
 
 Equivariance: the canonical point of :math:`g\\cdot\\theta` is
 :math:`\\pi\\cdot\\theta^\\star` where :math:`\\pi` is the permutation part of
@@ -50,10 +50,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from quotient_opt._canonical import canonical_log_scales, rescale
-from quotient_opt._state import map_param_like
-from quotient_opt._symmetry import LogScales, Symmetry
-from quotient_opt._transform import check_every, check_params
+from quotient_opt.symmetry._canonical import canonical_log_scales, rescale
+from quotient_opt.transforms._transport import map_param_like
+from quotient_opt.symmetry._spec import LogScales, Symmetry
+from quotient_opt.transforms._common import check_every, check_params
 
 PyTree = Any
 
@@ -74,7 +74,7 @@ class RebalanceState(NamedTuple):
 def transport(sym: Symmetry, state: PyTree, params: PyTree, s: LogScales) -> PyTree:
     """Moves an inner state along ``params → exp(s)·params`` (gather-free).
 
-    Same as :func:`quotient_opt._state.transport_state` for a pure rescaling.
+    Same as :func:`quotient_opt.transport_state` for a pure rescaling.
     """
     return map_param_like(
         lambda kind, t: rescale(sym, t, s, power=-1 if kind == "first" else -2), state, params
@@ -117,7 +117,7 @@ def rebalance(
     On steps with ``count % every == 0`` (the first included) the parameters are
     moved to the minimal-energy point of their rescaling orbit (solved to
     ``tol``), the gradient is transported as a covector and the inner state
-    with :func:`~quotient_opt._state.transport_state` rules, and the inner
+    with :func:`~quotient_opt.transport_state` rules, and the inner
     step is taken there; the returned update is
     :math:`(\\theta^\\star + u) - \\theta`. On other steps it is the inner
     step unchanged. See the module docstring for the maths and for which

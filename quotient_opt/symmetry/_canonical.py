@@ -38,7 +38,7 @@ even-indexed groups are independent given the odd ones, and vice versa; the
 one-unit minimum is :math:`s_w \\mathrel{+}= \\tfrac14 \\log(\\mathrm{out}_w/\\mathrm{in}_w)`,
 which absorbs large imbalances such as log-scales of ±20 in one step).
 Below it, an iteration is a Newton step: the Hessian :math:`4 J^\\top J` is
-the explicit graph-Laplacian Gram matrix of :mod:`quotient_opt._projection`
+the explicit graph-Laplacian Gram matrix of :mod:`quotient_opt.symmetry._gram`
 (diagonal :math:`\\mathrm{in}_w + \\mathrm{out}_w`, couplings the squared
 kernel entries between adjacent groups), solved by Jacobi-scaled conjugate
 gradients that touch only the small coupling matrices. The full step is
@@ -75,8 +75,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from quotient_opt._projection import _couplings, _gram_solve, _structure
-from quotient_opt._symmetry import (
+from quotient_opt.symmetry._gram import _couplings, _gram_solve, _structure
+from quotient_opt.symmetry._spec import (
     Element,
     GroupElement,
     LogScales,

@@ -1,0 +1,27 @@
+"""Optax gradient transformations on the quotient of weight space by the symmetry."""
+
+from quotient_opt.transforms._aliases import quotient_adam, quotient_sgd
+from quotient_opt.transforms._path_norm import path_norm_curvature, path_sgd, scale_by_path_norm
+from quotient_opt.transforms._projection import horizontal_component, project_horizontal
+from quotient_opt.transforms._rebalance import RebalanceState, rebalance
+from quotient_opt.transforms._revive import ReviveDeadUnitsState, revive_dead_units
+from quotient_opt.transforms._teleport import TeleportState, teleport, teleport_log_scales
+from quotient_opt.transforms._transport import transport_state
+
+__all__ = [
+    "RebalanceState",
+    "ReviveDeadUnitsState",
+    "TeleportState",
+    "horizontal_component",
+    "path_norm_curvature",
+    "path_sgd",
+    "project_horizontal",
+    "quotient_adam",
+    "quotient_sgd",
+    "rebalance",
+    "revive_dead_units",
+    "scale_by_path_norm",
+    "teleport",
+    "teleport_log_scales",
+    "transport_state",
+]
