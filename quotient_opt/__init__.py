@@ -15,6 +15,7 @@ Subpackages:
 
 from quotient_opt import models, nn, symmetry, training, transforms
 from quotient_opt.symmetry import (
+    AxisRef,
     CanonicalInfo,
     Dense,
     GroupElement,
@@ -24,6 +25,7 @@ from quotient_opt.symmetry import (
     canonicalize,
     infer_symmetry,
     sort_permutation,
+    symmetry_from_axes,
     symmetry_from_layers,
     unit_balance,
     unit_energies,
@@ -50,6 +52,7 @@ from quotient_opt.transforms import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "AxisRef",
     "CanonicalInfo",
     "Dense",
     "GroupElement",
@@ -75,6 +78,7 @@ __all__ = [
     "scale_by_path_norm",
     "sort_permutation",
     "symmetry",
+    "symmetry_from_axes",
     "symmetry_from_layers",
     "teleport",
     "teleport_log_scales",

@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import quotient_opt as qo
-from quotient_opt.symmetry._gram import _structure, _tangent
+from quotient_opt.symmetry._gram import structure as _structure, tangent as _tangent
 from quotient_opt.symmetry._spec import leaves_by_path, map_with_path
 from quotient_opt.models import MaxOverPieces, functional
 

@@ -1,25 +1,29 @@
-"""Tests of ``quotient_opt._symmetry``: the group action, its group law, the
-infinitesimal action and its transpose, inference from nnx / equinox / linen
-models, and the errors on bad input.
+"""Tests of the symmetry spec, its group action and its inference by tracing.
+
+The property battery runs over the whole model zoo (``tests/zoo.py``):
+invariance under random group elements (log-scales up to ±4), the group law,
+the pairing of parameters and gradients, adjointness of the infinitesimal
+action and its transpose, horizontality of invariant gradients, the fast
+paths (``rescale``, the explicit Gram matrix) against the generic action, and
+the action against an independent numpy implementation of the spec.
 
 Invariance is checked as :math:`\\max_x |f(g\\cdot\\theta)(x) - f(\\theta)(x)| \\le
 \\mathrm{rtol}\\cdot s` with the output scale
 :math:`s = \\max_x |f(\\theta)(x)| + 16\\,\\varepsilon\\,\\max_x f_{|\\theta|}(|x|)`;
-the second term is the textbook bound on the rounding of a chain of affine maps
-(the network with every weight and input replaced by its absolute value, itself
-invariant under the group). It only matters when the output is small by
-cancellation.
+the second term bounds the rounding of a chain of affine maps and only matters
+when the output is small by cancellation.
 
 Speed: XLA compiles every new shape, and compiling dominates these tests. So
-models are built abstractly (``eval_shape``) and filled with numpy noise, group
-elements are drawn with numpy, and all quantities of one hypothesis example are
-computed by one jitted probe, cached per model structure.
+zoo models are built abstractly and filled with numpy noise, group elements
+are drawn with numpy, and all quantities of one hypothesis example are
+computed by one jitted probe, cached per model.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -34,8 +38,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import quotient_opt as qo
+import zoo
 from quotient_opt import models
-from quotient_opt.symmetry._spec import Dense, leaves_by_path, map_with_path, path_str
+from quotient_opt.nn import MaxOverPieces
+from quotient_opt.symmetry import _gram
+from quotient_opt.symmetry._paths import leaves_by_path, map_with_path, path_str
 
 F32, F64 = jnp.float32, jnp.float64
 EPS = {F32: float(jnp.finfo(F32).eps), F64: float(jnp.finfo(F64).eps)}
@@ -43,181 +50,9 @@ RTOL = {F32: 1e-5, F64: 1e-12}
 DTYPES = st.sampled_from([F32, F64])
 SEEDS = st.integers(0, 2**31 - 1)
 LOG_SCALES = st.floats(0.0, 4.0)
-# each random-shape example compiles a new program (~1-2 s): a tenth of the profile's count
 FEW = settings(max_examples=max(2, settings().max_examples // 10))
 # these tiny programs run once: skip LLVM's optimizations (cuts compile time by about a third)
 quick_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
-
-
-# --------------------------------------------------------------------------- model builders
-
-
-@dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity (one per shape)
-class Structure:
-    """A model built abstractly: its symmetry, ``apply(params, x)`` and parameter shapes."""
-
-    sym: qo.Symmetry
-    apply: Callable[[Any, jax.Array], jax.Array]
-    abstract: Any  # pytree of ShapeDtypeStruct
-    in_features: int
-    dtype: Any
-
-    def params(self, seed: int, scale: float = 0.8) -> Any:
-        """Parameters filled with N(0, scale^2) noise (biases too)."""
-        rng = np.random.default_rng(seed)
-        return jax.tree.map(
-            lambda s: jnp.asarray(scale * rng.normal(size=s.shape), s.dtype), self.abstract
-        )
-
-
-def seq(*layers: Callable[[nnx.Rngs], Any]) -> nnx.Sequential:
-    """``nnx.Sequential`` of ``layer(rngs)`` built abstractly (no initializer runs)."""
-    return nnx.eval_shape(lambda: nnx.Sequential(*(f(nnx.Rngs(0)) for f in layers)))
-
-
-def lin(a: int, b: int) -> Callable[[nnx.Rngs], nnx.Linear]:
-    return lambda r: nnx.Linear(a, b, rngs=r)
-
-
-def fixed(f: Any) -> Callable[[nnx.Rngs], Any]:
-    return lambda r: f
-
-
-def _is_leaf(x: Any) -> bool:
-    return isinstance(x, (jax.Array, jax.ShapeDtypeStruct))
-
-
-HIDDEN = ["relu", "leaky_relu", "identity", "custom_relu", "max2", "max3"]
-
-
-def nnx_mlp(in_features: int, hidden: list[tuple[int, str]], out: int, dtype: Any, seed: int = 0):
-    """An ``nnx.Sequential`` with hidden layers ``(width, kind)``."""
-    rngs = nnx.Rngs(seed)
-    fns: list[Any] = []
-    d = in_features
-    for width, kind in hidden:
-        pieces = int(kind[3:]) if kind.startswith("max") else 1
-        fns.append(nnx.Linear(d, width * pieces, param_dtype=dtype, rngs=rngs))
-        if pieces > 1:
-            fns.append(models.MaxOverPieces(pieces))
-        elif kind == "relu":
-            fns.append(nnx.relu)
-        elif kind == "leaky_relu":
-            fns.append(nnx.leaky_relu)
-        elif kind == "custom_relu":
-            fns.append(lambda x: jnp.maximum(x, 0.0))
-        elif kind == "tanh":
-            fns.append(nnx.tanh)
-        d = width
-    fns.append(nnx.Linear(d, out, param_dtype=dtype, rngs=rngs))
-    return nnx.Sequential(*fns)
-
-
-class LinenMLP(linen.Module):
-    """A linen Dense MLP with named layers."""
-
-    features: tuple[int, ...]
-    names: tuple[str, ...]
-    act: Callable = jax.nn.relu
-    param_dtype: Any = jnp.float32
-
-    @linen.compact
-    def __call__(self, x):
-        for i, (f, name) in enumerate(zip(self.features, self.names)):
-            x = linen.Dense(f, name=name, param_dtype=self.param_dtype)(x)
-            if i < len(self.features) - 1:
-                x = self.act(x)
-        return x
-
-
-def linen_names(n: int) -> tuple[str, ...]:
-    """``'dense_z', 'dense_y', ...``: dict (sorted) order is the reverse of execution order."""
-    return tuple(f"dense_{chr(ord('z') - i)}" for i in range(n))
-
-
-ACTS = {"relu": jax.nn.relu, "leaky_relu": jax.nn.leaky_relu, "tanh": jnp.tanh}
-
-
-def _nnx_structure(ctor: Callable[[], nnx.Module], in_features: int, dtype: Any) -> Structure:
-    model = nnx.eval_shape(ctor)
-    apply, abstract = models.functional(model)
-    return Structure(qo.infer_symmetry(model), apply, abstract, in_features, dtype)
-
-
-@functools.lru_cache(maxsize=None)
-def structure(shape: tuple, dtype: Any) -> Structure:
-    """Builds (once per shape) the model described by ``shape``, see :func:`model_shapes`."""
-    kind = shape[0]
-    if kind == "sawtooth":
-        return _nnx_structure(
-            lambda: models.SawtoothNet(rngs=nnx.Rngs(0), param_dtype=dtype), 1, dtype
-        )
-    if kind == "maxpool":
-        _, pieces, windows, d = shape
-        return _nnx_structure(
-            lambda: models.MaxPoolNet(pieces, windows, d, rngs=nnx.Rngs(0), param_dtype=dtype),
-            d,
-            dtype,
-        )
-    if kind == "nnx":
-        _, d, hidden, out = shape
-        return _nnx_structure(lambda: nnx_mlp(d, list(hidden), out, dtype), d, dtype)
-    if kind == "eqx":
-        _, d, width, depth, act = shape
-        mlp = eqx.filter_eval_shape(
-            eqx.nn.MLP, d, 2, width, depth, activation=ACTS[act], dtype=dtype, key=jax.random.key(0)
-        )
-        abstract, static = eqx.partition(mlp, _is_leaf)
-
-        def apply(p, x):
-            return jax.vmap(eqx.combine(p, static))(x)
-
-        return Structure(qo.infer_symmetry(mlp), apply, abstract, d, dtype)
-    _, d, widths, act = shape  # linen
-    feats = (*widths, 2)
-    names = linen_names(len(feats))
-    mod = LinenMLP(feats, names, ACTS[act], dtype)
-    abstract = jax.eval_shape(mod.init, jax.random.key(0), jnp.zeros((1, d), dtype))
-    sym = qo.infer_symmetry(abstract, layer_order=names, activation=ACTS[act])
-    return Structure(sym, mod.apply, abstract, d, dtype)
-
-
-@st.composite
-def model_shapes(draw, kinds=("sawtooth", "maxpool", "nnx", "eqx", "linen")) -> tuple:
-    """A hashable description of a random model architecture."""
-    kind = draw(st.sampled_from(kinds))
-    if kind == "sawtooth":
-        return (kind,)
-    if kind == "maxpool":
-        return (kind, draw(st.integers(1, 4)), draw(st.integers(1, 3)), draw(st.integers(1, 3)))
-    if kind == "nnx":
-        hidden = draw(
-            st.lists(st.tuples(st.integers(1, 5), st.sampled_from(HIDDEN)), min_size=1, max_size=3)
-        )
-        return (kind, draw(st.integers(1, 3)), tuple(hidden), draw(st.integers(1, 2)))
-    act = draw(st.sampled_from(["relu", "leaky_relu"]))
-    if kind == "eqx":
-        d, width, depth = draw(st.integers(1, 3)), draw(st.integers(1, 5)), draw(st.integers(1, 3))
-        return (kind, d, width, depth, act)
-    widths = draw(st.lists(st.integers(1, 5), min_size=1, max_size=3))
-    return (kind, draw(st.integers(1, 3)), tuple(widths), act)
-
-
-def random_element(sym: qo.Symmetry, rng: np.random.Generator, bound: float, dtype: Any):
-    """A random group element drawn with numpy (no compilation): random permutations of
-    the windows where a later layer absorbs them and of the pieces in every window,
-    log-scales uniform in ``[-bound, bound]`` on rescalable groups."""
-    out = []
-    for g in sym.groups:
-        wp = rng.permutation(g.windows) if g.windows_permutable else np.arange(g.windows)
-        pp = np.stack([rng.permutation(g.pieces) for _ in range(g.windows)])
-        ls = rng.uniform(-bound, bound, g.windows) if g.rescalable else np.zeros(g.windows)
-        out.append(
-            qo.GroupElement(
-                jnp.asarray(wp, jnp.int32), jnp.asarray(pp, jnp.int32), jnp.asarray(ls, dtype)
-            )
-        )
-    return tuple(out)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -240,31 +75,84 @@ def assert_trees_close(a: Any, b: Any, rtol: float, atol: float = 0.0) -> None:
         )
 
 
-def output_scale(s: Structure, p: Any, x: jax.Array) -> jax.Array:
-    bound = s.apply(jax.tree.map(jnp.abs, p), jnp.abs(x))
-    return jnp.max(jnp.abs(s.apply(p, x))) + 16 * EPS[s.dtype] * jnp.max(jnp.abs(bound))
+def output_scale(m: zoo.Model, p: Any, x: jax.Array) -> jax.Array:
+    bound = m.apply(jax.tree.map(jnp.abs, p), jnp.abs(x))
+    return jnp.max(jnp.abs(m.apply(p, x))) + 16 * EPS[m.dtype] * jnp.max(jnp.abs(bound))
 
 
-def invariance_error(s: Structure, p: Any, q: Any, x: jax.Array) -> jax.Array:
+def invariance_error(m: zoo.Model, p: Any, q: Any, x: jax.Array) -> jax.Array:
     """``max |f(q)(x) - f(p)(x)|`` divided by the output scale."""
-    return jnp.max(jnp.abs(s.apply(q, x) - s.apply(p, x))) / output_scale(s, p, x)
+    return jnp.max(jnp.abs(m.apply(q, x) - m.apply(p, x))) / output_scale(m, p, x)
+
+
+def reference_act(sym: qo.Symmetry, params: Any, g: Any, power: int = 1) -> dict:
+    """The action written directly from the spec with numpy index arrays (no views)."""
+    leaves = {k: np.asarray(v, np.float64) for k, v in leaves_by_path(params).items()}
+    for grp, e in zip(sym.groups, g):
+        wp, pp, ls = (np.asarray(z) for z in e)
+        unit_perm = (wp[:, None] * grp.pieces + pp).reshape(-1)
+        for r in grp.refs:
+            x = np.moveaxis(leaves[r.path], r.axis, 0)
+            n = grp.count(r)
+            blk = x.shape[0] // r.outer
+            pos = np.array([[o * blk + r.offset + u * r.inner + i
+                             for o in range(r.outer) for i in range(r.inner)] for u in range(n)])
+            perm = unit_perm if r.level == "unit" else wp
+            scale = np.ones(n)
+            if grp.rescalable:
+                s = np.repeat(ls, grp.pieces) if r.level == "unit" else ls
+                scale = np.exp(power * r.power * s)
+            y = x.copy()
+            for u in range(n):
+                y[pos[u]] = x[pos[perm[u]]] * scale[u]
+            leaves[r.path] = np.moveaxis(y, 0, r.axis)
+    return leaves
+
+
+def gram_from_jacobian(sym: qo.Symmetry, p: Any) -> np.ndarray:
+    """``J^T J`` over the windows of the rescalable groups, from the jacobian of ``rescale``."""
+    zero = sym.zero_log_scales(jnp.float64)
+    jac = jax.jacfwd(lambda s: sym.rescale(p, s))(zero)
+    idx = [i for i, g in enumerate(sym.groups) if g.rescalable]
+    cols = [np.concatenate([np.asarray(leaf[i], np.float64).reshape(-1, sym.groups[i].windows)
+                            for leaf in jax.tree.leaves(jac, is_leaf=lambda z: isinstance(z, tuple))],
+                           axis=0) for i in idx]
+    j = np.concatenate(cols, axis=1) if cols else np.zeros((0, 0))
+    return j.T @ j
+
+
+def gram_from_structure(sym: qo.Symmetry, p: Any) -> np.ndarray:
+    """``J^T J`` assembled from the structure's diagonal and couplings (the solver's view)."""
+    st_ = _gram.structure(sym)
+    sq = {k: jnp.square(jnp.asarray(v, F64)) for k, v in leaves_by_path(p).items()}
+    diag = _gram.window_sums(st_, sq.__getitem__, lambda w: w * w, F64)
+    off = np.cumsum([0] + list(st_.windows))
+    gram = np.diag(np.concatenate([np.asarray(d) for d in diag])) if diag else np.zeros((0, 0))
+    for a, b, c in _gram.couplings(st_, sq):
+        blk = np.zeros_like(gram)
+        blk[off[a]:off[a + 1], off[b]:off[b + 1]] += np.asarray(c)
+        gram = gram + blk + blk.T
+    return gram
+
+
+# --------------------------------------------------------------------------- the battery
 
 
 @functools.lru_cache(maxsize=None)
-def probe(s: Structure) -> Callable:
+def probe(m: zoo.Model) -> Callable:
     """One jitted function computing everything the property tests check."""
-    sym = s.sym
-    fd_step = 1e-5 if s.dtype == F64 else 1e-2
+    sym = m.sym
+    fd_step = 1e-5 if m.dtype == F64 else 1e-2
 
     def run(p, g, h, a, v, x, y):
         q = sym.act(p, g)
         plus = sym.act(p, sym.scales_only(tuple(fd_step * z for z in a)))
         minus = sym.act(p, sym.scales_only(tuple(-fd_step * z for z in a)))
-        grad = jax.grad(lambda p: jnp.mean((s.apply(p, x) - y) ** 2))(p)
+        grad = jax.grad(lambda p: jnp.mean((m.apply(p, x) - y) ** 2))(p)
         return dict(
             moved=q,
-            invariance=invariance_error(s, p, q, x),
-            identity=sym.act(p, sym.identity(s.dtype)),
+            invariance=invariance_error(m, p, q, x),
+            identity=sym.act(p, sym.identity(m.dtype)),
             inverse=sym.act(q, sym.inverse(g)),
             g_then_h=sym.act(q, h),
             composed=sym.act(p, sym.compose(g, h)),
@@ -274,30 +162,35 @@ def probe(s: Structure) -> Callable:
             fd=jax.tree.map(lambda u, w: (u - w) / (2 * fd_step), plus, minus),
             grad=grad,
             jt_grad=sym.cotangent(p, grad),
+            rescaled=sym.rescale(p, a),
+            acted_scales=sym.act(p, sym.scales_only(a)),
         )
 
     return quick_jit(run)
 
 
-def check_properties(s: Structure, seed: int, bound: float) -> None:
+def check_properties(m: zoo.Model, seed: int, bound: float) -> None:
     """Invariance, group law, adjointness and horizontality of invariant gradients."""
-    dt, sym = s.dtype, s.sym
+    dt, sym = m.dtype, m.sym
     rng = np.random.default_rng(seed)
-    p = s.params(seed)
-    g = random_element(sym, rng, bound, dt)
-    h = random_element(sym, rng, bound, dt)
+    p = m.params(seed)
+    g = zoo.random_element(sym, rng, bound, dt)
+    h = zoo.random_element(sym, rng, bound, dt)
     a = tuple(jnp.asarray(rng.normal(size=grp.windows), dt) for grp in sym.groups)
-    v = s.params(seed + 1)
-    x = jnp.asarray(rng.uniform(-1.5, 1.5, (32, s.in_features)), dt)
-    y_shape = jax.eval_shape(s.apply, p, x).shape
-    yt = jnp.asarray(rng.normal(size=y_shape), dt)
-    out = probe(s)(p, g, h, a, v, x, yt)
+    v = m.params(seed + 1)
+    x = m.inputs(seed)
+    yt = jnp.asarray(rng.normal(size=jax.eval_shape(m.apply, p, x).shape), dt)
+    out = probe(m)(p, g, h, a, v, x, yt)
     close = 1e-6 if dt == F32 else 1e-13
 
     # f(g.θ) == f(θ), same structure and dtypes
     assert jax.tree.structure(out["moved"]) == jax.tree.structure(p)
     assert all(z.dtype == dt for z in jax.tree.leaves(out["moved"]))
     assert float(out["invariance"]) <= RTOL[dt], float(out["invariance"])
+    # the action is the spec: an independent numpy implementation agrees
+    ref = reference_act(sym, p, g)
+    for path, leaf in leaves_by_path(out["moved"]).items():
+        np.testing.assert_allclose(leaf, ref[path], rtol=close, atol=1e-30, err_msg=path_str(path))
     # group law: identity acts exactly, inverse undoes, composition composes
     for path, leaf in leaves_by_path(out["identity"]).items():
         np.testing.assert_array_equal(leaf, leaves_by_path(p)[path], err_msg=path_str(path))
@@ -306,6 +199,8 @@ def check_properties(s: Structure, seed: int, bound: float) -> None:
     # gradients (power -1) pair with parameters: <g.θ, g^{-T}.v> = <θ, v>
     lhs, rhs = out["pairing"]
     np.testing.assert_allclose(lhs, rhs, rtol=1e-4 if dt == F32 else 1e-10)
+    # the gather-free rescaling is the action of a pure rescaling
+    assert_trees_close(out["rescaled"], out["acted_scales"], close, atol=1e-30)
     # <J a, v> == <a, J^T v>
     assert [z.shape for z in out["jtv"]] == [(grp.windows,) for grp in sym.groups]
     ja_v = float(tree_dot(out["ja"], v))
@@ -325,130 +220,347 @@ def check_properties(s: Structure, seed: int, bound: float) -> None:
         assert float(jnp.max(jnp.abs(z), initial=0.0)) <= 100 * EPS[dt] * gscale
 
 
-# --------------------------------------------------------------------------- properties
-
-
-@pytest.mark.parametrize("kind", ["sawtooth", "maxpool"])
+@pytest.mark.parametrize("name", zoo.NAMES)
 @FEW
-@given(data=st.data(), dtype=DTYPES, seed=SEEDS, bound=LOG_SCALES)
-def test_example_models_properties(kind, data, dtype, seed, bound):
-    check_properties(structure(data.draw(model_shapes((kind,))), dtype), seed, bound)
+@given(dtype=DTYPES, seed=SEEDS, bound=LOG_SCALES)
+def test_zoo_properties(name, dtype, seed, bound):
+    check_properties(zoo.build(name, dtype), seed, bound)
 
 
-@FEW
-@given(shape=model_shapes(("nnx",)), dtype=DTYPES, seed=SEEDS, bound=LOG_SCALES)
-def test_nnx_mlp_properties(shape, dtype, seed, bound):
-    check_properties(structure(shape, dtype), seed, bound)
+@pytest.mark.parametrize("name", zoo.NAMES)
+def test_zoo_inference_finds_the_symmetry(name):
+    """Each zoo model gets exactly the groups it has, and they pass the numerical check."""
+    m = zoo.build(name, F64)
+    got = [(g.windows, g.pieces, g.permutable, g.rescalable) for g in m.sym.groups]
+    assert got == zoo.EXPECT[name], str(m.sym)
+    p = m.params(0)
+    m.sym.check(m.apply, p, m.inputs(0))
+    # every leaf the groups touch has its recorded shape
+    m.sym.validate(p)
+    # the action is not vacuous: a random element moves some parameter of every group
+    g = zoo.random_element(m.sym, np.random.default_rng(1), 1.0, F64)
+    q = m.sym.act(p, g)
+    moved = {path for path, leaf in leaves_by_path(q).items()
+             if not np.allclose(leaf, leaves_by_path(p)[path])}
+    for grp in m.sym.groups:
+        assert moved & {r.path for r in grp.refs}, grp.name
 
 
-@FEW
-@given(shape=model_shapes(("eqx",)), dtype=DTYPES, seed=SEEDS, bound=LOG_SCALES)
-def test_equinox_mlp_properties(shape, dtype, seed, bound):
-    s = structure(shape, dtype)
-    assert s.sym.groups and all(grp.rescalable for grp in s.sym.groups)
-    check_properties(s, seed, bound)
+@pytest.mark.parametrize("name", ["nnx_cnn", "nnx_residual", "nnx_maxout", "eqx_cnn",
+                                  "linen_cnn", "sawtooth_net"])
+def test_gram_structure_matches_the_jacobian(name):
+    """The solver's explicit ``J^T J`` (diagonal + couplings through views) is the true one."""
+    m = zoo.build(name, F64)
+    p = m.params(3)
+    np.testing.assert_allclose(gram_from_structure(m.sym, p), gram_from_jacobian(m.sym, p),
+                               rtol=1e-12, atol=1e-12)
 
 
-@FEW
-@given(shape=model_shapes(("linen",)), dtype=DTYPES, seed=SEEDS, bound=LOG_SCALES)
-def test_linen_mlp_properties(shape, dtype, seed, bound):
-    s = structure(shape, dtype)
-    n = len(shape[2]) + 1
-    assert [lay.name for lay in s.sym.layers] == [f"params/{m}" for m in linen_names(n)]
-    check_properties(s, seed, bound)
+def test_zoo_layouts():
+    """Flattened feature maps: channels interleaved (channels last) or in blocks (first)."""
+    cnn = zoo.build("nnx_cnn")
+    (ref,) = [r for r in cnn.sym.groups[1].refs if r.power < 0]
+    assert (ref.path, ref.axis, ref.outer, ref.inner) == (("head", "kernel"), 0, 4, 1)
+    eq = zoo.build("eqx_cnn")
+    (ref,) = [r for r in eq.sym.groups[0].refs if r.power < 0]
+    assert (ref.path, ref.axis, ref.outer, ref.inner) == (("head", "weight"), 1, 1, 9)
+    res = zoo.build("nnx_residual")
+    stream = res.sym.groups[0]
+    assert {r.path[0] for r in stream.refs} == {"embed", "up1", "down1", "up2", "down2", "head"}
+    assert stream.name == "embed+down1+down2"
 
 
-def stack(*trees: Any) -> Any:
-    return jax.tree.map(lambda *z: jnp.stack(z), *trees)
+# --------------------------------------------------------------------------- random MLPs
+
+
+HIDDEN = ["relu", "leaky_relu", "identity", "custom_relu", "max2", "max3"]
+
+
+def nnx_mlp(in_features: int, hidden: list[tuple[int, str]], out: int, dtype: Any):
+    """An ``nnx.Sequential`` with hidden layers ``(width, kind)``."""
+    rngs = nnx.Rngs(0)
+    fns: list[Any] = []
+    d = in_features
+    for width, kind in hidden:
+        pieces = int(kind[3:]) if kind.startswith("max") else 1
+        fns.append(nnx.Linear(d, width * pieces, param_dtype=dtype, rngs=rngs))
+        if pieces > 1:
+            fns.append(MaxOverPieces(pieces))
+        elif kind == "relu":
+            fns.append(nnx.relu)
+        elif kind == "leaky_relu":
+            fns.append(nnx.leaky_relu)
+        elif kind == "custom_relu":
+            fns.append(lambda x: jnp.maximum(x, 0.0))
+        elif kind == "tanh":
+            fns.append(nnx.tanh)
+        d = width
+    fns.append(nnx.Linear(d, out, param_dtype=dtype, rngs=rngs))
+    return nnx.Sequential(*fns)
 
 
 @functools.lru_cache(maxsize=None)
-def _batched_invariance(s: Structure, sym: qo.Symmetry) -> Callable:
-    """Jitted ``(p, stacked elements, x) -> invariance error of each element``."""
-    return quick_jit(
-        lambda p, gs, x: jax.vmap(lambda g: invariance_error(s, p, sym.act(p, g), x))(gs)
-    )
+def random_mlp(shape: tuple, dtype: Any) -> zoo.Model:
+    d, hidden, out = shape
+    return zoo._nnx("random", lambda: nnx_mlp(d, list(hidden), out, dtype), (16, d), dtype)
 
 
-@pytest.mark.parametrize(
-    "shape",
-    [
-        ("nnx", 2, ((4, "tanh"), (3, "tanh")), 2),
-        ("eqx", 2, 4, 2, "tanh"),
-        ("linen", 2, (4, 3), "tanh"),
-    ],
-    ids=["nnx", "eqx", "linen"],
+@FEW
+@given(
+    hidden=st.lists(st.tuples(st.integers(1, 5), st.sampled_from(HIDDEN)), min_size=1,
+                    max_size=3),
+    d=st.integers(1, 3), out=st.integers(1, 2), dtype=DTYPES, seed=SEEDS, bound=LOG_SCALES,
 )
-def test_tanh_mlp_permutations_only(shape):
-    s = structure(shape, F32)
-    assert len(s.sym.groups) == 2
-    assert all(not grp.rescalable and grp.activation == "tanh" for grp in s.sym.groups)
-    assert all(grp.windows_permutable for grp in s.sym.groups)
-    ones = tuple(jnp.ones((grp.windows,), F32) for grp in s.sym.groups)
-    assert all(not np.any(e.log_scale) for e in s.sym.scales_only(ones))
-    rng = np.random.default_rng(0)
-    gs = stack(*(random_element(s.sym, rng, 4.0, F32) for _ in range(16)))
-    assert not np.any(gs[0].log_scale)
-    x = jnp.asarray(rng.uniform(-1.5, 1.5, (32, 2)), F32)
-    errors = _batched_invariance(s, s.sym)(s.params(0), gs, x)
-    assert float(jnp.max(errors)) <= RTOL[F32]
-    # negative control: forcing a rescaling on the tanh layers changes the function
-    forced = dataclasses.replace(
-        s.sym, groups=tuple(dataclasses.replace(grp, rescalable=True) for grp in s.sym.groups)
-    )
-    gs = stack(*(random_element(forced, rng, 1.5, F32) for _ in range(16)))
-    errors = _batched_invariance(s, forced)(s.params(0), gs, x)
-    assert float(jnp.min(errors)) > 1e-3
+def test_random_nnx_mlp_properties(hidden, d, out, dtype, seed, bound):
+    m = random_mlp((d, tuple(hidden), out), dtype)
+    # every hidden layer is one rescalable group (widths 1 included)
+    assert [(g.windows, g.pieces) for g in m.sym.groups] == [
+        (w, int(k[3:]) if k.startswith("max") else 1) for w, k in hidden]
+    assert all(g.rescalable for g in m.sym.groups)
+    check_properties(m, seed, bound)
 
 
-def test_non_invariant_perturbation_is_detected():
-    """Negative control: a 0.1% change of one bias fails the invariance tolerance."""
-    s = structure(("sawtooth",), F32)
-    p = s.params(1)
-    q = map_with_path(lambda path, z: z * 1.001 if path == ("layers", 4, "bias") else z, p)
-    x = jnp.linspace(-1.5, 1.5, 32, dtype=F32)[:, None]
-    assert float(quick_jit(functools.partial(invariance_error, s))(p, q, x)) > RTOL[F32]
+# --------------------------------------------------------------------------- inference rules
 
 
-def test_random_element_moves_every_hidden_parameter():
-    """Invariance is not vacuous: the action moves every leaf but the output bias."""
-    s = structure(("nnx", 2, ((4, "relu"), (3, "max2")), 2), F64)
-    p = s.params(3)
-    q = quick_jit(s.sym.act)(p, random_element(s.sym, np.random.default_rng(0), 2.0, F64))
-    for path, leaf in leaves_by_path(p).items():
-        same = np.allclose(leaf, leaves_by_path(q)[path])
-        assert same == (path == ("layers", 4, "bias")), path_str(path)
+def _infer(*layers, x_shape=(4, 2)):
+    """Infers the symmetry of ``nnx.Sequential(*layers)``; ``(a, b)`` is ``nnx.Linear(a, b)``."""
+    rngs = nnx.Rngs(0)
+    model = nnx.Sequential(
+        *(nnx.Linear(*la, rngs=rngs) if isinstance(la, tuple) else la for la in layers))
+    return qo.infer_symmetry(model, jnp.ones(x_shape))
 
 
-def test_rescalability_by_activation():
-    for kind in ("relu", "leaky_relu", "custom_relu", "identity", "max2"):
-        (grp,) = qo.infer_symmetry(nnx.eval_shape(lambda: nnx_mlp(2, [(3, kind)], 1, F32))).groups
-        assert grp.rescalable and grp.windows_permutable, kind
-    for fn in (jnp.tanh, jax.nn.sigmoid, jax.nn.softplus, jax.nn.gelu, lambda x: x**3):
-        model = seq(lin(2, 3), fixed(fn), lin(3, 1))
-        (grp,) = qo.infer_symmetry(model).groups
-        assert not grp.rescalable and grp.windows_permutable
+@pytest.mark.parametrize("act", [nnx.relu, nnx.leaky_relu, lambda x: jnp.maximum(x, 0.0),
+                                 lambda x: x, lambda x: jnp.where(x > 0, x, 0.2 * x),
+                                 lambda x: 3.0 * jax.nn.relu(-x), jnp.abs],
+                         ids=["relu", "leaky", "max0", "identity", "where", "neg_relu", "abs"])
+def test_homogeneous_activations_rescale(act):
+    (grp,) = _infer((2, 3), act, (3, 1)).groups
+    assert grp.rescalable and grp.permutable
+
+
+@pytest.mark.parametrize("act", [jnp.tanh, jax.nn.sigmoid, jax.nn.softplus, jax.nn.gelu,
+                                 jax.nn.silu, jax.nn.elu, jax.nn.relu6, lambda x: x**3,
+                                 lambda x: jax.nn.relu(x + 1.0)],
+                         ids=["tanh", "sigmoid", "softplus", "gelu", "silu", "elu", "relu6",
+                              "cube", "shifted"])
+def test_other_activations_permute_only(act):
+    sym = _infer((2, 3), act, (3, 1))
+    (grp,) = sym.groups
+    assert grp.permutable and not grp.rescalable
+    assert any("not positively homogeneous" in n or "constant" in n for n in grp.notes), grp.notes
+
+
+def test_unsafe_operations_remove_the_symmetry():
+    """Attention, batch statistics from constants, unknown primitives, loops: nothing claimed."""
+
+    class Attention(nnx.Module):
+        def __init__(self, rngs):
+            self.q, self.k, self.v = (nnx.Linear(4, 4, rngs=rngs) for _ in range(3))
+            self.o = nnx.Linear(4, 2, rngs=rngs)
+
+        def __call__(self, x):
+            a = jax.nn.softmax(self.q(x) @ self.k(x).swapaxes(-1, -2), axis=-1)
+            return self.o(a @ self.v(x))
+
+    sym = qo.infer_symmetry(Attention(nnx.Rngs(0)), jnp.ones((2, 3, 4)))
+    assert {g.name for g in sym.groups} <= {"v"}  # q and k meet in a data contraction
+    for g in sym.groups:
+        assert not g.rescalable
+
+    class Sorted(nnx.Module):
+        def __init__(self, rngs):
+            self.a, self.b = nnx.Linear(2, 4, rngs=rngs), nnx.Linear(4, 1, rngs=rngs)
+
+        def __call__(self, x):
+            return self.b(jnp.sort(nnx.relu(self.a(x)), axis=-1))
+
+    sym = qo.infer_symmetry(Sorted(nnx.Rngs(0)), jnp.ones((2, 2)))
+    assert sym.groups == ()
+    assert any("sort" in n for g in sym.dropped for n in g.notes)
+
+    bn = nnx.Sequential(nnx.Linear(2, 4, rngs=nnx.Rngs(0)),
+                        nnx.BatchNorm(4, use_running_average=True, rngs=nnx.Rngs(0)),
+                        nnx.relu, nnx.Linear(4, 1, rngs=nnx.Rngs(0)))
+    assert qo.infer_symmetry(bn, jnp.ones((2, 2))).groups == ()  # running stats are not params
+
+    mlp = eqx.nn.MLP(2, 1, 4, 3, scan=True, key=jax.random.key(0))
+    sym = qo.infer_symmetry(mlp)
+    assert all(not g.rescalable for g in sym.groups)
+
+
+def test_residual_concat_and_shared_weights():
+    class Concat(nnx.Module):
+        def __init__(self, rngs):
+            self.a, self.b = nnx.Linear(2, 3, rngs=rngs), nnx.Linear(2, 4, rngs=rngs)
+            self.c = nnx.Linear(2 + 3 + 4, 1, rngs=rngs)
+
+        def __call__(self, x):
+            return self.c(jnp.concatenate([x, nnx.relu(self.a(x)), nnx.relu(self.b(x))], -1))
+
+    model = Concat(nnx.Rngs(0))
+    sym = qo.infer_symmetry(model, jnp.ones((3, 2)))
+    offsets = sorted((r.offset, g.windows) for g in sym.groups for r in g.refs if r.power < 0)
+    assert offsets == [(2, 3), (5, 4)]
+    apply, params = models.functional(model)
+    sym.check(apply, params, jax.random.normal(jax.random.key(0), (8, 2)))
+
+    class Tied(nnx.Module):  # one square layer applied twice: one group, self-coupled
+        def __init__(self, rngs):
+            self.inp, self.hid = nnx.Linear(2, 4, rngs=rngs), nnx.Linear(4, 4, rngs=rngs)
+            self.out = nnx.Linear(4, 1, rngs=rngs)
+
+        def __call__(self, x):
+            h = nnx.relu(self.inp(x))
+            return self.out(nnx.relu(self.hid(nnx.relu(self.hid(h)))))
+
+    model = Tied(nnx.Rngs(0))
+    sym = qo.infer_symmetry(model, jnp.ones((3, 2)))
+    assert [g.windows for g in sym.groups] == [4]
+    assert all(g.permutable and g.rescalable for g in sym.groups)
+    apply, params = models.functional(model)
+    sym.check(apply, params, jax.random.normal(jax.random.key(0), (8, 2)))
+    p = m_params = params
+    gram = gram_from_structure(sym, m_params)
+    np.testing.assert_allclose(gram, gram_from_jacobian(sym, p), rtol=1e-5, atol=1e-5)
+
+
+def test_one_window_max_and_outputs():
+    """A max over all units is one window of pieces; output units have no symmetry."""
+    sym = qo.infer_symmetry(models.MaxPoolNet(4, 1, 2, rngs=nnx.Rngs(0)))
+    (grp,) = sym.groups
+    assert (grp.windows, grp.pieces, grp.pieces_permutable, grp.rescalable) == (1, 4, True, False)
+    assert qo.infer_symmetry(models.MaxPoolNet(1, 3, 2, rngs=nnx.Rngs(0))).groups == ()
+
+
+def test_describe_says_why():
+    text = str(zoo.build("nnx_maxout").sym)
+    assert "4 windows × 3 pieces, max; permutable, pieces permutable, rescalable" in text
+    assert re.search(r"tanh.*not positively homogeneous", text)
+    assert "reaches the output" in text
+    assert "layers/2/kernel:0 ×1/c (kernel, windows)" in text
+
+
+# --------------------------------------------------------------------------- hand specs
+
+
+def test_hand_spec_equals_the_inferred_one():
+    m = zoo.build("nnx_module", F64)
+    hand = qo.symmetry_from_axes(m.params(0), {
+        "fc1/kernel": (None, "fc1"), "fc1/bias": ("fc1",),
+        "fc2/kernel": ("1/fc1", "fc2"), "fc2/bias": ("fc2",),
+        "fc3/kernel": ("1/fc2", None),
+    })
+    assert [(g.name, g.windows, set(g.refs)) for g in hand.groups] == [
+        (g.name, g.windows, {dataclasses.replace(r, level="window") if r.power < 0 else r
+                             for r in g.refs}) for g in m.sym.groups]
+    hand.check(m.apply, m.params(0), m.inputs(0))
+
+
+def test_hand_spec_conv_with_flatten_blocks():
+    m = zoo.build("nnx_cnn", F64)
+    hand = qo.symmetry_from_axes(m.params(0), {
+        "conv1/kernel": (None, None, None, "c1"), "conv1/bias": ("c1",),
+        "conv2/kernel": (None, None, "1/c1", "c2"), "conv2/bias": ("c2",),
+        "head/kernel": ({"group": "c2", "power": -1, "outer": 4}, None),
+    })
+    hand.check(m.apply, m.params(0), m.inputs(0))
+    wrong = qo.symmetry_from_axes(m.params(0), {  # channels taken as blocks: wrong layout
+        "conv2/kernel": (None, None, None, "c2"), "conv2/bias": ("c2",),
+        "head/kernel": ({"group": "c2", "power": -1, "inner": 4}, None),
+    })
+    with pytest.raises(ValueError, match="group 'c2' is not a symmetry.*permutation"):
+        wrong.check(m.apply, m.params(0), m.inputs(0))
+
+
+def test_wrong_hand_specs_are_caught_by_check():
+    m = zoo.build("sawtooth_net", F64)
+    p, x = m.params(0), m.inputs(0)
+    # a chain that skips a middle layer
+    layers = [qo.Dense(f"layers/{i}", ("layers", i, "kernel"), ("layers", i, "bias"), a, b, 1,
+                       "relu") for i, (a, b) in zip((0, 2, 6, 8, 10), ((1, 5), (5, 5), (5, 5),
+                                                                       (5, 5), (5, 1)))]
+    skipped = qo.symmetry_from_layers(layers)
+    with pytest.raises(ValueError, match="group 'layers/2' is not a symmetry"):
+        skipped.check(m.apply, p, x)
+    # a tanh layer claimed rescalable
+    t = zoo._nnx("tanh", lambda: nnx.Sequential(nnx.Linear(2, 4, rngs=nnx.Rngs(0)), nnx.tanh,
+                                                nnx.Linear(4, 1, rngs=nnx.Rngs(0))), (8, 2), F64)
+    forced = dataclasses.replace(t.sym, groups=tuple(
+        dataclasses.replace(g, rescalable=True) for g in t.sym.groups))
+    with pytest.raises(ValueError, match="group 'layers/0' is not a symmetry.*rescaling"):
+        forced.check(t.apply, t.params(0), t.inputs(0))
+    t.sym.check(t.apply, t.params(0), t.inputs(0))
+
+
+def test_hand_spec_errors_name_the_leaf():
+    p = zoo.build("nnx_module").params(0)
+    with pytest.raises(ValueError, match="no parameter at path 'fc9/kernel'"):
+        qo.symmetry_from_axes(p, {"fc9/kernel": (None, "h")})
+    with pytest.raises(ValueError, match="'fc1/kernel' has 2 axes, 1 entries"):
+        qo.symmetry_from_axes(p, {"fc1/kernel": ("h",)})
+    with pytest.raises(ValueError, match="group 'h': cannot tell its number of windows"):
+        qo.symmetry_from_axes(p, {"fc1/kernel": (None, "h"), "fc2/bias": ("h",)})
+    ref = qo.AxisRef(("fc1", "bias"), 0)
+    with pytest.raises(ValueError, match="groups 'a' and 'b' claim the same positions"):
+        qo.Symmetry(groups=(qo.UnitGroup("a", 6, refs=(ref,)), qo.UnitGroup("b", 6, refs=(ref,))),
+                    shapes=((("fc1", "bias"), (6,)),))
+    with pytest.raises(ValueError, match="group 'a', parameter 'fc1/bias': axis 0 .size 6. "
+                                         "cannot hold 7"):
+        qo.Symmetry(groups=(qo.UnitGroup("a", 7, refs=(ref,)),), shapes=((("fc1", "bias"), (6,)),))
+    with pytest.raises(ValueError, match="groups: \\['zz'\\] appear in no axis entry"):
+        qo.symmetry_from_axes(p, {"fc1/bias": ("h",)}, groups={"zz": {}})
+
+
+# --------------------------------------------------------------------------- adapters
+
+
+def test_adapters_and_their_errors():
+    mlp = LinenMLP()
+    x = jnp.ones((2, 3))
+    params = mlp.init(jax.random.key(0), x)
+    sym = qo.infer_symmetry(mlp.apply, x, params=params)
+    assert [g.windows for g in sym.groups] == [4, 5]
+    with pytest.raises(ValueError, match="pass the forward function"):
+        qo.infer_symmetry(params)
+    with pytest.raises(ValueError, match="params: required"):
+        qo.infer_symmetry(mlp.apply, x)
+    with pytest.raises(ValueError, match="example_input: required for CNN"):
+        qo.infer_symmetry(zoo.CNN(F32, nnx.Rngs(0)))
+    with pytest.raises(ValueError, match="unsupported model type"):
+        qo.infer_symmetry(3)
+    # the omitted example input of a Sequential starting with Linear, and of eqx.nn.MLP
+    assert len(qo.infer_symmetry(models.SawtoothNet(rngs=nnx.Rngs(0))).groups) == 5
+    assert len(qo.infer_symmetry(eqx.nn.MLP("scalar", 1, 3, 2, key=jax.random.key(0))).groups) == 2
+
+
+class LinenMLP(linen.Module):
+    @linen.compact
+    def __call__(self, x):
+        x = linen.relu(linen.Dense(4, name="dense_z")(x))
+        x = jnp.tanh(linen.Dense(5, name="dense_a")(x))
+        return linen.Dense(1, name="dense_m")(x)
+
+
+def test_linen_tanh_is_found_without_being_told():
+    mlp = LinenMLP()
+    x = jnp.ones((2, 3))
+    sym = qo.infer_symmetry(mlp.apply, x, params=mlp.init(jax.random.key(0), x))
+    assert [(g.name, g.rescalable) for g in sym.groups] == [
+        ("params/dense_z", True), ("params/dense_a", False)]
 
 
 # --------------------------------------------------------------------------- sampling
 
 
-def test_maxpool_one_piece_is_a_linear_model():
-    sym = qo.infer_symmetry(nnx.eval_shape(lambda: models.MaxPoolNet(1, 3, 2, rngs=nnx.Rngs(0))))
-    assert sym.groups == ()  # outputs of the last layer: nothing to permute or rescale
-
-
 @functools.lru_cache(maxsize=None)
 def _sampler(sym: qo.Symmetry, dtype: Any, permute: bool = True) -> Callable:
-    """``(keys, bound) -> batch of sym.sample``, jitted once per symmetry."""
-    return quick_jit(
-        jax.vmap(
-            lambda k, b: sym.sample(k, log_scale=b, dtype=dtype, permute=permute), in_axes=(0, None)
-        )
-    )
+    return quick_jit(jax.vmap(
+        lambda k, b: sym.sample(k, log_scale=b, dtype=dtype, permute=permute), in_axes=(0, None)))
 
 
-def _sample_batch(sym: qo.Symmetry, n: int, bound: float, dtype: Any = F32, permute: bool = True):
+def _sample_batch(sym: qo.Symmetry, n: int, bound: float, dtype: Any = F32, permute=True):
     keys = jax.random.split(jax.random.key(n), n)
     return _sampler(sym, dtype, permute)(keys, jnp.asarray(bound, dtype))
 
@@ -461,78 +573,51 @@ def _assert_rows_are_permutations(perm: jax.Array) -> None:
 
 def test_sample_structure_maxpoolnet():
     """MaxPoolNet: pieces permuted only inside their window, windows neither permuted nor scaled."""
-    pieces, windows = 3, 4
-    s = structure(("maxpool", pieces, windows, 2), F32)
-    (grp,) = s.sym.groups
-    assert (grp.windows, grp.pieces, grp.outgoing) == (windows, pieces, ())
-    assert not grp.rescalable and not grp.windows_permutable  # the windows are the outputs
-    (e,) = _sample_batch(s.sym, 64, 4.0)
-    np.testing.assert_array_equal(e.window_perm, np.tile(np.arange(windows), (64, 1)))
+    m = zoo.build("maxpool_net")
+    (grp,) = m.sym.groups
+    assert (grp.windows, grp.pieces, grp.outgoing) == (2, 3, ())
+    (e,) = _sample_batch(m.sym, 64, 4.0)
+    np.testing.assert_array_equal(e.window_perm, np.tile(np.arange(2), (64, 1)))
     np.testing.assert_array_equal(e.log_scale, 0.0)
-    assert e.piece_perm.shape == (64, windows, pieces)
     _assert_rows_are_permutations(e.piece_perm)
-    assert len({tuple(r) for r in np.asarray(e.piece_perm).reshape(-1, pieces)}) == 6  # all of S_3
-    # on the kernel: columns move only inside their window
-    p = s.params(0)
+    assert len({tuple(r) for r in np.asarray(e.piece_perm).reshape(-1, 3)}) == 6  # all of S_3
+    p = m.params(0)
     e0 = jax.tree.map(lambda z: z[5], e)
     k0 = np.asarray(p["layers"][0]["kernel"][...])
-    k1 = np.asarray(s.sym.act(p, (e0,))["layers"][0]["kernel"][...])
-    for w in range(windows):
-        for j in range(pieces):
-            src = w * pieces + e0.piece_perm[w, j]
-            np.testing.assert_array_equal(k1[:, w * pieces + j], k0[:, src])
+    k1 = np.asarray(m.sym.act(p, (e0,))["layers"][0]["kernel"][...])
+    for w in range(2):
+        for j in range(3):
+            np.testing.assert_array_equal(k1[:, w * 3 + j], k0[:, w * 3 + e0.piece_perm[w, j]])
 
 
-# max-pool windows feeding a Linear, a leaky-ReLU layer, a tanh layer
-MIXED = ("nnx", 2, ((4, "max3"), (5, "leaky_relu"), (3, "tanh")), 1)
-
-
-def test_sample_structure_mixed_network():
-    """Windows feeding a later layer permute and share one scale each; tanh units only permute."""
-    pieces, windows, bound = 3, 4, 2.5
-    s = structure(MIXED, F64)
-    sym = s.sym
-    assert [(g.windows, g.pieces, g.rescalable) for g in sym.groups] == [
-        (4, 3, True), (5, 1, True), (3, 1, False)
-    ]
-    batch = _sample_batch(sym, 64, bound, F64)
-    for grp, e in zip(sym.groups, batch):
+def test_sample_dtype_and_bounds():
+    m = zoo.build("nnx_maxout", F64)
+    batch = _sample_batch(m.sym, 64, 2.5, F64)
+    for grp, e in zip(m.sym.groups, batch):
         assert e.log_scale.dtype == F64 and e.log_scale.shape == (64, grp.windows)
         if grp.rescalable:
-            assert np.all(np.abs(e.log_scale) <= bound) and np.max(np.abs(e.log_scale)) > bound / 2
+            assert np.all(np.abs(e.log_scale) <= 2.5) and np.max(np.abs(e.log_scale)) > 1.25
         else:
             np.testing.assert_array_equal(e.log_scale, 0.0)
         _assert_rows_are_permutations(e.window_perm)
-        assert len({tuple(r) for r in np.asarray(e.window_perm)}) >= 6  # of |S_n| >= 6
         _assert_rows_are_permutations(e.piece_perm)
-    g = jax.tree.map(lambda z: z[3], batch)
-    p = s.params(0)
-    q = sym.act(p, g)
-    e, f = g[:2]
-    k0, k1 = np.asarray(p["layers"][0]["kernel"][...]), np.asarray(q["layers"][0]["kernel"][...])
-    b0, b1 = np.asarray(p["layers"][0]["bias"][...]), np.asarray(q["layers"][0]["bias"][...])
-    for w in range(windows):
-        c = np.exp(e.log_scale[w])
-        for j in range(pieces):
-            src = e.window_perm[w] * pieces + e.piece_perm[w, j]
-            np.testing.assert_allclose(k1[:, w * pieces + j], c * k0[:, src], rtol=1e-13)
-            np.testing.assert_allclose(b1[w * pieces + j], c * b0[src], rtol=1e-13)
-    # next kernel: input rows permuted by windows and scaled by 1/c, output columns by f
-    n0, n1 = np.asarray(p["layers"][2]["kernel"][...]), np.asarray(q["layers"][2]["kernel"][...])
-    expect = n0[e.window_perm] / np.exp(e.log_scale)[:, None]
-    expect = expect[:, f.window_perm] * np.exp(f.log_scale)
-    np.testing.assert_allclose(n1, expect, rtol=1e-12)
-    # bound 0 gives pure permutations
-    for e in _sample_batch(sym, 64, 0.0, F64):
-        np.testing.assert_array_equal(e.log_scale, 0.0)
+    # the default dtype is float64 where enabled: float64 elements are exact to float64
+    assert m.sym.sample(jax.random.key(0))[0].log_scale.dtype == F64
+    (e, *_) = _sample_batch(m.sym, 8, 1.0, F32, permute=False)
+    np.testing.assert_array_equal(e.window_perm, np.tile(np.arange(4), (8, 1)))
 
 
-def test_sample_without_permutations():
-    sym = structure(("nnx", 1, ((3, "max2"),), 1), F32).sym
-    (e,) = _sample_batch(sym, 64, 1.0, F32, permute=False)
-    np.testing.assert_array_equal(e.window_perm, np.tile(np.arange(3), (64, 1)))
-    np.testing.assert_array_equal(e.piece_perm, np.tile(np.arange(2), (64, 3, 1)))
-    assert np.all(e.log_scale != 0) and np.all(np.abs(e.log_scale) <= 1.0)
+def test_group_law_with_permuted_maxout_windows():
+    m = zoo.build("nnx_maxout", F64)
+    sym, p = m.sym, m.params(2)
+    rng = np.random.default_rng(4)
+    for _ in range(4):
+        g, h = (zoo.random_element(sym, rng, 3.0, F64) for _ in range(2))
+        assert_trees_close(sym.act(sym.act(p, g), sym.inverse(g)), p, 1e-13)
+        assert_trees_close(sym.act(sym.act(p, g), h), sym.act(p, sym.compose(g, h)), 1e-13)
+        for u, grp in zip(sym.compose(g, sym.inverse(g)), sym.groups):
+            np.testing.assert_array_equal(u.window_perm, np.arange(grp.windows))
+            np.testing.assert_allclose(u.log_scale, 0.0, atol=1e-15)
 
 
 # --------------------------------------------------------------------------- infinitesimal action
@@ -540,26 +625,26 @@ def test_sample_without_permutations():
 
 def test_tangent_closed_form_sawtooth():
     """J a on a chain: kernel_l gets ``a_l`` (out) minus ``a_{l-1}`` (in), bias_l gets ``a_l``."""
-    s = structure(("sawtooth",), F64)
-    p = s.params(5)
+    m = zoo.build("sawtooth_net", F64)
+    p = m.params(5)
     rng = np.random.default_rng(1)
     a = tuple(jnp.asarray(rng.normal(size=5)) for _ in range(5))
-    ja = leaves_by_path(quick_jit(s.sym.tangent)(p, a))
+    ja = leaves_by_path(quick_jit(m.sym.tangent)(p, a))
     leaves = leaves_by_path(p)
     zero = jnp.zeros(1)
     for i in range(6):
         a_out = a[i] if i < 5 else zero
         a_in = a[i - 1] if i > 0 else zero
         k = leaves[("layers", 2 * i, "kernel")]
-        expect = k * (a_out[None, :] - a_in[:, None])
-        np.testing.assert_allclose(ja[("layers", 2 * i, "kernel")], expect)
+        np.testing.assert_allclose(ja[("layers", 2 * i, "kernel")],
+                                   k * (a_out[None, :] - a_in[:, None]))
         b = leaves[("layers", 2 * i, "bias")]
         np.testing.assert_allclose(ja[("layers", 2 * i, "bias")], b * a_out)
 
 
 def test_example_models_gradients_horizontal_on_their_tasks():
-    """``J^T ∇L = 0`` for the MSE of both example models on their own tasks at random points."""
-    saw = structure(("sawtooth",), F64)
+    """``J^T ∇L = 0`` for the sawtooth MSE on its task; MaxPoolNet: pieces swap, no scale."""
+    saw = zoo.build("sawtooth_net", F64)
     task = models.sawtooth_task(dtype=F64)
 
     @quick_jit
@@ -570,92 +655,18 @@ def test_example_models_gradients_horizontal_on_their_tasks():
     for k in range(3):
         q = saw.params(k)
         gnorm, jtg, jtv = jt_grad(q, saw.params(k + 10))
-        assert float(gnorm) > 1e-6  # a genuine, nonzero gradient
+        assert float(gnorm) > 1e-6
         for z in jtg:
             assert float(jnp.max(jnp.abs(z))) <= 1e-12 * float(gnorm * tree_norm(q))
-        assert float(max(jnp.max(jnp.abs(z)) for z in jtv)) > 1e-3  # not a vacuous check
-    # MaxPoolNet has no layer after the pooling, hence no rescaling symmetry: J^T = 0, and
-    # scaling the kernel really changes the loss; swapping the pieces does not.
-    mp = structure(("maxpool", 2, 1, 2), F64)
-    mtask = models.maxpool_task(dtype=F64)
-    swap = (
-        qo.GroupElement(
-            jnp.array([0], jnp.int32), jnp.array([[1, 0]], jnp.int32), jnp.zeros(1, F64)
-        ),
-    )
-
-    @quick_jit
-    def probe_maxpool(q):
-        def loss(q):
-            return models.mse(mp.apply(q, mtask.x), mtask.y)
-
-        doubled = jax.tree.map(lambda z: 2.0 * z, q)
-        jt_grad = mp.sym.cotangent(q, jax.grad(loss)(q))
-        return jt_grad, loss(q), loss(doubled), loss(mp.sym.act(q, swap))
-
-    jtg, base, doubled, swapped = probe_maxpool(mp.params(0))
-    assert all(not np.any(z) for z in jtg)
-    assert abs(float(doubled - base)) > 1e-3
-    np.testing.assert_allclose(swapped, base, rtol=1e-14)
-
-
-def test_group_law_with_permuted_maxout_windows():
-    """Inverse and composition where windows *and* the pieces inside them are permuted."""
-    s = structure(MIXED, F64)
-    sym, p = s.sym, s.params(2)
-    rng = np.random.default_rng(4)
-    gs = stack(*(random_element(sym, rng, 3.0, F64) for _ in range(16)))
-    hs = stack(*(random_element(sym, rng, 3.0, F64) for _ in range(16)))
-
-    @quick_jit
-    def law(g, h):
-        q = sym.act(p, g)
-        cycle = sym.compose(g, sym.inverse(g))
-        return sym.act(q, sym.inverse(g)), sym.act(q, h), sym.act(p, sym.compose(g, h)), cycle
-
-    back, g_then_h, composed, cycle = jax.vmap(law)(gs, hs)
-    for i in range(16):
-        take = functools.partial(jax.tree.map, lambda z: z[i])
-        assert_trees_close(take(back), p, 1e-13)
-        assert_trees_close(take(g_then_h), take(composed), 1e-13)
-    for u, grp in zip(cycle, sym.groups):  # g . g^-1 = e
-        np.testing.assert_array_equal(u.window_perm, np.tile(np.arange(grp.windows), (16, 1)))
-        identity = np.tile(np.arange(grp.pieces), (16, grp.windows, 1))
-        np.testing.assert_array_equal(u.piece_perm, identity)
-        np.testing.assert_allclose(u.log_scale, 0.0, atol=1e-15)
-
-
-# --------------------------------------------------------------------------- jit / vmap
-
-
-def test_act_jit_and_vmap_over_group_elements():
-    s = structure(MIXED, F64)
-    sym, p = s.sym, s.params(11)
-    gs = _sample_batch(sym, 64, 3.0, F64)  # sample under jit and vmap
-    assert gs[0].window_perm.shape == (64, 4)
-    gs = jax.tree.map(lambda z: z[:6], gs)
-    x = jnp.asarray(np.random.default_rng(0).uniform(-1.5, 1.5, (32, 2)), F64)
-
-    @quick_jit
-    def batched(p, gs):
-        qs = jax.vmap(sym.act, in_axes=(None, 0))(p, gs)
-        return qs, jax.vmap(s.apply, in_axes=(0, None))(qs, x), s.apply(p, x), output_scale(s, p, x)
-
-    qs, ys, y0, scale = batched(p, gs)
-    act = quick_jit(sym.act)
-    for i in range(6):
-        g = jax.tree.map(lambda z: z[i], gs)
-        assert_trees_close(jax.tree.map(lambda z: z[i], qs), act(p, g), rtol=1e-14)
-        assert float(jnp.max(jnp.abs(ys[i] - y0))) <= RTOL[F64] * float(scale)
-    assert not np.allclose(qs["layers"][0]["kernel"][...][0], qs["layers"][0]["kernel"][...][1])
+        assert float(max(jnp.max(jnp.abs(z)) for z in jtv)) > 1e-3
 
 
 # --------------------------------------------------------------------------- bad input
 
 
 def test_wrong_shapes_name_the_path():
-    s = structure(("sawtooth",), F32)
-    sym, p = s.sym, s.params(0)
+    m = zoo.build("sawtooth_net")
+    sym, p = m.sym, m.params(0)
     bad = map_with_path(lambda path, x: x[:, :4] if path == ("layers", 4, "kernel") else x, p)
     g = sym.identity()
     for call in (
@@ -669,78 +680,10 @@ def test_wrong_shapes_name_the_path():
 
 
 def test_symmetry_of_another_model_names_the_path():
-    saw = structure(("sawtooth",), F32)
-    mp = structure(("maxpool", 2, 1, 2), F32)
+    saw, mp, eq = zoo.build("sawtooth_net"), zoo.build("maxpool_net"), zoo.build("eqx_mlp")
     with pytest.raises(ValueError, match="layers/0/kernel"):
         saw.sym.act(mp.params(0), saw.sym.identity())
-    deep = structure(("nnx", 1, ((5, "relu"), (5, "relu")), 1), F32)
-    with pytest.raises(ValueError, match=r"'layers/4/kernel' has shape \(5, 1\).*\(5, 5\)"):
-        saw.sym.validate(deep.params(0))
-    eq = structure(("eqx", 1, 5, 5, "relu"), F32)
     with pytest.raises(ValueError, match="no parameter at path 'layers/0/kernel'"):
         saw.sym.act(eq.params(0), saw.sym.identity())
     with pytest.raises(ValueError, match="no parameter at path 'layers/0/weight'"):
         eq.sym.act(saw.params(0), eq.sym.identity())
-
-
-@pytest.mark.parametrize(
-    "layer, match",
-    [
-        (lambda r: nnx.Dropout(0.1, rngs=r), "unsupported layer Dropout"),
-        (lambda r: nnx.Conv(5, 5, (3,), rngs=r), "unsupported layer Conv"),
-        (lambda r: nnx.BatchNorm(5, rngs=r), "unsupported layer BatchNorm"),
-        (fixed(lambda x: x[..., ::-1]), "not an elementwise"),
-        (fixed(lambda x: x / jnp.sum(x)), "not an elementwise"),
-        (fixed("relu"), "not a supported layer"),
-    ],
-)
-def test_unsupported_layer_names_the_layer(layer, match):
-    model = seq(lin(1, 5), layer, lin(5, 1))
-    with pytest.raises(ValueError, match=f"layers/1.*{match}"):
-        qo.infer_symmetry(model)
-
-
-def test_malformed_chains_raise():
-    relu = fixed(nnx.relu)
-    with pytest.raises(ValueError, match="layers/2.*takes 4 inputs.*layers/0.*gives 5"):
-        qo.infer_symmetry(seq(lin(1, 5), relu, lin(4, 1)))
-    with pytest.raises(ValueError, match="layers/2.*must directly follow an nnx.Linear"):
-        qo.infer_symmetry(seq(lin(1, 5), relu, relu, lin(5, 1)))
-    with pytest.raises(ValueError, match="layers/0.*must directly follow an nnx.Linear"):
-        qo.infer_symmetry(seq(relu, lin(1, 1)))
-    with pytest.raises(ValueError, match="layers/1.*5 features.*windows of 2"):
-        qo.infer_symmetry(seq(lin(1, 5), fixed(models.MaxOverPieces(2))))
-    with pytest.raises(ValueError, match="layer 'b' takes 3 inputs"):
-        qo.symmetry_from_layers(
-            [Dense("a", ("a", "kernel"), None, 2, 4, 1), Dense("b", ("b", "kernel"), None, 3, 1, 1)]
-        )
-    with pytest.raises(ValueError, match="no nnx.Linear"):
-        qo.infer_symmetry(seq())
-    with pytest.raises(ValueError, match="not an nnx.Sequential"):
-        qo.infer_symmetry(nnx.eval_shape(lambda: nnx.Linear(1, 1, rngs=nnx.Rngs(0))))
-    with pytest.raises(ValueError, match="unsupported model type"):
-        qo.infer_symmetry(3)
-
-
-def test_linen_errors():
-    names = linen_names(3)
-    params = jax.eval_shape(LinenMLP((4, 3, 1), names).init, jax.random.key(0), jnp.zeros((1, 2)))
-    with pytest.raises(ValueError, match="layer_order"):
-        qo.infer_symmetry(params)
-    with pytest.raises(ValueError, match="params/dense_q/kernel"):
-        qo.infer_symmetry(params, layer_order=[names[0], "dense_q"])
-    # dict (alphabetical) order is not execution order: the widths do not chain
-    with pytest.raises(ValueError, match="takes"):
-        qo.infer_symmetry(params, layer_order=sorted(names))
-    # the inner dict works as well as the one under 'params', each with its own paths
-    inner = qo.infer_symmetry(params["params"], layer_order=names)
-    outer = qo.infer_symmetry(params, layer_order=names)
-    assert [g.windows for g in inner.groups] == [g.windows for g in outer.groups] == [4, 3]
-    with pytest.raises(ValueError, match="no parameter at path 'dense_z/kernel'"):
-        inner.validate(params)
-
-
-def test_equinox_scanned_mlp_is_rejected():
-    mlp = eqx.filter_eval_shape(eqx.nn.MLP, 2, 1, 4, 3, scan=True, key=jax.random.key(0))
-    with pytest.raises(ValueError, match=r"layers/1.*\(2, 4, 4\).*scan=False"):
-        qo.infer_symmetry(mlp)

@@ -8,25 +8,35 @@ from quotient_opt.symmetry._canonical import (
     unit_balance,
     unit_energies,
 )
+from quotient_opt.symmetry._infer import infer_symmetry
+from quotient_opt.symmetry._paths import leaves_by_path, map_with_path, path_str
+from quotient_opt.symmetry._program import Program
 from quotient_opt.symmetry._spec import (
+    AxisRef,
     Dense,
     GroupElement,
     Symmetry,
     UnitGroup,
-    infer_symmetry,
+    symmetry_from_axes,
     symmetry_from_layers,
 )
 
 __all__ = [
+    "AxisRef",
     "CanonicalInfo",
     "Dense",
     "GroupElement",
+    "Program",
     "Symmetry",
     "UnitGroup",
     "canonical_log_scales",
     "canonicalize",
     "infer_symmetry",
+    "leaves_by_path",
+    "map_with_path",
+    "path_str",
     "sort_permutation",
+    "symmetry_from_axes",
     "symmetry_from_layers",
     "unit_balance",
     "unit_energies",

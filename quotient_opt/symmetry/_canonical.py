@@ -2,9 +2,9 @@
 
 Under the positive rescalings of :class:`~quotient_opt.Symmetry` (per-window
 log-scales :math:`s`), every parameter entry :math:`\\theta_e` is multiplied by
-:math:`\\exp(n_e^\\top s)`, where :math:`n_e` has a :math:`+1` at the unit whose
-incoming parameter :math:`e` is and a :math:`-1` at the unit whose outgoing
-weight it is. The squared norm along the orbit,
+:math:`\\exp(n_e^\\top s)`, where :math:`n_e` has the power of every
+:class:`~quotient_opt.AxisRef` holding the entry at the window it belongs to
+(:math:`+1` where the entry produces the unit, :math:`-1` where it reads it). The squared norm along the orbit,
 
 .. math::
 
@@ -33,8 +33,9 @@ per-unit energies, :math:`E` and the Gram couplings, all from one pass over
 the parameters (the squares are rescaled by broadcasting ``exp`` of the small
 per-window vectors). While the relative balance residual
 :math:`\\max_w |\\mathrm{in}_w - \\mathrm{out}_w| / (\\mathrm{in}_w + \\mathrm{out}_w)`
-is above 1/2, an iteration is a half red-black coordinate sweep (units of
-even-indexed groups are independent given the odd ones, and vice versa; the
+is above 1/2, an iteration is a coordinate sweep over one color of the
+groups' coupling graph (groups of one color share no parameter, so their
+units are independent given the others; a chain needs two colors; the
 one-unit minimum is :math:`s_w \\mathrel{+}= \\tfrac14 \\log(\\mathrm{out}_w/\\mathrm{in}_w)`,
 which absorbs large imbalances such as log-scales of ±20 in one step).
 Below it, an iteration is a Newton step: the Hessian :math:`4 J^\\top J` is
@@ -75,22 +76,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from quotient_opt.symmetry._gram import _couplings, _gram_solve, _structure
+from quotient_opt.symmetry import _views as views
+from quotient_opt.symmetry._gram import couplings, gram_solve, structure, window_sums
+from quotient_opt.symmetry._paths import Path, leaves_by_path
 from quotient_opt.symmetry._spec import (
     Element,
     GroupElement,
     LogScales,
-    Path,
     Symmetry,
-    broadcast_along,
-    leaves_by_path,
-    map_with_path,
+    UnitGroup,
     solve_dtype,
 )
 
 PyTree = Any
 
-# Relative balance residual above which the solver takes red-black sweeps
+# Relative balance residual above which the solver takes coordinate sweeps
 # (exact per-unit minimization, robust to huge imbalances) instead of Newton.
 _SWEEP_ABOVE = 0.5
 
@@ -98,78 +98,47 @@ _SWEEP_ABOVE = 0.5
 # --------------------------------------------------------------------------- helpers
 
 
-def _ops(sym: Symmetry) -> dict[Path, list[tuple[int, int, int, int]]]:
-    """``{leaf path: [(axis, group index, sign, pieces)]}`` over rescalable groups."""
-    ops: dict[Path, list[tuple[int, int, int, int]]] = {}
-    for gi, grp in enumerate(sym.groups):
-        if not grp.rescalable:
-            continue
-        for path, axis in grp.incoming:
-            ops.setdefault(path, []).append((axis, gi, 1, grp.pieces))
-        for path, axis in grp.outgoing:
-            ops.setdefault(path, []).append((axis, gi, -1, 1))
-    return ops
-
-
 def rescale(sym: Symmetry, tree: PyTree, log_scales: LogScales, *, power: int = 1) -> PyTree:
-    """Pure rescaling ``θ_e · exp(power · n_eᵀ s)`` without the permutation gathers.
+    """Pure rescaling without the permutation gathers: ``sym.rescale(tree, s, power=power)``.
 
-    Equal to ``sym.act(tree, sym.scales_only(log_scales), power=power)`` but
-    only multiplies (no gathers). ``power`` is ``1`` for parameters, ``-1``
-    for gradients and first moments, ``-2`` for second moments.
+    ``power`` is ``1`` for parameters, ``-1`` for gradients and first
+    moments, ``-2`` for second moments.
     """
-    ops = _ops(sym)
-
-    def apply(path: Path, x: jax.Array) -> jax.Array:
-        if path not in ops or x is None:
-            return x
-        for axis, gi, sign, pieces in ops[path]:
-            s = jnp.asarray(log_scales[gi])
-            if pieces > 1:
-                s = jnp.repeat(s, pieces)
-            m = jnp.exp((power * sign) * s)
-            x = x * broadcast_along(m, x.ndim, axis).astype(x.dtype)
-        return x
-
-    return map_with_path(apply, tree)
-
-
-def _axis_sums(q: dict[Path, jax.Array], specs: tuple[tuple[Path, int], ...], n: int, dt: Any):
-    """``sum over (path, axis) in specs`` of ``q[path]`` summed over every axis but ``axis``."""
-    total = jnp.zeros((n,), dt)
-    for path, axis in specs:
-        x = q[path]
-        total = total + jnp.sum(x, axis=tuple(a for a in range(x.ndim) if a != axis))
-    return total
-
-
-def _unit_sums(sym: Symmetry, q: dict[Path, jax.Array]) -> tuple[list, list]:
-    """Per-window sums of ``q`` over each unit's incoming and outgoing entries."""
-    dt = next(iter(q.values())).dtype if q else jnp.float32
-    ins, outs = [], []
-    for grp in sym.groups:
-        i = _axis_sums(q, grp.incoming, grp.units, dt)
-        ins.append(i.reshape(grp.windows, grp.pieces).sum(axis=1))
-        outs.append(_axis_sums(q, grp.outgoing, grp.windows, dt))
-    return ins, outs
+    return sym.rescale(tree, log_scales, power=power)
 
 
 def _squares(sym: Symmetry, params: PyTree, dtype: Any) -> dict[Path, jax.Array]:
     leaves = leaves_by_path(params)
-    touched = {p for grp in sym.groups for p, _ in grp.incoming + grp.outgoing}
+    touched = {r.path for grp in sym.groups for r in grp.refs}
     return {p: jnp.square(jnp.asarray(leaves[p], dtype)) for p in touched}
+
+
+def _group_sums(grp: UnitGroup, q: dict[Path, jax.Array], keep, dt: Any) -> jax.Array:
+    """Per window of ``grp``: the sum of ``q`` over the entries of the refs ``keep`` selects."""
+    total = jnp.zeros((grp.windows,), dt)
+    for r in grp.refs:
+        if not keep(r):
+            continue
+        v = views.sums(q[r.path], r, grp.count(r))
+        if r.level == "unit" and grp.pieces > 1:
+            v = v.reshape(grp.windows, grp.pieces).sum(-1)
+        total = total + abs(r.power) * v
+    return total
 
 
 def unit_energies(sym: Symmetry, params: PyTree) -> tuple[LogScales, LogScales]:
     """Per-window energies ``(in, out)`` of every unit group.
 
-    ``in_w`` is the sum of squares of unit ``w``'s incoming weights and bias
-    (over all pieces of a max-pool window), ``out_w`` of its outgoing weights.
+    ``in_w`` is the sum of squares of unit ``w``'s producing parameters
+    (incoming weights and bias, over all pieces of a max-pool window; refs
+    with ``power > 0``), ``out_w`` of its outgoing weights (``power < 0``).
     """
     sym.validate(params)
     dt = solve_dtype(params)
-    ins, outs = _unit_sums(sym, _squares(sym, params, dt))
-    return tuple(ins), tuple(outs)
+    q = _squares(sym, params, dt)
+    ins = tuple(_group_sums(g, q, lambda r: r.power > 0, dt) for g in sym.groups)
+    outs = tuple(_group_sums(g, q, lambda r: r.power < 0, dt) for g in sym.groups)
+    return ins, outs
 
 
 def unit_balance(sym: Symmetry, params: PyTree) -> LogScales:
@@ -232,7 +201,7 @@ def canonical_log_scales(
       params: parameters.
       tol: stop when the relative balance residual is below this, or stalls
         below ``1000 · tol`` (default :func:`default_tol` of the solve dtype).
-      max_iter: iteration cap (one half sweep or one Newton step per iteration).
+      max_iter: iteration cap (one sweep or one Newton step per iteration).
       max_log_scale: bound on ``|s|`` (default ``0.4 · log(finfo.max)``).
       cg_iter: conjugate-gradient iterations cap per Newton step (the
         CG works on the small coupling matrices only).
@@ -245,33 +214,37 @@ def canonical_log_scales(
     dt = solve_dtype(params)
     tol = default_tol(dt) if tol is None else tol
     bound = 0.4 * float(np.log(jnp.finfo(dt).max)) if max_log_scale is None else max_log_scale
+    st = structure(sym)
+    zero_all = tuple(jnp.zeros((grp.windows,), dt) for grp in sym.groups)
+    if not st.index:
+        info = CanonicalInfo(jnp.zeros((), dt), jnp.zeros((), jnp.int32), jnp.zeros((), dt))
+        return zero_all, info
     q0 = _squares(sym, params, dt)
-    resc = [grp.rescalable for grp in sym.groups]
     tiny = jnp.finfo(dt).tiny
     eps = jnp.finfo(dt).eps
-    zero = tuple(jnp.zeros((grp.windows,), dt) for grp in sym.groups)
-    if not any(resc):
-        info = CanonicalInfo(jnp.zeros((), dt), jnp.zeros((), jnp.int32), jnp.zeros((), dt))
-        return zero, info
-    st = _structure(sym)
-    ridx = [gi for gi, r in enumerate(resc) if r]  # rescalable group -> group index
-    ops = _ops(sym)
+    zero = tuple(jnp.zeros((w,), dt) for w in st.windows)
+    ncolors = max(st.num_colors, 1)
 
-    ins0, outs0 = _unit_sums(sym, q0)
+    def energies(q):
+        ins = window_sums(st, q.__getitem__, lambda p: max(p, 0), dt)
+        outs = window_sums(st, q.__getitem__, lambda p: max(-p, 0), dt)
+        diag = window_sums(st, q.__getitem__, lambda p: p * p, dt)
+        return ins, outs, diag
+
+    ins0, outs0, _ = energies(q0)
     # live units: non-zero energy on both sides (dead units stay at scale 0)
-    live = tuple(
-        (i > tiny) & (o > tiny) & r for i, o, r in zip(ins0, outs0, resc)
-    )
-    live_f = [live[gi].astype(dt) for gi in ridx]
+    live = tuple((i > tiny) & (o > tiny) for i, o in zip(ins0, outs0))
+    live_f = [lv.astype(dt) for lv in live]
 
     def scaled_q(s):
         """Squares at ``exp(s)·θ``: small exps broadcast, no full-size exp."""
-        out = {}
-        for p, x in q0.items():
-            for axis, gi, sign, pieces in ops.get(p, ()):
-                v = s[gi] if pieces == 1 else jnp.repeat(s[gi], pieces)
-                x = x * broadcast_along(jnp.exp((2 * sign) * v), x.ndim, axis)
-            out[p] = x
+        out = dict(q0)
+        for gi, rs in enumerate(st.refs):
+            for r in rs:
+                v = s[gi] if r.level == "window" or st.pieces[gi] == 1 else jnp.repeat(
+                    s[gi], st.pieces[gi])
+                out[r.path] = views.scale(out[r.path], r, st.count(gi, r),
+                                          jnp.exp((2 * r.power) * v))
         return out
 
     def residual(ins, outs):
@@ -284,12 +257,10 @@ def canonical_log_scales(
     def stats(s):
         """One pass at ``s``: energy, per-unit sums, couplings, residual."""
         q = scaled_q(s)
-        ins, outs = _unit_sums(sym, q)
-        coup = [
-            c * live_f[ia][:, None] * live_f[ib][None, :] for ia, ib, c in _couplings(st, q)
-        ]
+        ins, outs, diag = energies(q)
+        coup = [c * live_f[a][:, None] * live_f[b][None, :] for a, b, c in couplings(st, q)]
         e = sum(jnp.sum(x) for x in q.values())
-        return (e, tuple(ins), tuple(outs), coup), residual(ins, outs)
+        return (e, tuple(ins), tuple(outs), tuple(diag), coup), residual(ins, outs)
 
     def clip(s):
         return tuple(jnp.clip(x, -bound, bound) for x in s)
@@ -298,28 +269,26 @@ def canonical_log_scales(
         return sum(jnp.vdot(x, y) for x, y in zip(a, b))
 
     def direction(st_s, res, it):
-        """Half red-black sweep while far from balance, else a Newton step."""
-        _, ins, outs, coup = st_s
+        """A coordinate sweep over one color while far from balance, else a Newton step."""
+        _, ins, outs, diag, coup = st_s
         far = res > _SWEEP_ABOVE
-        parity = it % 2
+        color = it % ncolors
         sweep = tuple(
             jnp.where(
-                lv & (k % 2 == parity),
+                lv & (c == color),
                 0.25 * (jnp.log(jnp.where(lv, o, 1)) - jnp.log(jnp.where(lv, i, 1))),
                 0,
-            )
-            for k, (i, o, lv) in enumerate(zip(ins, outs, live))
+            ) if c is not None else jnp.zeros_like(i)
+            for i, o, lv, c in zip(ins, outs, live, st.colors)
         )
         # Newton: (4 J^T J) d = -grad E = 2 (out - in), J^T J the explicit Gram
-        # matrix (diagonal in + out, couplings the squared kernel entries).
-        rhs = [jnp.where(live[gi], 0.5 * (outs[gi] - ins[gi]), 0) for gi in ridx]
-        diag = [jnp.where(live[gi], ins[gi] + outs[gi], 0) for gi in ridx]
+        # matrix (diagonal sum p^2 q, couplings p_a p_b q).
+        rhs = [jnp.where(lv, 0.5 * (o - i), 0) for i, o, lv in zip(ins, outs, live)]
+        dg = [jnp.where(lv, d, 0) for d, lv in zip(diag, live)]
         cg_tol = jnp.minimum(0.1, jnp.sqrt(res))
-        coup = [(c.a, c.b, m) for c, m in zip(st.couplings, coup)]
-        a = _gram_solve(diag, coup, rhs, eps, cg_tol, jnp.where(far, 0, cg_iter))
-        newton = list(zero)
-        for gi, x in zip(ridx, a):
-            newton[gi] = jnp.where(live[gi], x, 0)
+        coupled = [(c.a, c.b, m) for c, m in zip(st.couplings, coup)]
+        newton = gram_solve(dg, coupled, rhs, eps, cg_tol, jnp.where(far, 0, cg_iter))
+        newton = [jnp.where(lv, x, 0) for x, lv in zip(newton, live)]
         d = tuple(jnp.where(far, u, v) for u, v in zip(sweep, newton))
         # a safe step: at most 4 in any log-scale for Newton
         dmax = jnp.max(jnp.stack([jnp.max(jnp.abs(x), initial=0) for x in d]))
@@ -333,7 +302,7 @@ def canonical_log_scales(
 
     def body(c):
         s, st_s, res, _, it = c
-        e0, ins, outs, _ = st_s
+        e0, ins, outs = st_s[0], st_s[1], st_s[2]
         d = direction(st_s, res, it)
         slope = dot(tuple(2 * (i - o) for i, o in zip(ins, outs)), d)
         ok_dir = (slope < 0) & jnp.isfinite(slope)
@@ -369,31 +338,45 @@ def canonical_log_scales(
         cond, body, (zero, st0, res0, inf, jnp.zeros((), jnp.int32))
     )
     s = tuple(jnp.where(jnp.isfinite(x) & lv, x, 0) for x, lv in zip(s, live))
-    return s, CanonicalInfo(res, it, st_s[0])
+    out = list(zero_all)
+    for gi, x in zip(st.index, s):
+        out[gi] = x
+    return tuple(out), CanonicalInfo(res, it, st_s[0])
 
 
 def sort_permutation(sym: Symmetry, params: PyTree) -> Element:
     """The permutation that sorts each group's units by a deterministic key.
 
-    Windows are sorted by their incoming energy (sum of squares of incoming
-    weights and bias over their pieces), pieces inside a window by their own
-    incoming energy. Both keys are unchanged by permutations of the other
-    groups, so each group is sorted independently. Apply it after rescaling
-    canonicalization so that the key is scale-free. Ties (e.g. several dead
-    units) are broken by index, so only the tied units' order is arbitrary.
+    Windows are sorted by their incoming energy (sum of squares of the
+    parameters producing them, weights and bias, over their pieces), pieces
+    inside a window by their own incoming energy. Both keys are unchanged by
+    permutations of the other groups, so each group is sorted independently.
+    Apply it after rescaling canonicalization so that the key is scale-free.
+    Ties (e.g. several dead units) are broken by index, so only the tied
+    units' order is arbitrary.
     """
     dt = solve_dtype(params)
     q = _squares(sym, params, dt)
     out = []
     for grp in sym.groups:
-        per_unit = _axis_sums(q, grp.incoming, grp.units, dt).reshape(grp.windows, grp.pieces)
-        pp = jnp.argsort(per_unit, axis=1, stable=True).astype(jnp.int32)
+        unit_refs = [r for r in grp.refs if r.level == "unit" and r.power > 0] or [
+            r for r in grp.refs if r.level == "unit"]
+        per_unit = jnp.zeros((grp.units,), dt)
+        for r in unit_refs:
+            per_unit = per_unit + views.sums(q[r.path], r, grp.units)
+        if not unit_refs:  # window-level refs only: sort windows by their entries
+            for r in grp.refs:
+                per_unit = per_unit + jnp.repeat(views.sums(q[r.path], r, grp.windows),
+                                                 grp.pieces)
+        per_unit = per_unit.reshape(grp.windows, grp.pieces)
+        pp = jnp.arange(grp.pieces, dtype=jnp.int32)[None, :].repeat(grp.windows, 0)
+        if grp.pieces > 1 and grp.pieces_permutable:
+            pp = jnp.argsort(per_unit, axis=1, stable=True).astype(jnp.int32)
         wp = jnp.arange(grp.windows, dtype=jnp.int32)
-        if grp.windows_permutable:
+        if grp.permutable:
             wp = jnp.argsort(per_unit.sum(axis=1), stable=True).astype(jnp.int32)
         out.append(GroupElement(wp, pp[wp], jnp.zeros((grp.windows,), dt)))
     return tuple(out)
-
 
 def canonicalize(
     sym: Symmetry,

@@ -1,101 +1,182 @@
 """The Gram matrix :math:`J^\\top J` of the infinitesimal rescaling action, and its solve.
 
-Over the windows (units after pooling) of the rescalable groups, :math:`J^\\top J`
-is a grounded, weighted graph Laplacian: diagonal
-:math:`\\|\\text{in}_u\\|^2 + \\|\\text{out}_u\\|^2`, couplings minus the squared
-kernel entries joining two units. It is diagonally dominant, so Jacobi-scaled
-conjugate gradients converge in a few iterations and touch only the small
-coupling matrices. Used by the horizontal projection and by the Newton steps
-of the canonicalization (whose Hessian is :math:`4 J^\\top J`).
+Under the rescaling by per-window log-scales :math:`s`, a parameter entry
+:math:`\\theta_e` is multiplied by :math:`\\exp(n_e^\\top s)` where
+:math:`n_e = \\sum_r p_r\\, \\mathbb 1_{u_r(e)}` sums, over the refs
+:math:`r` (:class:`~quotient_opt.AxisRef`) that hold the entry, the ref's
+power :math:`p_r` at the window :math:`u_r(e)` the entry belongs to. So
+
+.. math::
+
+    J a = \\theta \\odot (n^\\top a), \\qquad
+    (J^\\top v)_u = \\sum_r p_r \\sum_{e:\\, u_r(e) = u} \\theta_e v_e, \\qquad
+    J^\\top J = \\sum_e \\theta_e^2\\, n_e n_e^\\top .
+
+Over the windows of the rescalable groups :math:`J^\\top J` is a weighted
+graph Laplacian: its diagonal sums :math:`p_r^2 \\theta_e^2` over each
+window's entries, and two refs of one leaf on different axes couple their
+windows by :math:`p_a p_b \\sum \\theta_e^2` (minus the squared kernel
+entries between a layer and the next). It is weakly diagonally dominant
+(:math:`2|p_a p_b| \\le p_a^2 + p_b^2`), so Jacobi-scaled conjugate gradients
+converge in a few iterations and touch only the small coupling matrices.
+Used by the horizontal projection and by the Newton steps of the
+canonicalization (whose Hessian is :math:`4 J^\\top J`).
+
+Everything is read through the per-unit views
+(:mod:`quotient_opt.symmetry._views`), so dense, convolution, flattened and
+residual layouts need nothing special here.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from quotient_opt.symmetry._spec import Path, Symmetry, broadcast_along, map_with_path
+from quotient_opt.symmetry import _views as views
+from quotient_opt.symmetry._paths import Path, map_with_path
+from quotient_opt.symmetry._spec import AxisRef, Symmetry
 
 PyTree = Any
 
 
-# --------------------------------------------------------------------------- structure
-
-
 @dataclasses.dataclass(frozen=True)
-class _Coupling:
-    """A kernel carrying the outputs of window group ``a`` into the units of group ``b``."""
+class Coupling:
+    """Two refs of one leaf, on different axes, of rescalable groups ``a`` and ``b``."""
 
     path: Path
-    a: int  # index (into the rescalable groups) of the feeding group
-    a_axis: int  # kernel axis indexing group a's windows
-    b: int  # index of the fed group
-    b_axis: int  # kernel axis indexing group b's units (windows x pieces)
+    a: int  # index into Structure.groups
+    ref_a: AxisRef
+    b: int
+    ref_b: AxisRef
 
 
 @dataclasses.dataclass(frozen=True)
-class _Structure:
-    """The rescalable part of a :class:`Symmetry`, read once at construction."""
+class Structure:
+    """The rescalable part of a :class:`~quotient_opt.Symmetry`, read once.
 
+    Attributes:
+      index: for each rescalable group, its index in ``sym.groups``.
+      windows: windows per rescalable group.
+      pieces: pieces per rescalable group.
+      refs: per rescalable group, its refs with a nonzero power.
+      couplings: the coupled ref pairs.
+      colors: a coloring of the rescalable groups such that no two groups of
+        one color are coupled (``None`` for a group coupled to itself).
+    """
+
+    index: tuple[int, ...]
     windows: tuple[int, ...]
     pieces: tuple[int, ...]
-    incoming: tuple[tuple[tuple[Path, int], ...], ...]
-    outgoing: tuple[tuple[tuple[Path, int], ...], ...]
-    couplings: tuple[_Coupling, ...]
+    refs: tuple[tuple[AxisRef, ...], ...]
+    couplings: tuple[Coupling, ...]
+    colors: tuple[int | None, ...]
+
+    def count(self, gi: int, ref: AxisRef) -> int:
+        return self.windows[gi] * self.pieces[gi] if ref.level == "unit" else self.windows[gi]
+
+    @property
+    def num_colors(self) -> int:
+        return 1 + max((c for c in self.colors if c is not None), default=-1)
 
 
-def _structure(sym: Symmetry) -> _Structure:
-    groups = [g for g in sym.groups if g.rescalable]
+@functools.lru_cache(maxsize=256)
+def structure(sym: Symmetry) -> Structure:
+    """The :class:`Structure` of ``sym`` (cached: symmetries are hashable)."""
+    index = tuple(i for i, g in enumerate(sym.groups) if g.rescalable)
+    refs = tuple(tuple(r for r in sym.groups[i].refs if r.power != 0) for i in index)
+    by_leaf: dict[Path, list[tuple[int, AxisRef]]] = {}
+    for gi, rs in enumerate(refs):
+        for r in rs:
+            by_leaf.setdefault(r.path, []).append((gi, r))
     couplings = []
-    for a, ga in enumerate(groups):
-        for path, a_axis in ga.outgoing:
-            for b, gb in enumerate(groups):
-                for pb, b_axis in gb.incoming:
-                    if pb == path:
-                        couplings.append(_Coupling(path, a, a_axis, b, b_axis))
-    return _Structure(
-        windows=tuple(g.windows for g in groups),
-        pieces=tuple(g.pieces for g in groups),
-        incoming=tuple(g.incoming for g in groups),
-        outgoing=tuple(g.outgoing for g in groups),
+    for path, entries in by_leaf.items():
+        for i, (ga, ra) in enumerate(entries):
+            for gb, rb in entries[i + 1 :]:
+                if ra.axis != rb.axis:
+                    couplings.append(Coupling(path, ga, ra, gb, rb))
+    # greedy coloring of the coupling graph (a chain gets two colors)
+    adj: dict[int, set[int]] = {i: set() for i in range(len(index))}
+    for c in couplings:
+        adj[c.a].add(c.b)
+        adj[c.b].add(c.a)
+    colors: list[int | None] = [None] * len(index)
+    for gi in range(len(index)):
+        if gi in adj[gi]:
+            continue
+        used = {colors[j] for j in adj[gi]}
+        colors[gi] = next(c for c in range(len(index) + 1) if c not in used)
+    return Structure(
+        index=index,
+        windows=tuple(sym.groups[i].windows for i in index),
+        pieces=tuple(sym.groups[i].pieces for i in index),
+        refs=refs,
         couplings=tuple(couplings),
+        colors=tuple(colors),
     )
 
 
-def _sum_except(x: jax.Array, axis: int) -> jax.Array:
-    """Sums over every axis but ``axis``."""
-    return jnp.sum(x, axis=tuple(i for i in range(x.ndim) if i != axis))
+def _to_windows(v: jax.Array, st: Structure, gi: int, ref: AxisRef) -> jax.Array:
+    if ref.level == "unit" and st.pieces[gi] > 1:
+        return v.reshape(st.windows[gi], st.pieces[gi]).sum(-1)
+    return v
 
 
-def _window_sums(st: _Structure, fn, sign_out: float) -> list[jax.Array]:
-    """Per window: ``sum_in fn(path)`` (pieces summed) ``+ sign_out * sum_out fn(path)``."""
+def window_sums(
+    st: Structure,
+    leaf: Callable[[Path], jax.Array],
+    weight: Callable[[int], float],
+    dtype: Any,
+) -> list[jax.Array]:
+    """Per rescalable group and window: ``sum_r weight(p_r) * (sum of leaf(path) over the window)``."""
     out = []
-    for w, k, inc, outg in zip(st.windows, st.pieces, st.incoming, st.outgoing):
-        s = 0.0
-        for path, axis in inc:
-            s = s + _sum_except(fn(path), axis).reshape(w, k).sum(-1)
-        for path, axis in outg:
-            s = s + sign_out * _sum_except(fn(path), axis)
-        out.append(jnp.broadcast_to(jnp.asarray(s), (w,)))
+    for gi, rs in enumerate(st.refs):
+        total = jnp.zeros((st.windows[gi],), dtype)
+        for r in rs:
+            w = weight(r.power)
+            if w:
+                total = total + w * _to_windows(
+                    views.sums(leaf(r.path), r, st.count(gi, r)), st, gi, r)
+        out.append(total)
     return out
 
 
-def _tangent(st: _Structure, theta: PyTree, a: list[jax.Array], dtype: Any) -> PyTree:
-    """``J a``: incoming parameters times their window's ``a``, outgoing times ``-a``."""
-    mult: dict[Path, list[tuple[int, jax.Array]]] = {}
-    for ai, k, inc, outg in zip(a, st.pieces, st.incoming, st.outgoing):
-        for path, axis in inc:
-            mult.setdefault(path, []).append((axis, jnp.repeat(ai, k)))
-        for path, axis in outg:
-            mult.setdefault(path, []).append((axis, -ai))
+def couplings(st: Structure, sq: dict[Path, jax.Array]) -> list[tuple[int, int, jax.Array]]:
+    """Off-diagonal Gram blocks ``(a, b, C)``: ``C[u, w] = p_a p_b`` times the sum of the
+    squared entries shared by window ``u`` of group ``a`` and window ``w`` of group ``b``."""
+    out = []
+    for c in st.couplings:
+        s = views.pair_sums(sq[c.path], c.ref_a, st.count(c.a, c.ref_a), c.ref_b,
+                            st.count(c.b, c.ref_b))
+        if c.ref_a.level == "unit" and st.pieces[c.a] > 1:
+            s = s.reshape(st.windows[c.a], st.pieces[c.a], -1).sum(1)
+        if c.ref_b.level == "unit" and st.pieces[c.b] > 1:
+            s = s.reshape(s.shape[0], st.windows[c.b], st.pieces[c.b]).sum(-1)
+        out.append((c.a, c.b, (c.ref_a.power * c.ref_b.power) * s))
+    return out
+
+
+def tangent(st: Structure, theta: PyTree, a: list[jax.Array], dtype: Any) -> PyTree:
+    """``J a``: every entry times ``sum_r p_r a[window_r(entry)]``."""
+    mult: dict[Path, list[tuple[AxisRef, int, jax.Array]]] = {}
+    for gi, (ai, rs) in enumerate(zip(a, st.refs)):
+        for r in rs:
+            v = r.power * ai
+            if r.level == "unit" and st.pieces[gi] > 1:
+                v = jnp.repeat(v, st.pieces[gi])
+            mult.setdefault(r.path, []).append((r, st.count(gi, r), v))
 
     def one(path: Path, x: jax.Array) -> jax.Array:
         if path not in mult:
             return jnp.zeros_like(x)
-        m = sum(broadcast_along(v, x.ndim, axis) for axis, v in mult[path])
+        m = 0.0
+        for r, count, v in mult[path]:
+            full = views.expand(v.astype(dtype), r, count, x.shape[r.axis], fill=0)
+            m = m + views.broadcast_along(full, x.ndim, r.axis)
         return (x.astype(dtype) * m).astype(x.dtype)
 
     return map_with_path(one, theta)
@@ -104,7 +185,7 @@ def _tangent(st: _Structure, theta: PyTree, a: list[jax.Array], dtype: Any) -> P
 # --------------------------------------------------------------------------- solve
 
 
-def _cg(matvec, b: list[jax.Array], tol: jax.Array, max_iter: jax.Array) -> list[jax.Array]:
+def cg(matvec, b: list[jax.Array], tol: jax.Array, max_iter: jax.Array) -> list[jax.Array]:
     """Conjugate gradients for an SPD operator on a list of vectors (jit-safe loop)."""
 
     def dot(x, y):
@@ -139,47 +220,35 @@ def _cg(matvec, b: list[jax.Array], tol: jax.Array, max_iter: jax.Array) -> list
     return x
 
 
-def _couplings(st: _Structure, sq: dict[Path, jax.Array]) -> list[tuple[int, int, jax.Array]]:
-    """Off-diagonal Gram blocks ``(a, b, S)`` with ``S[u, w] = sum_pieces W[u, (w, p)]^2``.
-
-    ``sq`` maps each kernel path to its squared entries; ``(J^T J)_{uw} = -S[u, w]``.
-    """
-    out = []
-    for c in st.couplings:
-        s = jnp.moveaxis(sq[c.path], c.a_axis, 0)  # (W_a, W_b * k_b)
-        s = s.reshape(st.windows[c.a], st.windows[c.b], st.pieces[c.b]).sum(-1)
-        out.append((c.a, c.b, s))
-    return out
-
-
-def _gram_solve(
+def gram_solve(
     diag: list[jax.Array],
-    couplings: list[tuple[int, int, jax.Array]],
+    coupled: list[tuple[int, int, jax.Array]],
     b: list[jax.Array],
     eps: jax.Array,
     tol: jax.Array,
     max_iter: jax.Array,
 ) -> list[jax.Array]:
-    """Solves ``((1 + eps) D - C + tiny) a = b`` by Jacobi-scaled CG.
+    """Solves ``((1 + eps) D + C + tiny) a = b`` by Jacobi-scaled CG.
 
     ``D`` is the Gram diagonal (one vector per rescalable group), ``C`` the
-    symmetric couplings from :func:`_couplings`. Only the small coupling
-    matrices are touched. A non-finite solution is replaced by zeros.
+    symmetric couplings from :func:`couplings` (each block ``(a, b, C_ab)``
+    stands for ``C_ab`` and its transpose). Only the small coupling matrices
+    are touched. A non-finite solution is replaced by zeros.
     """
     tiny = jnp.finfo(diag[0].dtype).tiny
     # d^2 = (1 + eps) D + tiny: strictly diagonally dominant, so positive definite.
     d = [jnp.sqrt((1 + eps) * dg + tiny) for dg in diag]
-    coup = [(ia, ib, s / (d[ia][:, None] * d[ib][None, :])) for ia, ib, s in couplings]
+    scaled = [(ia, ib, c / (d[ia][:, None] * d[ib][None, :])) for ia, ib, c in coupled]
 
     def matvec(x: list[jax.Array]) -> list[jax.Array]:
         y = list(x)
-        for ia, ib, s in coup:
-            y[ia] = y[ia] - s @ x[ib]
-            y[ib] = y[ib] - x[ia] @ s
+        for ia, ib, c in scaled:
+            y[ia] = y[ia] + c @ x[ib]
+            y[ib] = y[ib] + x[ia] @ c
         return y
 
     bhat = [bi / di for bi, di in zip(b, d)]
-    x = _cg(matvec, bhat, tol, jnp.asarray(max_iter))
+    x = cg(matvec, bhat, tol, jnp.asarray(max_iter))
     a = [xi / di for xi, di in zip(x, d)]
     finite = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(ai)) for ai in a]))
     return [jnp.where(finite, ai, 0.0) for ai in a]

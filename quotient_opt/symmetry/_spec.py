@@ -1,18 +1,33 @@
-"""The symmetry group of a feed-forward network and its action on parameters.
+"""The symmetry spec of a network and its group action on parameters.
 
-A fully connected network computes the same function at :math:`\\theta` and at
-:math:`g \\cdot \\theta` whenever :math:`g` permutes the hidden units of a layer
-(moving their incoming and outgoing weights together) or, behind a positively
+A network computes the same function at :math:`\\theta` and at
+:math:`g \\cdot \\theta` whenever :math:`g` permutes the hidden units of a
+layer (moving all their parameters together) or, behind a positively
 homogeneous activation :math:`\\sigma(cx) = c\\,\\sigma(x)` for :math:`c > 0`,
-multiplies the incoming weights and bias of a unit by :math:`c` and its
-outgoing weights by :math:`1/c`. For a max over the pieces of a window, the
-pieces of one window share one scale (``max`` is jointly homogeneous) and may
-be permuted among themselves.
+multiplies the parameters producing a unit by :math:`c` and those reading it
+by :math:`1/c`. For a max over the pieces of a window, the pieces share one
+scale (``max`` is jointly homogeneous) and may be permuted among themselves.
 
-Everything in the library derives from :meth:`Symmetry.act`. Its derivative in
-the log-scales at the identity, :meth:`Symmetry.tangent`, spans the *vertical*
-space (directions along the rescaling orbit); :meth:`Symmetry.cotangent` is
-its transpose.
+The spec is data. A :class:`Symmetry` is a tuple of :class:`UnitGroup`; a
+group lists, as :class:`AxisRef`, every axis of every leaf that holds its
+units, with the *scale law* of that leaf (``power``: the entries of unit
+``u`` are multiplied by :math:`c_u^{\\text{power}}`):
+
+* ``power=+1``: entries that produce the unit (kernel columns, the bias);
+* ``power=-1``: entries that read it (the next kernel's rows);
+* ``power=0``: entries that are only permuted (a per-unit gain such as a
+  normalization's scale);
+
+and ``level``: whether the axis indexes the group's units (``windows ×
+pieces``, before a max over pieces) or its windows (after it). Everything
+else, :meth:`Symmetry.act`, the orbit tangents, the Gram system, the canonical
+form, the path norm, teleportation, revival and state transport, is derived
+from this one description through the per-unit views of
+:mod:`quotient_opt.symmetry._views`.
+
+Specs come from :func:`~quotient_opt.infer_symmetry`, which traces the
+model, or are written by hand (:func:`symmetry_from_axes`), git-re-basin
+style, and checked numerically with :meth:`Symmetry.check`.
 
 References:
   Neyshabur, Salakhutdinov, Srebro. *Path-SGD: Path-Normalized Optimization in
@@ -25,133 +40,120 @@ References:
 from __future__ import annotations
 
 import dataclasses
-import functools
-from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-Path = tuple[str | int, ...]
+from quotient_opt.symmetry import _views as views
+from quotient_opt.symmetry._paths import (
+    Path,
+    leaves_by_path,
+    map_with_path,
+    parse_path,
+    path_str,
+)
+from quotient_opt.symmetry._views import broadcast_along
+
 PyTree = Any
+Level = Literal["unit", "window"]
+Role = Literal["kernel", "bias", "scale"]
+
+__all__ = [
+    "AxisRef",
+    "Dense",
+    "GroupElement",
+    "Symmetry",
+    "UnitGroup",
+    "broadcast_along",
+    "leaves_by_path",
+    "map_with_path",
+    "path_str",
+    "solve_dtype",
+    "symmetry_from_axes",
+    "symmetry_from_layers",
+]
 
 
-# --------------------------------------------------------------------------- paths
-
-
-def normalize_path(key_path: Sequence[Any]) -> Path:
-    """Turns a JAX key path into a tuple of plain names and indices.
-
-    The trailing ``.value`` of a flax ``Variable`` is dropped, so an nnx
-    ``State`` leaf reads ``('layers', 0, 'kernel')``.
-    """
-    out: list[str | int] = []
-    for k in key_path:
-        if isinstance(k, jax.tree_util.DictKey):
-            out.append(k.key)
-        elif isinstance(k, jax.tree_util.SequenceKey):
-            out.append(k.idx)
-        elif isinstance(k, jax.tree_util.GetAttrKey):
-            out.append(k.name)
-        elif isinstance(k, jax.tree_util.FlattenedIndexKey):
-            out.append(k.key)
-        else:  # pragma: no cover - exotic key types
-            out.append(str(k))
-    while out and out[-1] in ("value", "raw_value"):
-        out.pop()
-    return tuple(out)
-
-
-def path_str(path: Path) -> str:
-    """``('layers', 0, 'kernel')`` -> ``'layers/0/kernel'``."""
-    return "/".join(str(p) for p in path)
-
-
-def leaves_by_path(tree: PyTree) -> dict[Path, Any]:
-    """Flat ``{path: leaf}`` view of a pytree (``None`` leaves skipped)."""
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return {normalize_path(p): leaf for p, leaf in flat}
-
-
-def map_with_path(fn: Callable[[Path, Any], Any], tree: PyTree, *rest: PyTree) -> PyTree:
-    """``jax.tree.map`` whose function also receives the normalized path."""
-    return jax.tree_util.tree_map_with_path(
-        lambda p, x, *r: fn(normalize_path(p), x, *r), tree, *rest
-    )
-
-
-# --------------------------------------------------------------------------- structure
+# --------------------------------------------------------------------------- the spec
 
 
 @dataclasses.dataclass(frozen=True)
-class Dense:
-    """One affine layer of the network's chain.
+class AxisRef:
+    """Where a group's units sit along one axis of one parameter leaf.
 
     Attributes:
-      name: path of the layer, e.g. ``'layers/0'``.
-      kernel: path of the weight matrix leaf.
-      bias: path of the bias leaf, or ``None``.
-      in_features: input width.
-      out_features: output width.
-      kernel_out_axis: axis of the kernel that indexes outputs (1 for flax's
-        ``(in, out)`` kernels, 0 for equinox's ``(out, in)`` weights).
-      activation: name of what follows the layer (``'relu'``, ``'max'``,
-        ``'identity'``, ``'tanh'`` ...).
-      homogeneous: whether that activation is positively homogeneous of degree 1.
-      pieces: size of the max-pool window after the layer (1 for an
-        elementwise activation).
+      path: the leaf's path, e.g. ``('fc1', 'kernel')``.
+      axis: the axis of the leaf (non-negative).
+      power: scale law: unit ``u``'s entries are multiplied by
+        :math:`c_u^{\\text{power}}` (``+1`` producing, ``-1`` reading, ``0``
+        permuted only).
+      level: ``'unit'`` if the axis indexes the group's ``windows * pieces``
+        units (piece ``j`` of window ``w`` is unit ``w * pieces + j``),
+        ``'window'`` if it indexes its windows.
+      role: ``'kernel'`` (a weight), ``'bias'`` (added), ``'scale'``
+        (multiplied); informational, used to find a unit's bias.
+      outer: the axis is read as ``outer`` blocks (a flattened feature map
+        with channels last has ``outer = H * W``).
+      offset: first position of the units in each block (a concatenation).
+      inner: consecutive positions per unit (a flattened channels-first
+        feature map has ``inner = H * W``).
     """
 
-    name: str
-    kernel: Path
-    bias: Path | None
-    in_features: int
-    out_features: int
-    kernel_out_axis: int
-    activation: str = "identity"
-    homogeneous: bool = True
-    pieces: int = 1
+    path: Path
+    axis: int
+    power: int = 1
+    level: Level = "unit"
+    role: Role = "kernel"
+    outer: int = 1
+    offset: int = 0
+    inner: int = 1
 
-    @property
-    def kernel_in_axis(self) -> int:
-        return 1 - self.kernel_out_axis
-
-    @property
-    def outputs(self) -> int:
-        """Width after the activation / pooling."""
-        return self.out_features // self.pieces
+    def describe(self) -> str:
+        law = {1: "c", -1: "1/c", 0: "1"}.get(self.power, f"c^{self.power}")
+        lay = []
+        if self.outer != 1:
+            lay.append(f"outer={self.outer}")
+        if self.offset:
+            lay.append(f"offset={self.offset}")
+        if self.inner != 1:
+            lay.append(f"inner={self.inner}")
+        extra = f" [{', '.join(lay)}]" if lay else ""
+        return f"{path_str(self.path)}:{self.axis} ×{law} ({self.role}, {self.level}s){extra}"
 
 
 @dataclasses.dataclass(frozen=True)
 class UnitGroup:
-    """The hidden units produced by one layer, with where they live in the params.
+    """A set of interchangeable units and every parameter axis that holds them.
 
-    Units are indexed as ``windows x pieces``: a ReLU layer of width ``n`` has
-    ``n`` windows of one piece; a max-pool layer over ``k`` pieces has
-    ``n / k`` windows of ``k`` pieces, piece ``j`` of window ``w`` being
-    output ``w * k + j`` of the linear layer before it.
+    Units are indexed as ``windows × pieces``: a ReLU layer of width ``n``
+    has ``n`` windows of one piece; a max over ``k`` pieces has ``n / k``
+    windows of ``k`` pieces, piece ``j`` of window ``w`` being unit
+    ``w * k + j``.
 
     Attributes:
-      name: path of the layer producing the units.
-      windows: number of windows ``W`` (= units after pooling).
+      name: a readable name (the producing layer's path).
+      windows: number of windows ``W`` (units after the max over pieces).
       pieces: pieces per window ``k``.
-      incoming: ``(leaf path, axis)`` pairs whose axis (size ``W * k``) holds
-        the units' incoming parameters; scaled by ``c``.
-      outgoing: ``(leaf path, axis)`` pairs whose axis (size ``W``) holds the
-        units' outgoing weights; scaled by ``1 / c``.
-      rescalable: whether positive rescaling is a symmetry (homogeneous
-        activation *and* a following layer to absorb ``1 / c``).
-      activation: the activation's name.
+      refs: every axis holding the group's units, with its scale law.
+      permutable: whether windows may be permuted.
+      pieces_permutable: whether pieces may be permuted within a window.
+      rescalable: whether a positive scale per window is a symmetry.
+      activation: what the units compute (``'relu'``, ``'max'``, ...).
+      notes: why a symmetry is missing, for :meth:`Symmetry.describe`.
     """
 
     name: str
     windows: int
-    pieces: int
-    incoming: tuple[tuple[Path, int], ...]
-    outgoing: tuple[tuple[Path, int], ...]
-    rescalable: bool
-    activation: str
+    pieces: int = 1
+    refs: tuple[AxisRef, ...] = ()
+    permutable: bool = True
+    pieces_permutable: bool = True
+    rescalable: bool = True
+    activation: str = ""
+    notes: tuple[str, ...] = ()
 
     @property
     def units(self) -> int:
@@ -159,17 +161,70 @@ class UnitGroup:
 
     @property
     def windows_permutable(self) -> bool:
-        """Windows may be permuted only if a later layer absorbs the permutation."""
-        return bool(self.outgoing)
+        return self.permutable
+
+    def count(self, ref: AxisRef) -> int:
+        """Number of positions a ref indexes: units or windows."""
+        return self.units if ref.level == "unit" else self.windows
+
+    def select(
+        self, *, sign: int | None = None, level: Level | None = None, role: Role | None = None
+    ) -> tuple[AxisRef, ...]:
+        """The refs with a given sign of ``power``, ``level`` and ``role`` (``None``: any)."""
+        return tuple(
+            r
+            for r in self.refs
+            if (sign is None or np.sign(r.power) == sign)
+            and (level is None or r.level == level)
+            and (role is None or r.role == role)
+        )
+
+    @property
+    def incoming(self) -> tuple[AxisRef, ...]:
+        """Unit-level refs that produce the units (``power > 0``)."""
+        return self.select(sign=1, level="unit")
+
+    @property
+    def outgoing(self) -> tuple[AxisRef, ...]:
+        """Refs that read the units (``power < 0``)."""
+        return self.select(sign=-1)
+
+    @property
+    def bias(self) -> AxisRef | None:
+        """The unit-level bias ref, if the units have one."""
+        return next(iter(self.select(sign=1, level="unit", role="bias")), None)
+
+    @property
+    def symmetric(self) -> bool:
+        """Whether the group has any symmetry at all."""
+        return self.permutable or self.rescalable or (self.pieces > 1 and self.pieces_permutable)
+
+    def describe(self) -> str:
+        shape = f"{self.windows} units" if self.pieces == 1 else (
+            f"{self.windows} windows × {self.pieces} pieces"
+        )
+        sym = []
+        if self.permutable:
+            sym.append("permutable")
+        if self.pieces > 1 and self.pieces_permutable:
+            sym.append("pieces permutable")
+        if self.rescalable:
+            sym.append("rescalable")
+        head = f"{self.name}: {shape}, {self.activation or '?'}; " + (
+            ", ".join(sym) if sym else "no symmetry"
+        )
+        lines = [head] + [f"    {r.describe()}" for r in self.refs]
+        lines += [f"    - {n}" for n in self.notes]
+        return "\n".join(lines)
 
 
 class GroupElement(NamedTuple):
     """An element of one unit group's symmetry group (a pytree).
 
-    Acting on incoming parameters, new unit ``(w, j)`` takes old unit
-    ``(window_perm[w], piece_perm[w, j])`` times ``exp(log_scale[w])``; new
-    outgoing row ``w`` takes old row ``window_perm[w]`` times
-    ``exp(-log_scale[w])``.
+    Acting on unit-level axes, new unit ``(w, j)`` takes old unit
+    ``(window_perm[w], piece_perm[w, j])`` times ``exp(power · log_scale[w])``;
+    on window-level axes, new window ``w`` takes old window ``window_perm[w]``
+    times the same factor.
     """
 
     window_perm: jax.Array  # int32[W]
@@ -181,15 +236,9 @@ Element = tuple[GroupElement, ...]
 LogScales = tuple[jax.Array, ...]
 
 
-def _take(x: jax.Array, idx: jax.Array, axis: int) -> jax.Array:
-    return jnp.take(x, idx, axis=axis)
-
-
-def broadcast_along(v: jax.Array, ndim: int, axis: int) -> jax.Array:
-    """Reshapes a vector so it broadcasts along ``axis`` of an ``ndim``-array."""
-    shape = [1] * ndim
-    shape[axis] = v.shape[0]
-    return v.reshape(shape)
+def default_float() -> Any:
+    """float64 where enabled (``jax_enable_x64``), else float32."""
+    return jax.dtypes.canonicalize_dtype(jnp.float64)
 
 
 def solve_dtype(params: PyTree) -> Any:
@@ -203,20 +252,62 @@ def solve_dtype(params: PyTree) -> Any:
 
 @dataclasses.dataclass(frozen=True)
 class Symmetry:
-    """The permutation and rescaling symmetries of a feed-forward network.
+    """The permutation and rescaling symmetries of a network, as data.
 
-    Built by :func:`infer_symmetry`. Hashable and immutable, so it can be closed
-    over by jitted functions and Optax transformations.
+    Built by :func:`~quotient_opt.infer_symmetry` (tracing the model) or by
+    :func:`symmetry_from_axes` (by hand). Hashable and immutable, so it can be
+    closed over by jitted functions and Optax transformations.
 
     Attributes:
-      layers: the chain of affine layers, in execution order.
-      groups: one :class:`UnitGroup` per hidden layer that has a symmetry.
-      shapes: expected shape of every parameter leaf the symmetry touches.
+      groups: the unit groups that have a symmetry.
+      shapes: the shape of every leaf the groups touch (checked by
+        :meth:`validate`).
+      dropped: groups found without any symmetry, kept for :meth:`describe`.
+      program: the traced forward computation (inference only), used by the
+        path norm; ``None`` for hand-written specs.
     """
 
-    layers: tuple[Dense, ...]
     groups: tuple[UnitGroup, ...]
     shapes: tuple[tuple[Path, tuple[int, ...]], ...]
+    dropped: tuple[UnitGroup, ...] = ()
+    program: Any = None
+
+    def __post_init__(self) -> None:
+        shapes = dict(self.shapes)
+        for grp in self.groups + self.dropped:
+            for ref in grp.refs:
+                _check_ref(grp, ref, shapes)
+            if grp.pieces < 1 or grp.windows < 1:
+                raise ValueError(f"group '{grp.name}': windows and pieces must be >= 1")
+        claimed: dict[tuple[Path, int], list[tuple[str, set[int]]]] = {}
+        for grp in self.groups:
+            for ref in grp.refs:
+                pos = _positions(ref, grp.count(ref), shapes[ref.path][ref.axis])
+                for other, opos in claimed.get((ref.path, ref.axis), []):
+                    if pos & opos:
+                        raise ValueError(
+                            f"parameter '{path_str(ref.path)}' axis {ref.axis}: groups "
+                            f"'{other}' and '{grp.name}' claim the same positions"
+                        )
+                claimed.setdefault((ref.path, ref.axis), []).append((grp.name, pos))
+
+    # ------------------------------------------------------------ description
+
+    def describe(self) -> str:
+        """Every group, its leaves and axes, and why a group is or is not rescalable."""
+        lines = [f"Symmetry: {len(self.groups)} group(s) with a symmetry"]
+        lines += [g.describe() for g in self.groups]
+        if self.dropped:
+            lines.append(f"without symmetry: {len(self.dropped)} group(s)")
+            lines += [g.describe() for g in self.dropped]
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.describe()
+
+    def __repr__(self) -> str:
+        names = ", ".join(g.name for g in self.groups)
+        return f"Symmetry(groups=[{names}])"
 
     # ------------------------------------------------------------ validation
 
@@ -246,10 +337,58 @@ class Symmetry:
                     f"the Symmetry expects {shape}"
                 )
 
+    def check(
+        self,
+        apply_fn: Callable[[PyTree, Any], Any],
+        params: PyTree,
+        x: Any,
+        *,
+        trials: int = 2,
+        log_scale: float = 2.0,
+        rtol: float | None = None,
+        seed: int = 0,
+    ) -> None:
+        """Verifies numerically that every group's elements preserve the function.
+
+        For each group, random elements acting on that group alone (random
+        window and piece permutations, log-scales uniform in
+        ``±log_scale``) are applied to ``params`` and ``apply_fn(params, x)``
+        is compared with the original output, relative to the output's scale.
+
+        Args:
+          apply_fn: ``apply_fn(params, x) -> outputs`` (any pytree).
+          params: parameters this symmetry acts on.
+          x: example input.
+          trials: random elements per group.
+          log_scale: bound of the log-scales.
+          rtol: tolerance relative to the output scale (default ``1e-3`` in
+            float32, ``1e-9`` in float64).
+          seed: seed of the random elements.
+
+        Raises:
+          ValueError: naming the first group whose elements change the
+            function, with the measured change.
+        """
+        from quotient_opt.symmetry._check import group_errors, tolerance
+
+        self.validate(params)
+        tol = tolerance(params) if rtol is None else rtol
+        errors = group_errors(self, apply_fn, params, x, trials=trials, log_scale=log_scale,
+                              seed=seed)
+        for grp, err in zip(self.groups, errors):
+            bad = {k: v for k, v in err.items() if v > tol}
+            if bad:
+                what = ", ".join(f"{k} changes it by {v:.3g}" for k, v in bad.items())
+                raise ValueError(
+                    f"group '{grp.name}' is not a symmetry of this function: {what} "
+                    f"(relative to the output scale; tolerance {tol:g})"
+                )
+
     # ------------------------------------------------------------ group elements
 
-    def identity(self, dtype: Any = jnp.float32) -> Element:
+    def identity(self, dtype: Any = None) -> Element:
         """The identity element."""
+        dtype = default_float() if dtype is None else dtype
         return tuple(
             GroupElement(
                 jnp.arange(g.windows, dtype=jnp.int32),
@@ -265,7 +404,7 @@ class Symmetry:
         *,
         log_scale: float = 1.0,
         permute: bool = True,
-        dtype: Any = jnp.float32,
+        dtype: Any = None,
     ) -> Element:
         """A random group element.
 
@@ -273,18 +412,21 @@ class Symmetry:
           key: PRNG key.
           log_scale: log-scales are drawn uniformly in ``[-log_scale, log_scale]``
             (zero on groups without a rescaling symmetry).
-          permute: draw uniform random permutations (of windows where a later
-            layer absorbs them, of the pieces inside each window always).
-          dtype: dtype of the log-scales.
+          permute: draw uniform random permutations (of windows and of pieces,
+            where the group allows it).
+          dtype: dtype of the log-scales (default float64 where enabled, else
+            float32): drawn in that dtype, so float64 elements are exact to
+            float64 rounding.
         """
+        dtype = default_float() if dtype is None else dtype
         out = []
         for g, k in zip(self.groups, jax.random.split(key, max(len(self.groups), 1))):
             kw, kp, ks = jax.random.split(k, 3)
             wp = jnp.arange(g.windows, dtype=jnp.int32)
-            if permute and g.windows_permutable:
+            if permute and g.permutable:
                 wp = jax.random.permutation(kw, wp)
             pp = jnp.tile(jnp.arange(g.pieces, dtype=jnp.int32), (g.windows, 1))
-            if permute and g.pieces > 1:
+            if permute and g.pieces > 1 and g.pieces_permutable:
                 pp = jax.vmap(jax.random.permutation)(jax.random.split(kp, g.windows), pp)
             ls = jnp.zeros((g.windows,), dtype)
             if g.rescalable:
@@ -323,6 +465,10 @@ class Symmetry:
             for g, s in zip(self.groups, log_scales)
         )
 
+    def permutation_only(self, g: Element) -> Element:
+        """``g`` with its log-scales set to zero."""
+        return tuple(e._replace(log_scale=jnp.zeros_like(e.log_scale)) for e in g)
+
     def zero_log_scales(self, dtype: Any = jnp.float32) -> LogScales:
         """Zero vector of the log-scale (Lie algebra) space."""
         return tuple(jnp.zeros((g.windows,), dtype) for g in self.groups)
@@ -336,50 +482,71 @@ class Symmetry:
           params: parameters (any pytree holding the leaves this symmetry names:
             an nnx ``State``, a filtered equinox model, a linen params dict).
           g: group element, e.g. from :meth:`sample`.
-          power: how the leaves transform under rescaling: ``1`` for
-            parameters, ``-1`` for gradients and first moments (covectors),
-            ``-2`` for second moments, ``0`` for permutation only.
+          power: how the tree transforms under rescaling, relative to the
+            parameters: ``1`` for parameters, ``-1`` for gradients and first
+            moments (covectors), ``-2`` for second moments, ``0`` for
+            permutation only.
 
         Returns:
           The transformed pytree, same structure and dtypes.
         """
         self.validate(params)
-        ops: dict[Path, list[tuple[int, jax.Array, jax.Array | None]]] = {}
+        ops: dict[Path, list[tuple[AxisRef, int, jax.Array, jax.Array | None]]] = {}
         for grp, e in zip(self.groups, g):
-            unit_idx = (e.window_perm[:, None] * grp.pieces + e.piece_perm).reshape(-1)
-            scale_in = scale_out = None
-            if grp.rescalable and power != 0:
-                scale_in = jnp.repeat(power * e.log_scale, grp.pieces)
-                scale_out = -power * e.log_scale
-            for path, axis in grp.incoming:
-                ops.setdefault(path, []).append((axis, unit_idx, scale_in))
-            for path, axis in grp.outgoing:
-                ops.setdefault(path, []).append((axis, e.window_perm, scale_out))
+            unit_perm = (e.window_perm[:, None] * grp.pieces + e.piece_perm).reshape(-1)
+            for ref in grp.refs:
+                unit = ref.level == "unit"
+                perm = unit_perm if unit else e.window_perm
+                logc = None
+                if grp.rescalable and power != 0 and ref.power != 0:
+                    ls = jnp.repeat(e.log_scale, grp.pieces) if unit else e.log_scale
+                    logc = (power * ref.power) * ls
+                ops.setdefault(ref.path, []).append((ref, grp.count(ref), perm, logc))
 
         def apply(path: Path, x: jax.Array) -> jax.Array:
-            for axis, idx, logc in ops.get(path, ()):
-                x = _take(x, idx, axis)
+            for ref, count, perm, logc in ops.get(path, ()):
+                x = views.permute(x, ref, count, perm)
                 if logc is not None:
-                    x = x * broadcast_along(jnp.exp(logc), x.ndim, axis).astype(x.dtype)
+                    x = views.scale(x, ref, count, jnp.exp(logc))
             return x
 
         return map_with_path(apply, params)
 
-    # ------------------------------------------------------------ infinitesimal action
+    def rescale(self, tree: PyTree, log_scales: LogScales, *, power: int = 1) -> PyTree:
+        """The pure rescaling by ``log_scales`` (no gathers): ``act(tree, scales_only(s))``."""
+        self.validate(tree)
+        ops: dict[Path, list[tuple[AxisRef, int, jax.Array]]] = {}
+        for grp, s in zip(self.groups, log_scales):
+            if not grp.rescalable:
+                continue
+            for ref in grp.refs:
+                if ref.power == 0:
+                    continue
+                ls = jnp.repeat(jnp.asarray(s), grp.pieces) if ref.level == "unit" else s
+                ops.setdefault(ref.path, []).append((ref, grp.count(ref), (power * ref.power) * ls))
 
-    def _scale(self, params: PyTree, log_scales: LogScales) -> PyTree:
-        return self.act(params, self.scales_only(log_scales))
+        def apply(path: Path, x: Any) -> Any:
+            if path not in ops or x is None:
+                return x
+            for ref, count, logc in ops[path]:
+                x = views.scale(x, ref, count, jnp.exp(logc))
+            return x
+
+        return map_with_path(apply, tree)
+
+    # ------------------------------------------------------------ infinitesimal action
 
     def tangent(self, params: PyTree, a: LogScales) -> PyTree:
         """The infinitesimal action :math:`J a = \\frac{d}{dt} \\exp(t a) \\cdot \\theta |_{t=0}`.
 
         Maps per-window log-scale velocities to a parameter-space tangent vector
-        along the rescaling orbit (incoming parameters ``× a``, outgoing ``× -a``).
-        Entries of non-rescalable groups are ignored.
+        along the rescaling orbit (entries ``× power · a``). Entries of
+        non-rescalable groups are ignored.
         """
-        zero = self.zero_log_scales(_leaf_dtype(params))
-        a = tuple(jnp.asarray(x, _leaf_dtype(params)) for x in a)
-        return jax.jvp(lambda s: self._scale(params, s), (zero,), (a,))[1]
+        dt = _leaf_dtype(params)
+        zero = self.zero_log_scales(dt)
+        a = tuple(jnp.asarray(x, dt) for x in a)
+        return jax.jvp(lambda s: self.rescale(params, s), (zero,), (a,))[1]
 
     def cotangent(self, params: PyTree, v: PyTree) -> LogScales:
         """The transpose :math:`J^\\top v` of :meth:`tangent`.
@@ -388,7 +555,7 @@ class Symmetry:
         (the Euclidean gradient has no vertical component).
         """
         zero = self.zero_log_scales(_leaf_dtype(params))
-        _, vjp = jax.vjp(lambda s: self._scale(params, s), zero)
+        _, vjp = jax.vjp(lambda s: self.rescale(params, s), zero)
         return vjp(v)[0]
 
     def num_parameters(self, params: PyTree) -> int:
@@ -400,83 +567,205 @@ def _leaf_dtype(params: PyTree) -> Any:
     return jnp.result_type(*leaves) if leaves else jnp.float32
 
 
-# --------------------------------------------------------------------------- activations
+def _check_ref(grp: UnitGroup, ref: AxisRef, shapes: dict[Path, tuple[int, ...]]) -> None:
+    where = f"group '{grp.name}', parameter '{path_str(ref.path)}'"
+    if ref.path not in shapes:
+        raise ValueError(f"{where}: no shape recorded for this leaf")
+    shape = shapes[ref.path]
+    if not 0 <= ref.axis < len(shape):
+        raise ValueError(f"{where}: axis {ref.axis} out of range for shape {shape}")
+    if ref.level not in ("unit", "window"):
+        raise ValueError(f"{where}: level must be 'unit' or 'window', got {ref.level!r}")
+    length, count = shape[ref.axis], grp.count(ref)
+    if ref.outer < 1 or ref.inner < 1 or ref.offset < 0 or length % ref.outer:
+        raise ValueError(f"{where}: axis {ref.axis} of size {length} has no {ref.outer} blocks")
+    if ref.offset + count * ref.inner > length // ref.outer:
+        raise ValueError(
+            f"{where}: axis {ref.axis} (size {length}) cannot hold {count} "
+            f"{ref.level}s × {ref.inner} at offset {ref.offset} in {ref.outer} block(s)"
+        )
 
-_HOMOGENEOUS = {"relu", "leaky_relu", "identity", "max"}
 
-
-def _named_activations() -> dict[Any, str]:
-    nn = jax.nn
-    table = {
-        nn.relu: "relu",
-        nn.leaky_relu: "leaky_relu",
-        nn.tanh: "tanh",
-        jnp.tanh: "tanh",
-        nn.sigmoid: "sigmoid",
-        nn.softplus: "softplus",
-        nn.gelu: "gelu",
-        nn.silu: "silu",
-        nn.elu: "elu",
-        nn.relu6: "relu6",
+def _positions(ref: AxisRef, count: int, length: int) -> set[int]:
+    b = length // ref.outer
+    return {
+        o * b + ref.offset + i
+        for o in range(ref.outer)
+        for i in range(count * ref.inner)
     }
-    return table
 
 
-def classify_activation(fn: Any, where: str) -> tuple[str, bool]:
-    """Returns ``(name, positively_homogeneous)`` for an activation callable.
+# --------------------------------------------------------------------------- hand specs
 
-    Known functions are looked up by identity (``functools.partial`` of them
-    too). Anything else must be elementwise (checked numerically); whether it
-    is positively homogeneous, :math:`\\sigma(cx) = c\\,\\sigma(x)` for
-    ``c > 0``, is then checked numerically too.
+
+def _parse_axis_entry(entry: Any, path: Path, axis: int) -> tuple[str, dict]:
+    """``'h'`` (producing), ``'1/h'`` (reading), ``'=h'`` (permuted only) or a dict."""
+    if isinstance(entry, Mapping):
+        opts = dict(entry)
+        if "group" not in opts:
+            raise ValueError(f"parameter '{path_str(path)}' axis {axis}: a dict entry needs 'group'")
+        return opts.pop("group"), opts
+    if not isinstance(entry, str) or not entry:
+        raise ValueError(
+            f"parameter '{path_str(path)}' axis {axis}: expected None, a group name, "
+            f"'1/name', '=name' or a dict, got {entry!r}"
+        )
+    if entry.startswith("1/"):
+        return entry[2:], {"power": -1}
+    if entry.startswith("="):
+        return entry[1:], {"power": 0}
+    return entry, {"power": 1}
+
+
+def symmetry_from_axes(
+    params: PyTree,
+    axes: Mapping[str | Path, Sequence[Any]],
+    *,
+    groups: Mapping[str, Mapping[str, Any]] | None = None,
+) -> Symmetry:
+    """Builds a :class:`Symmetry` by hand, one tuple of axis roles per parameter leaf.
+
+    Like git-re-basin's permutation specs, each listed leaf gets one entry
+    per axis: ``None`` (no group), ``'h'`` (the axis holds the units of group
+    ``h`` and scales like them: ``× c``), ``'1/h'`` (it reads them: ``× 1/c``),
+    ``'=h'`` (permuted only), or a dict with ``group`` and any
+    :class:`AxisRef` field (``power``, ``level``, ``role``, ``outer``,
+    ``offset``, ``inner``). Example, an MLP ``fc1 → relu → fc2 → relu → fc3``::
+
+        sym = qo.symmetry_from_axes(params, {
+            "fc1/kernel": (None, "h1"), "fc1/bias": ("h1",),
+            "fc2/kernel": ("1/h1", "h2"), "fc2/bias": ("h2",),
+            "fc3/kernel": ("1/h2", None),
+        })
+        sym.check(apply_fn, params, x)   # raises if an element changes the function
+
+    A conv kernel ``(H, W, in, out)`` reads ``(None, None, '1/c1', 'c2')``; a
+    dense layer after flattening an ``(H, W, C)`` map of group ``c2`` reads
+    ``({'group': 'c2', 'power': -1, 'outer': H * W}, None)``.
+
+    Args:
+      params: the parameters (for the leaf shapes).
+      axes: ``{leaf path: axis entries}``; paths as ``'a/b/0'`` strings or tuples.
+      groups: per group, options of :class:`UnitGroup`: ``pieces`` (default
+        1), ``permutable``, ``pieces_permutable``, ``rescalable`` (default
+        ``True``), ``activation``. A group not listed gets the defaults.
+
+    Returns:
+      The :class:`Symmetry`; run :meth:`Symmetry.check` on it.
 
     Raises:
-      ValueError: if ``fn`` is not an elementwise callable, naming ``where``.
+      ValueError: naming the leaf for a missing path, a wrong number of axis
+        entries, or positions claimed twice.
     """
-    base = fn.func if isinstance(fn, functools.partial) else fn
-    table = _named_activations()
-    try:
-        name = table.get(base)
-    except TypeError:  # unhashable
-        name = None
-    if name is not None:
-        return name, name in _HOMOGENEOUS
-    if not callable(fn):
-        raise ValueError(f"layer '{where}': {fn!r} is not a supported layer or activation")
-    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 7)), jnp.float32)
-    try:
-        y = jnp.asarray(fn(x))
-        y_each = jnp.stack(
-            [jnp.stack([jnp.asarray(fn(x[i, j : j + 1]))[0] for j in range(7)]) for i in range(2)]
-        )
-    except Exception as e:  # noqa: BLE001 - report any failure as unsupported
-        raise ValueError(
-            f"layer '{where}': cannot use {fn!r} as an activation ({type(e).__name__}: {e})"
-        ) from e
-    if y.shape != x.shape or not np.allclose(y, y_each, rtol=1e-5, atol=1e-6):
-        raise ValueError(
-            f"layer '{where}': {fn!r} is not an elementwise activation; only affine "
-            "layers, elementwise activations and max-over-pieces are supported"
-        )
-    homogeneous = all(
-        np.allclose(jnp.asarray(fn(c * x)), c * y, rtol=1e-5, atol=1e-6) for c in (0.37, 2.0, 5.5)
-    )
-    name = getattr(base, "__name__", type(base).__name__)
-    return ("identity" if np.allclose(y, x) else name), homogeneous
+    leaves = leaves_by_path(params)
+    groups = dict(groups or {})
+    refs: dict[str, list[AxisRef]] = {}
+    shapes: dict[Path, tuple[int, ...]] = {}
+    for raw, entries in axes.items():
+        path = parse_path(raw)
+        if path not in leaves:
+            raise ValueError(f"axes: no parameter at path '{path_str(path)}'")
+        shape = tuple(np.shape(leaves[path]))
+        shapes[path] = shape
+        entries = tuple(entries)
+        if len(entries) != len(shape):
+            raise ValueError(
+                f"axes: parameter '{path_str(path)}' has {len(shape)} axes, "
+                f"{len(entries)} entries given"
+            )
+        for axis, entry in enumerate(entries):
+            if entry is None:
+                continue
+            name, opts = _parse_axis_entry(entry, path, axis)
+            power = int(opts.get("power", 1))
+            opts.setdefault("level", "unit" if power > 0 else "window")
+            if "role" not in opts:
+                opts["role"] = "scale" if power == 0 else (
+                    "bias" if len(shape) == 1 else "kernel")
+            refs.setdefault(name, []).append(AxisRef(path=path, axis=axis, **opts))
+    unknown = set(groups) - set(refs)
+    if unknown:
+        raise ValueError(f"groups: {sorted(unknown)} appear in no axis entry")
+    out = []
+    for name, rs in refs.items():
+        opts = dict(groups.get(name, {}))
+        pieces = int(opts.pop("pieces", 1))
+        windows = opts.pop("windows", None)
+        if windows is None:
+            # a ref at offset 0 spanning its whole block fixes the count
+            guesses = set()
+            for r in rs:
+                n = shapes[r.path][r.axis] // r.outer
+                if r.offset == 0 and n % r.inner == 0:
+                    n //= r.inner
+                    guesses.add(n // pieces if r.level == "unit" else n)
+            if len(guesses) != 1:
+                raise ValueError(
+                    f"group '{name}': cannot tell its number of windows from the axes; "
+                    f"pass groups={{'{name}': {{'windows': W}}}}"
+                )
+            windows = guesses.pop()
+        out.append(UnitGroup(name=name, windows=int(windows), pieces=pieces, refs=tuple(rs),
+                             **opts))
+    return Symmetry(groups=tuple(out), shapes=tuple(shapes.items()))
 
 
-# --------------------------------------------------------------------------- building
+# --------------------------------------------------------------------------- dense chains
+
+
+@dataclasses.dataclass(frozen=True)
+class Dense:
+    """One affine layer of a chain (for :func:`symmetry_from_layers`).
+
+    Attributes:
+      name: path of the layer, e.g. ``'layers/0'``.
+      kernel: path of the weight matrix leaf.
+      bias: path of the bias leaf, or ``None``.
+      in_features: input width.
+      out_features: output width.
+      kernel_out_axis: axis of the kernel that indexes outputs (1 for flax's
+        ``(in, out)`` kernels, 0 for equinox's ``(out, in)`` weights).
+      activation: name of what follows the layer (``'relu'``, ``'max'``,
+        ``'identity'``, ``'tanh'`` ...).
+      homogeneous: whether that activation is positively homogeneous of degree 1.
+      pieces: size of the max-pool window after the layer (1 for an
+        elementwise activation).
+    """
+
+    name: str
+    kernel: Path
+    bias: Path | None
+    in_features: int
+    out_features: int
+    kernel_out_axis: int
+    activation: str = "identity"
+    homogeneous: bool = True
+    pieces: int = 1
+
+    @property
+    def kernel_in_axis(self) -> int:
+        return 1 - self.kernel_out_axis
+
+    @property
+    def outputs(self) -> int:
+        """Width after the activation / pooling."""
+        return self.out_features // self.pieces
 
 
 def symmetry_from_layers(layers: Sequence[Dense]) -> Symmetry:
-    """Builds the :class:`Symmetry` of a chain of affine layers.
+    """Builds the :class:`Symmetry` of a chain of affine layers, given by hand.
 
     Each layer's units form a group. Windows of a group are permutable and
     rescalable only if a later layer consumes them; pieces of a max-pool window
     are always permutable. The last layer's units (the network's outputs) have
-    no symmetry unless they are max-pool pieces.
+    no symmetry unless they are max-pool pieces. The chain must be the whole
+    network: a layer left out makes a wrong symmetry, so check the result
+    with :meth:`Symmetry.check` (or use :func:`~quotient_opt.infer_symmetry`,
+    which traces the model).
     """
     layers = tuple(layers)
+    if not layers:
+        raise ValueError("layers: empty chain")
     for a, b in zip(layers, layers[1:]):
         if a.outputs != b.in_features:
             raise ValueError(
@@ -495,197 +784,20 @@ def symmetry_from_layers(layers: Sequence[Dense]) -> Symmetry:
         nxt = layers[i + 1] if i + 1 < len(layers) else None
         if nxt is None and lay.pieces == 1:
             continue
-        incoming = [(lay.kernel, lay.kernel_out_axis)]
+        refs = [AxisRef(lay.kernel, lay.kernel_out_axis, 1, "unit", "kernel")]
         if lay.bias is not None:
-            incoming.append((lay.bias, 0))
-        outgoing = () if nxt is None else ((nxt.kernel, nxt.kernel_in_axis),)
+            refs.append(AxisRef(lay.bias, 0, 1, "unit", "bias"))
+        if nxt is not None:
+            refs.append(AxisRef(nxt.kernel, nxt.kernel_in_axis, -1, "window", "kernel"))
         groups.append(
             UnitGroup(
                 name=lay.name,
                 windows=lay.outputs,
                 pieces=lay.pieces,
-                incoming=tuple(incoming),
-                outgoing=outgoing,
+                refs=tuple(refs),
+                permutable=nxt is not None,
                 rescalable=lay.homogeneous and nxt is not None,
                 activation=lay.activation,
             )
         )
-    return Symmetry(layers=layers, groups=tuple(groups), shapes=tuple(shapes.items()))
-
-
-def _nnx_layers(model: Any) -> list[Dense]:
-    from flax import nnx
-
-    from quotient_opt.nn import MaxOverPieces
-
-    layers: list[Dense] = []
-    pending: Dense | None = None
-    for i, f in enumerate(model.layers):
-        where = f"layers/{i}"
-        if isinstance(f, nnx.Linear):
-            if pending is not None:
-                layers.append(pending)
-            pending = Dense(
-                name=where,
-                kernel=("layers", i, "kernel"),
-                bias=("layers", i, "bias") if f.use_bias else None,
-                in_features=f.in_features,
-                out_features=f.out_features,
-                kernel_out_axis=1,
-            )
-            continue
-        if pending is None or pending.activation != "identity" or pending.pieces != 1:
-            raise ValueError(
-                f"layer '{where}': {type(f).__name__} must directly follow an nnx.Linear "
-                "(one activation or max-pool per linear layer)"
-            )
-        if isinstance(f, MaxOverPieces):
-            if pending.out_features % f.pieces:
-                raise ValueError(
-                    f"layer '{where}': {pending.out_features} features do not split into "
-                    f"windows of {f.pieces} pieces"
-                )
-            pending = dataclasses.replace(pending, activation="max", pieces=f.pieces)
-        elif isinstance(f, nnx.Module):
-            raise ValueError(
-                f"layer '{where}': unsupported layer {type(f).__name__} (supported: "
-                "nnx.Linear, elementwise activations, quotient_opt.models.MaxOverPieces)"
-            )
-        else:
-            name, hom = classify_activation(f, where)
-            pending = dataclasses.replace(pending, activation=name, homogeneous=hom)
-    if pending is not None:
-        layers.append(pending)
-    if not layers:
-        raise ValueError("model: no nnx.Linear layer found")
-    return layers
-
-
-def _eqx_mlp_layers(model: Any) -> list[Dense]:
-    act, hom = classify_activation(model.activation, "activation")
-    final, final_hom = classify_activation(model.final_activation, "final_activation")
-    layers = []
-    n = len(model.layers)
-    for i, lin in enumerate(model.layers):
-        if len(lin.weight.shape) != 2:  # e.g. eqx.nn.MLP(..., scan=True) stacks the layers
-            raise ValueError(
-                f"layer 'layers/{i}': weight of shape {tuple(lin.weight.shape)}; only "
-                "eqx.nn.MLP with one 2-D Linear per layer (scan=False) is supported"
-            )
-        out_f, in_f = lin.weight.shape
-        last = i == n - 1
-        layers.append(
-            Dense(
-                name=f"layers/{i}",
-                kernel=("layers", i, "weight"),
-                bias=("layers", i, "bias") if lin.bias is not None else None,
-                in_features=in_f,
-                out_features=out_f,
-                kernel_out_axis=0,
-                activation=final if last else act,
-                homogeneous=final_hom if last else hom,
-            )
-        )
-    return layers
-
-
-def _linen_layers(
-    params: dict, layer_order: Sequence[str] | None, activation: Any
-) -> list[Dense]:
-    if layer_order is None:
-        raise ValueError(
-            "linen params: pass layer_order=[...] (the Dense layers' names in execution "
-            "order; dict order is not execution order)"
-        )
-    prefix: Path = ()
-    if "params" in params and layer_order and layer_order[0] not in params:
-        prefix, params = ("params",), params["params"]
-    acts = activation if isinstance(activation, (list, tuple)) else None
-    layers = []
-    for i, name in enumerate(layer_order):
-        if name not in params or "kernel" not in params[name]:
-            raise ValueError(f"linen params: no Dense layer '{path_str(prefix + (name,))}/kernel'")
-        k = params[name]["kernel"]
-        if np.ndim(k) != 2:
-            raise ValueError(
-                f"linen params: '{path_str(prefix + (name, 'kernel'))}' has shape "
-                f"{np.shape(k)}; only Dense (2-D) kernels are supported"
-            )
-        in_f, out_f = np.shape(k)
-        last = i == len(layer_order) - 1
-        if last:
-            act_name, hom = "identity", True
-        else:
-            fn = acts[i] if acts is not None else (activation or jax.nn.relu)
-            act_name, hom = classify_activation(fn, path_str(prefix + (name,)))
-        layers.append(
-            Dense(
-                name=path_str(prefix + (name,)),
-                kernel=prefix + (name, "kernel"),
-                bias=prefix + (name, "bias") if "bias" in params[name] else None,
-                in_features=int(in_f),
-                out_features=int(out_f),
-                kernel_out_axis=1,
-                activation=act_name,
-                homogeneous=hom,
-            )
-        )
-    return layers
-
-
-def infer_symmetry(
-    model: Any,
-    *,
-    layer_order: Sequence[str] | None = None,
-    activation: Callable | Sequence[Callable] | None = None,
-) -> Symmetry:
-    """Infers the permutation and rescaling symmetries of a feed-forward model.
-
-    Supported models:
-
-    * ``flax.nnx.Sequential`` of ``nnx.Linear`` layers, each optionally followed
-      by one elementwise activation or a :class:`quotient_opt.models.MaxOverPieces`.
-      Parameters: ``nnx.state(model, nnx.Param)``.
-    * ``equinox.nn.MLP``. Parameters: ``eqx.filter(model, eqx.is_array)``.
-    * flax.linen Dense-MLP parameters (a dict, optionally under ``'params'``),
-      with ``layer_order`` naming the Dense layers in execution order and
-      ``activation`` the hidden activation (one callable, or one per hidden
-      layer; default ReLU). Parameters: that dict.
-
-    Hidden units of every layer consumed by a later layer may be permuted.
-    Behind a positively homogeneous activation (ReLU, leaky ReLU, identity,
-    max over pieces) they may also be rescaled. Activations without that
-    property (tanh, sigmoid, softplus, GELU, SiLU, ELU) give permutations only.
-    Pieces of a max-pool window may always be permuted among themselves and
-    share one scale.
-
-    Args:
-      model: the model (or linen params dict).
-      layer_order: linen only, the Dense layer names in execution order.
-      activation: linen only, the hidden activation(s).
-
-    Returns:
-      The model's :class:`Symmetry`.
-
-    Raises:
-      ValueError: for an unsupported layer or activation, naming its path.
-    """
-    from flax import nnx
-
-    if isinstance(model, nnx.Sequential):
-        return symmetry_from_layers(_nnx_layers(model))
-    try:
-        import equinox as eqx
-
-        if isinstance(model, eqx.nn.MLP):
-            return symmetry_from_layers(_eqx_mlp_layers(model))
-    except ImportError:  # pragma: no cover
-        pass
-    if isinstance(model, dict) or hasattr(model, "keys"):
-        return symmetry_from_layers(_linen_layers(dict(model), layer_order, activation))
-    if isinstance(model, nnx.Module):
-        raise ValueError(
-            f"model: {type(model).__name__} is not an nnx.Sequential; build the network as "
-            "nnx.Sequential(nnx.Linear(...), nnx.relu, ...) or pass its Sequential part"
-        )
-    raise ValueError(f"model: unsupported model type {type(model).__name__}")
+    return Symmetry(groups=tuple(groups), shapes=tuple(shapes.items()))

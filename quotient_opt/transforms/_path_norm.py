@@ -50,59 +50,48 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from quotient_opt.symmetry._spec import Path, Symmetry, leaves_by_path, map_with_path
+from quotient_opt.symmetry._program import Program
+from quotient_opt.symmetry._spec import Symmetry
 from quotient_opt.transforms._common import check_symmetry, stateless_with_params
 
 PyTree = Any
 
 
-def _kernel_in_out(x: jax.Array, out_axis: int) -> jax.Array:
-    """A kernel as ``(in, out)``."""
-    return x if out_axis == 1 else x.T
-
-
 def path_norm_curvature(sym: Symmetry, params: PyTree) -> PyTree:
-    """The per-weight path sums :math:`\\gamma` of every kernel and bias in ``sym.layers``.
+    """The per-weight path sums :math:`\\gamma` of every parameter.
+
+    :math:`\\gamma = \\partial \\phi / \\partial (\\theta^{\\odot 2})`, with :math:`\\phi`
+    the squared path norm, computed by one forward and one backward pass of
+    the model's squared skeleton (:class:`~quotient_opt.symmetry.Program`):
+    dense, convolution, pooling, flatten and residual layers alike. A leaf
+    that lies on no path gets ones (it passes through unchanged).
 
     Args:
-      sym: the network's :class:`~quotient_opt.Symmetry` (its ``layers`` chain).
+      sym: a :class:`~quotient_opt.Symmetry` from :func:`~quotient_opt.infer_symmetry`
+        (it carries the traced forward computation).
       params: parameters.
 
     Returns:
-      A params-shaped pytree of :math:`\\gamma` (ones on leaves outside
-      ``sym.layers``), in at least float32. It transforms like a second
-      moment: ``gamma(g·θ) = sym.act(gamma(θ), g, power=-2)``.
+      A params-shaped pytree of :math:`\\gamma` in at least float32. It
+      transforms like a second moment: ``gamma(g·θ) = sym.act(gamma(θ), g, power=-2)``.
+
+    Raises:
+      ValueError: if ``sym`` has no forward computation (a hand-written spec).
     """
-    leaves = leaves_by_path(params)
+    program = _program(sym)
     dtype = jnp.promote_types(jnp.result_type(*jax.tree.leaves(params)), jnp.float32)
-    layers = sym.layers
-    sq_k = [
-        _kernel_in_out(jnp.square(leaves[lay.kernel].astype(dtype)), lay.kernel_out_axis)
-        for lay in layers
-    ]
-    # Forward: window values entering each layer.
-    f_in = [jnp.ones((layers[0].in_features,), dtype)]
-    for lay, k2 in zip(layers[:-1], sq_k[:-1]):
-        f = f_in[-1] @ k2
-        if lay.bias is not None:
-            f = f + jnp.square(leaves[lay.bias].astype(dtype))
-        f_in.append(f.reshape(lay.outputs, lay.pieces).sum(-1))
-    # Backward: piece values leaving each layer.
-    g_out: list[jax.Array] = [None] * len(layers)  # type: ignore[list-item]
-    g_win = jnp.ones((layers[-1].outputs,), dtype)
-    for idx in range(len(layers) - 1, -1, -1):
-        lay = layers[idx]
-        g_out[idx] = jnp.repeat(g_win, lay.pieces)
-        g_win = sq_k[idx] @ g_out[idx]
-    gamma: dict[Path, jax.Array] = {}
-    for lay, f, g in zip(layers, f_in, g_out):
-        gk = f[:, None] * g[None, :]
-        gamma[lay.kernel] = gk if lay.kernel_out_axis == 1 else gk.T
-        if lay.bias is not None:
-            gamma[lay.bias] = g
-    return map_with_path(
-        lambda path, x: gamma[path] if path in gamma else jnp.ones(jnp.shape(x), dtype), params
-    )
+    sq = jax.tree.map(lambda x: jnp.square(jnp.asarray(x, dtype)), params)
+    gamma = jax.grad(program.path_norm)(sq)
+    return jax.tree.map(lambda gm: jnp.where(jnp.any(gm != 0), gm, jnp.ones_like(gm)), gamma)
+
+
+def _program(sym: Symmetry) -> Program:
+    if sym.program is None:
+        raise ValueError(
+            "sym: the path norm needs the model's forward computation; build the symmetry "
+            "with qo.infer_symmetry(model, example_input) (a hand-written spec has none)"
+        )
+    return sym.program
 
 
 def scale_by_path_norm(
@@ -143,8 +132,8 @@ def scale_by_path_norm(
       https://arxiv.org/abs/1506.02617
     """
     check_symmetry(sym)
-    if not sym.layers:
-        raise ValueError("sym: the Symmetry has no layers")
+    program = _program(sym)
+    program.check_path_norm()
     if isinstance(eps, (int, float)) and not eps > 0:
         raise ValueError(f"eps must be > 0, got {eps}")
 

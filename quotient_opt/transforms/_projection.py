@@ -76,22 +76,16 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from quotient_opt.symmetry._gram import (
-    _couplings,
-    _gram_solve,
-    _structure,
-    _Structure,
-    _tangent,
-    _window_sums,
-)
-from quotient_opt.symmetry._spec import Symmetry, leaves_by_path, solve_dtype
+from quotient_opt.symmetry._gram import Structure, couplings, gram_solve, structure, tangent, window_sums
+from quotient_opt.symmetry._paths import leaves_by_path
+from quotient_opt.symmetry._spec import Symmetry, solve_dtype
 from quotient_opt.transforms._common import check_every, check_symmetry, stateless_with_params
 
 PyTree = Any
 
 
 def _vertical_coefficients(
-    st: _Structure,
+    st: Structure,
     params: PyTree,
     v: PyTree,
     eps: jax.typing.ArrayLike | None,
@@ -106,10 +100,9 @@ def _vertical_coefficients(
     th = {p: x.astype(dtype) for p, x in leaves_by_path(params).items()}
     vv = {p: x.astype(dtype) for p, x in leaves_by_path(v).items()}
     sq = {p: jnp.square(x) for p, x in th.items()}
-
-    b = _window_sums(st, lambda p: th[p] * vv[p], -1.0)
-    diag = _window_sums(st, lambda p: sq[p], 1.0)
-    return _gram_solve(diag, _couplings(st, sq), b, eps, tol, max_iter), dtype
+    b = window_sums(st, lambda p: th[p] * vv[p], lambda w: w, dtype)
+    diag = window_sums(st, sq.__getitem__, lambda w: w * w, dtype)
+    return gram_solve(diag, couplings(st, sq), b, eps, tol, max_iter), dtype
 
 
 def horizontal_component(
@@ -136,11 +129,11 @@ def horizontal_component(
     Returns:
       ``v`` minus its vertical component, same structure and dtypes as ``v``.
     """
-    st = _structure(sym)
+    st = structure(sym)
     if not st.windows:
         return v
     a, dtype = _vertical_coefficients(st, params, v, eps, tol, max_iter)
-    ja = _tangent(st, params, a, dtype)
+    ja = tangent(st, params, a, dtype)
     return jax.tree.map(lambda x, y: (x.astype(dtype) - y.astype(dtype)).astype(x.dtype), v, ja)
 
 

@@ -82,10 +82,12 @@ import optax
 
 from quotient_opt.transforms._transport import map_param_like
 from quotient_opt.transforms._common import check_params
-from quotient_opt.symmetry._spec import Path, Symmetry, UnitGroup, leaves_by_path, map_with_path
+from quotient_opt.symmetry import _views as views
+from quotient_opt.symmetry._paths import Path, leaves_by_path, map_with_path
+from quotient_opt.symmetry._spec import AxisRef, Symmetry, UnitGroup
 
 PyTree = Any
-Specs = tuple[tuple[Path, int], ...]
+Specs = tuple[AxisRef, ...]
 
 #: Largest window (pieces x incoming parameters) polished with a dense Hessian.
 _MAX_POLISH_SIZE = 256
@@ -114,21 +116,21 @@ class ReviveDeadUnitsState(NamedTuple):
 
 
 def _rows(tree: PyTree, specs: Specs, n: int) -> list[jax.Array]:
-    """The ``(n, e)`` blocks holding unit ``i``'s entries in row ``i``, one per leaf."""
+    """The ``(n, e)`` blocks holding unit ``i``'s entries in row ``i``, one per ref."""
     leaves = leaves_by_path(tree)
-    return [jnp.moveaxis(leaves[p], a, 0).reshape(n, -1) for p, a in specs]
+    return [views.rows(leaves[r.path], r, n) for r in specs]
 
 
-def _write_rows(tree: PyTree, specs: Specs, blocks: list[jax.Array]) -> PyTree:
+def _write_rows(tree: PyTree, specs: Specs, n: int, blocks: list[jax.Array]) -> PyTree:
     """Inverse of :func:`_rows`: writes the blocks back into their leaves."""
-    table = {p: (a, b) for (p, a), b in zip(specs, blocks)}
+    table: dict[Path, list[tuple[AxisRef, jax.Array]]] = {}
+    for r, b in zip(specs, blocks):
+        table.setdefault(r.path, []).append((r, b))
 
     def put(path: Path, leaf: jax.Array) -> jax.Array:
-        if path not in table:
-            return leaf
-        a, b = table[path]
-        moved = jnp.moveaxis(leaf, a, 0)
-        return jnp.moveaxis(b.reshape(moved.shape).astype(leaf.dtype), 0, a)
+        for r, b in table.get(path, ()):
+            leaf = views.write_rows(leaf, r, n, b)
+        return leaf
 
     return map_with_path(put, tree)
 
@@ -152,26 +154,44 @@ def _set_row(tree: PyTree, specs: Specs, n: int, row: jax.Array, vec: jax.Array,
     hit = (jnp.arange(n) == row)[:, None] & do
     parts = _split_cols(vec, _sizes(blocks))
     new = [jnp.where(hit, p[None, :].astype(b.dtype), b) for b, p in zip(blocks, parts)]
-    return _write_rows(tree, specs, new)
+    return _write_rows(tree, specs, n, new)
 
 
-def _bias_spec(sym: Symmetry, grp: UnitGroup) -> tuple[Path, int] | None:
-    """The ``(path, unit axis)`` of the bias among ``grp``'s incoming leaves, if any."""
-    bias = next((lay.bias for lay in sym.layers if lay.name == grp.name), None)
-    return next((sp for sp in grp.incoming if sp[0] == bias), None)
+def _producing(grp: UnitGroup) -> Specs:
+    """The unit-level refs that make a unit (weights, bias, gains): copied by a split."""
+    return tuple(r for r in grp.refs if r.level == "unit" and r.power >= 0)
 
 
-def _bias_column(sym: Symmetry, grp: UnitGroup, tree: PyTree) -> int | None:
-    """Index of the bias entry in a unit's concatenated incoming vector."""
-    spec = _bias_spec(sym, grp)
-    if spec is None:
+def _reading(grp: UnitGroup) -> Specs:
+    """The refs that read a unit (outgoing weights): halved by a split."""
+    return tuple(r for r in grp.refs if r.power < 0)
+
+
+def _revivable(grp: UnitGroup) -> bool:
+    """Whether a split is exactly function-preserving where the unit is silent.
+
+    Max-pool pieces: a piece that never wins contributes nothing. Elementwise
+    units: only behind a positively homogeneous activation (a zero gradient
+    then means a zero output, unlike a saturated ``tanh``) whose every reader
+    is a weight that can be halved, which is what makes the group rescalable.
+    """
+    if grp.pieces > 1:
+        return grp.pieces_permutable
+    return grp.rescalable and grp.permutable and bool(_reading(grp))
+
+
+def _bias_column(grp: UnitGroup, tree: PyTree) -> int | None:
+    """Index of the bias entry in a unit's concatenated producing vector."""
+    spec = grp.bias
+    specs = _producing(grp)
+    if spec is None or spec not in specs:
         return None
-    blocks = _rows(tree, grp.incoming, grp.units)
-    return sum(b.shape[1] for b in blocks[: grp.incoming.index(spec)])
+    blocks = _rows(tree, specs, grp.units)
+    return sum(b.shape[1] for b in blocks[: specs.index(spec)])
 
 
 def _incoming_dim(grp: UnitGroup, tree: PyTree) -> int:
-    return sum(b.shape[1] for b in _rows(tree, grp.incoming, grp.units))
+    return sum(b.shape[1] for b in _rows(tree, _producing(grp), grp.units))
 
 
 def _masked_pick(key: jax.Array, mask: jax.Array, score: jax.Array | None = None) -> jax.Array:
@@ -198,12 +218,12 @@ def _piece_split(
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """New incoming vector for dead piece ``p``, its donor, and whether to apply it."""
     n, k = grp.units, grp.pieces
-    V = jnp.concatenate(_rows(params, grp.incoming, n), axis=1)
+    V = jnp.concatenate(_rows(params, _producing(grp), n), axis=1)
     dim = V.shape[1]
     dtype = V.dtype
     window = p // k
     donors = alive & (jnp.arange(n) // k == window) & (jnp.arange(n) != p)
-    bias = _bias_column(sym, grp, params)
+    bias = _bias_column(grp, params)
     kmask = jnp.ones((dim,), bool) if bias is None else jnp.arange(dim) != bias
     kd, kc = jax.random.split(key)
 
@@ -214,7 +234,7 @@ def _piece_split(
         return V[d] + a * xi / jnp.linalg.norm(xi), d, jnp.asarray(True)
 
     def loss_with(z: jax.Array) -> jax.Array:
-        return value_fn(_set_row(params, grp.incoming, n, p, z, jnp.asarray(True)))
+        return value_fn(_set_row(params, _producing(grp), n, p, z, jnp.asarray(True)))
 
     # Curvature-weighted centroid of the inputs each piece of the window wins on:
     # with p a copy of piece j raised by delta, d/db grad_z L = sum_i h_i [x_i, 1].
@@ -289,14 +309,14 @@ def _polish_window(
     fit (alternating minimization for max-affine regression).
     """
     n, k = grp.units, grp.pieces
-    V = jnp.concatenate(_rows(params, grp.incoming, n), axis=1)
+    V = jnp.concatenate(_rows(params, _producing(grp), n), axis=1)
     dim = V.shape[1]
     first = window * k
 
     def with_window(Z: jax.Array) -> PyTree:
         full = jax.lax.dynamic_update_slice(V, Z.reshape(k, dim), (first, 0))
-        blocks = _split_cols(full, _sizes(_rows(params, grp.incoming, n)))
-        return _write_rows(params, grp.incoming, blocks)
+        blocks = _split_cols(full, _sizes(_rows(params, _producing(grp), n)))
+        return _write_rows(params, _producing(grp), n, blocks)
 
     def loss(Z: jax.Array) -> jax.Array:
         return value_fn(with_window(Z))
@@ -336,7 +356,7 @@ def _support_share(
     (``2/N`` per point for a mean squared error): one Hessian-vector product
     per piece, no data needed. Returns ones where the layer has no bias.
     """
-    spec = _bias_spec(sym, grp)
+    spec = grp.bias
     n, k = grp.units, grp.pieces
     if spec is None:
         return jnp.ones((n,))
@@ -385,19 +405,19 @@ def _revive_group(
         z, d, ok = _piece_split(sym, grp, params, p, alive, ks, value_fn, perturbation,
                              num_candidates, line_search)
         do = do & ok
-        new = _set_row(params, grp.incoming, n, p, z, do)
+        new = _set_row(params, _producing(grp), n, p, z, do)
         if value_fn is not None and newton_steps > 0 and _polishable(grp, params):
             polished = _polish_window(grp, new, p // k, value_fn, newton_steps)
             new = jax.tree.map(lambda a, b: jnp.where(do, a, b), polished, new)
         return new, p, d, do
     # Elementwise units: copy a live unit, halve both outgoing rows.
     d = _masked_pick(kd, alive & (jnp.arange(n) != p))
-    V = jnp.concatenate(_rows(params, grp.incoming, n), axis=1)
-    new = _set_row(params, grp.incoming, n, p, V[d], do)
-    O = jnp.concatenate(_rows(new, grp.outgoing, W), axis=1)
+    V = jnp.concatenate(_rows(params, _producing(grp), n), axis=1)
+    new = _set_row(params, _producing(grp), n, p, V[d], do)
+    O = jnp.concatenate(_rows(new, _reading(grp), W), axis=1)
     half = O[d] / 2
-    new = _set_row(new, grp.outgoing, W, d, half, do)
-    new = _set_row(new, grp.outgoing, W, p, half, do)
+    new = _set_row(new, _reading(grp), W, d, half, do)
+    new = _set_row(new, _reading(grp), W, p, half, do)
     return new, p, d, do
 
 
@@ -520,7 +540,7 @@ def revive_dead_units(
         if isinstance(v, (int, float)) and v < 0:
             raise ValueError(f"{name} must be >= 0, got {v}")
     inner = optax.with_extra_args_support(inner)
-    groups = sym.groups
+    groups = tuple(g for g in sym.groups if _revivable(g))
 
     def init_fn(params: PyTree) -> ReviveDeadUnitsState:
         sym.validate(params)
@@ -543,7 +563,7 @@ def revive_dead_units(
         check_params(params, "revive_dead_units")
         alive, dead = [], []
         for grp, steps in zip(groups, state.dead_steps):
-            g = jnp.concatenate(_rows(updates, grp.incoming, grp.units), axis=1)
+            g = jnp.concatenate(_rows(updates, _producing(grp), grp.units), axis=1)
             live = jnp.any(g != 0, axis=1)
             alive.append(live)
             dead.append(jnp.where(live, 0, steps + 1).astype(jnp.int32))
@@ -602,9 +622,9 @@ def revive_dead_units(
             # other unit whose incoming parameters were moved (a polished
             # window) loses its now stale momentum.
             for grp, (p, d, do) in zip(groups, picks):
-                specs = [(grp.incoming, grp.units)]
+                specs = [(_producing(grp), grp.units)]
                 if grp.pieces == 1:
-                    specs.append((grp.outgoing, grp.windows))
+                    specs.append((_reading(grp), grp.windows))
                 for sp, n in specs:
                     if not sp:
                         continue
@@ -612,12 +632,12 @@ def revive_dead_units(
                     val = jnp.zeros_like(rows[d]) if kind == "first" else rows[d]
                     tree = _set_row(tree, sp, n, p, val, do.astype(bool))
                 if kind == "first":
-                    before = jnp.concatenate(_rows(params, grp.incoming, grp.units), axis=1)
-                    after = jnp.concatenate(_rows(moved, grp.incoming, grp.units), axis=1)
+                    before = jnp.concatenate(_rows(params, _producing(grp), grp.units), axis=1)
+                    after = jnp.concatenate(_rows(moved, _producing(grp), grp.units), axis=1)
                     hit = jnp.any(before != after, axis=1)[:, None]
                     tree = _write_rows(
-                        tree, grp.incoming,
-                        [jnp.where(hit, 0, b) for b in _rows(tree, grp.incoming, grp.units)],
+                        tree, _producing(grp), grp.units,
+                        [jnp.where(hit, 0, b) for b in _rows(tree, _producing(grp), grp.units)],
                     )
             return tree
 

@@ -1,0 +1,108 @@
+"""Numerical verification that a symmetry preserves the function it was built for.
+
+Each group is tested alone, one kind of move at a time (window permutations,
+piece permutations, rescalings), so a failure names the group and the move.
+Used by :meth:`~quotient_opt.Symmetry.check` and by
+:func:`~quotient_opt.infer_symmetry`, which downgrades whatever fails.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    from quotient_opt.symmetry._spec import GroupElement, Symmetry, UnitGroup
+
+PyTree = Any
+
+
+def tolerance(params: PyTree) -> float:
+    """Default tolerance of the check, relative to the output scale."""
+    dts = [_dtype(x) for x in jax.tree.leaves(params)]
+    dts = [d for d in dts if jnp.issubdtype(d, jnp.floating)]
+    dt = jnp.result_type(*dts) if dts else jnp.float32
+    return 1e-9 if jnp.finfo(dt).bits >= 64 else 1e-3
+
+
+def _dtype(x: Any) -> Any:
+    return x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype
+
+
+def _output_scale(y: PyTree) -> float:
+    leaves = [np.asarray(v, np.float64) for v in jax.tree.leaves(y)]
+    s = max((float(np.max(np.abs(v))) for v in leaves if v.size), default=0.0)
+    return s if s > 0 else 1.0
+
+
+def _difference(a: PyTree, b: PyTree) -> float:
+    la = [np.asarray(v, np.float64) for v in jax.tree.leaves(a)]
+    lb = [np.asarray(v, np.float64) for v in jax.tree.leaves(b)]
+    d = max((float(np.max(np.abs(u - v))) for u, v in zip(la, lb) if u.size), default=0.0)
+    if not all(np.all(np.isfinite(v)) for v in la):
+        return float("inf")
+    return d
+
+
+def _element(grp: UnitGroup, rng: np.random.Generator, kind: str, bound: float,
+             dtype: Any) -> GroupElement:
+    from quotient_opt.symmetry._spec import GroupElement
+
+    wp = np.arange(grp.windows)
+    pp = np.tile(np.arange(grp.pieces), (grp.windows, 1))
+    ls = np.zeros(grp.windows)
+    if kind == "permutation":
+        wp = rng.permutation(grp.windows)
+    elif kind == "pieces":
+        pp = np.stack([rng.permutation(grp.pieces) for _ in range(grp.windows)])
+    else:
+        ls = rng.uniform(-bound, bound, grp.windows)
+    return GroupElement(jnp.asarray(wp, jnp.int32), jnp.asarray(pp, jnp.int32),
+                        jnp.asarray(ls, dtype))
+
+
+def moves(grp: UnitGroup) -> list[str]:
+    """The kinds of move a group claims: ``'permutation'``, ``'pieces'``, ``'rescaling'``."""
+    out = []
+    if grp.permutable and grp.windows > 1:
+        out.append("permutation")
+    if grp.pieces > 1 and grp.pieces_permutable:
+        out.append("pieces")
+    if grp.rescalable:
+        out.append("rescaling")
+    return out
+
+
+def group_errors(
+    sym: Symmetry,
+    apply_fn: Callable[[PyTree, Any], Any],
+    params: PyTree,
+    x: Any,
+    *,
+    trials: int = 2,
+    log_scale: float = 2.0,
+    seed: int = 0,
+) -> list[dict[str, float]]:
+    """Per group, per kind of move, the largest relative change of ``apply_fn(params, x)``."""
+    rng = np.random.default_rng(seed)
+    f = jax.jit(apply_fn)
+    y0 = f(params, x)
+    scale = _output_scale(y0)
+    dtype = jnp.float64 if tolerance(params) < 1e-6 else jnp.float32
+    ident = sym.identity(dtype)
+    out = []
+    for gi, grp in enumerate(sym.groups):
+        errs: dict[str, float] = {}
+        for kind in moves(grp):
+            worst = 0.0
+            for _ in range(trials):
+                g = list(ident)
+                g[gi] = _element(grp, rng, kind, log_scale, dtype)
+                worst = max(worst, _difference(f(sym.act(params, tuple(g)), x), y0) / scale)
+            errs[kind] = worst
+        out.append(errs)
+    return out

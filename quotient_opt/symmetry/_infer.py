@@ -1,0 +1,241 @@
+"""``infer_symmetry``: the symmetry of any nnx, equinox, linen or plain-function model.
+
+Framework adapters turn a model into ``apply_fn(params, x)`` and its
+parameter pytree; the forward computation is traced and analysed
+(:mod:`quotient_opt.symmetry._trace`); the result is checked numerically and
+every move that changes the function is removed (and said so in
+:meth:`~quotient_opt.Symmetry.describe`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from quotient_opt.symmetry._check import group_errors, moves, tolerance
+from quotient_opt.symmetry._paths import normalize_path
+from quotient_opt.symmetry._program import Program
+from quotient_opt.symmetry._spec import Symmetry
+from quotient_opt.symmetry._trace import analyze
+
+PyTree = Any
+
+
+# --------------------------------------------------------------------------- adapters
+
+
+def _nnx_adapter(model: Any) -> tuple[Callable, PyTree, Any]:
+    from flax import nnx
+
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def apply_fn(p: PyTree, x: Any) -> Any:
+        return nnx.merge(graphdef, p, rest)(x)
+
+    example = None
+    first = model.layers[0] if isinstance(model, nnx.Sequential) and len(model.layers) else None
+    if isinstance(first, nnx.Linear):
+        example = jnp.zeros((1, first.in_features), first.param_dtype)
+    return apply_fn, params, example
+
+
+def _eqx_adapter(model: Any) -> tuple[Callable, PyTree, Any]:
+    import equinox as eqx
+
+    params, static = eqx.partition(
+        model, lambda v: eqx.is_array(v) or isinstance(v, jax.ShapeDtypeStruct))
+
+    def apply_fn(p: PyTree, x: Any) -> Any:
+        return eqx.combine(p, static)(x)
+
+    example = None
+    if isinstance(model, eqx.nn.MLP):
+        dt = model.layers[0].weight.dtype
+        example = jnp.zeros(() if model.in_size == "scalar" else (model.in_size,), dt)
+    elif isinstance(model, eqx.nn.Linear):
+        dt = model.weight.dtype
+        example = jnp.zeros(() if model.in_features == "scalar" else (model.in_features,), dt)
+    return apply_fn, params, example
+
+
+def _adapt(model: Any, params: PyTree | None) -> tuple[Callable, PyTree, Any]:
+    from flax import nnx
+
+    if isinstance(model, nnx.Module):
+        if params is not None:
+            raise ValueError("params: not used with an nnx Module (its nnx.Param state is used)")
+        return _nnx_adapter(model)
+    try:
+        import equinox as eqx
+
+        if isinstance(model, eqx.Module) and not callable(getattr(model, "apply", None)):
+            if params is not None:
+                raise ValueError("params: not used with an equinox Module (its arrays are used)")
+            return _eqx_adapter(model)
+    except ImportError:  # pragma: no cover
+        pass
+    if isinstance(model, dict) or hasattr(model, "keys"):
+        raise ValueError(
+            "model: got a parameter dict; pass the forward function and the params instead: "
+            "qo.infer_symmetry(module.apply, example_input, params=params) (flax.linen), or "
+            "write the spec by hand with qo.symmetry_from_axes"
+        )
+    if callable(model):
+        if params is None:
+            raise ValueError("params: required with a function: "
+                             "qo.infer_symmetry(apply_fn, example_input, params=params)")
+        return model, params, None
+    raise ValueError(f"model: unsupported model type {type(model).__name__}")
+
+
+# --------------------------------------------------------------------------- checking
+
+
+def _concrete(tree: PyTree) -> bool:
+    return all(not isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(tree))
+
+
+def _check_params(params: PyTree, seed: int) -> list[PyTree]:
+    """Parameters to check at: the user's (if concrete) and random ones, generic enough
+    that no unit is dead or saturated by accident."""
+    rng = np.random.default_rng(seed)
+
+    def rand(p: Any) -> Any:
+        shape, dt = np.shape(p), p.dtype
+        if not jnp.issubdtype(dt, jnp.floating):
+            return p
+        if len(shape) >= 2:
+            fan_in = int(np.prod(shape)) // max(shape)
+            std = 1.5 / np.sqrt(max(fan_in, 1))
+        else:
+            std = 0.3
+        return jnp.asarray(rng.normal(0.0, std, shape), dt)
+
+    out = [jax.tree.map(rand, params)]
+    if _concrete(params):
+        out.insert(0, params)
+    return out
+
+
+def _check_inputs(x: Any, seed: int) -> list[Any]:
+    """The example input and a random one of the same shape (for float inputs)."""
+    rng = np.random.default_rng(seed + 1)
+
+    def rand(v: Any) -> Any:
+        if not jnp.issubdtype(v.dtype, jnp.floating):
+            return jnp.zeros(v.shape, v.dtype) if isinstance(v, jax.ShapeDtypeStruct) else v
+        return jnp.asarray(rng.normal(size=np.shape(v)), v.dtype)
+
+    out = [jax.tree.map(rand, x)]
+    if _concrete(x) and any(np.any(np.asarray(v) != 0) for v in jax.tree.leaves(x)):
+        out.insert(0, x)
+    return out
+
+
+def _downgrade(sym: Symmetry, apply_fn: Callable, params: PyTree, x: Any, seed: int,
+               log_scale: float) -> Symmetry:
+    """Removes every move that changes the function numerically; says so in the notes."""
+    tol = tolerance(params)
+    groups = list(sym.groups)
+    for p in _check_params(params, seed):
+        for xx in _check_inputs(x, seed):
+            trial = dataclasses.replace(sym, groups=tuple(groups))
+            errs = group_errors(trial, apply_fn, p, xx, trials=2, log_scale=log_scale, seed=seed)
+            for i, (grp, err) in enumerate(zip(groups, errs)):
+                bad = {k: v for k, v in err.items() if not v <= tol}
+                if not bad:
+                    continue
+                notes = tuple(f"numerical check: {k} changes the output by {v:.2g}"
+                              for k, v in bad.items())
+                groups[i] = dataclasses.replace(
+                    grp,
+                    permutable=grp.permutable and "permutation" not in bad,
+                    pieces_permutable=grp.pieces_permutable and "pieces" not in bad,
+                    rescalable=grp.rescalable and "rescaling" not in bad,
+                    notes=grp.notes + notes,
+                )
+    kept = tuple(g for g in groups if g.symmetric)
+    dropped = sym.dropped + tuple(g for g in groups if not g.symmetric)
+    return dataclasses.replace(sym, groups=kept, dropped=dropped)
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def infer_symmetry(
+    model: Any,
+    example_input: Any = None,
+    *,
+    params: PyTree | None = None,
+    check: bool = True,
+    log_scale: float = 2.0,
+    seed: int = 0,
+) -> Symmetry:
+    """Infers the permutation and rescaling symmetries of a model by tracing it.
+
+    The forward computation is traced to a jaxpr at ``example_input``. Each
+    dense or convolution layer's output features form a unit group; the
+    analysis follows them through biases, elementwise activations, max over
+    pieces (maxout), pooling over space, flatten and other reshapes,
+    transposes, concatenations and residual additions (which merge the groups
+    of one stream). Units are *permutable* if everything that reads them is a
+    parameter axis that can be permuted alike, and *rescalable* if moreover
+    every operation between the layers is positively homogeneous (ReLU, leaky
+    ReLU, identity, max). What cannot be shown safe (normalization by
+    statistics, softmax or attention, unknown primitives, control flow, units
+    reaching the output) gets fewer symmetries, never a wrong one, and
+    :meth:`~quotient_opt.Symmetry.describe` (``print(sym)``) says why. With
+    ``check`` (default) random group elements are then applied at the given
+    and at random parameters and inputs, and any move that changes the
+    output is removed.
+
+    Supported models and their parameters (the pytree the symmetry acts on):
+
+    * any ``flax.nnx.Module``: ``nnx.state(model, nnx.Param)``;
+    * any ``equinox.Module``: ``eqx.filter(model, eqx.is_array)``;
+    * ``qo.infer_symmetry(apply_fn, example_input, params=params)`` for
+      flax.linen (``apply_fn = module.apply``, ``params`` its variables) and
+      any plain function ``apply_fn(params, x)``.
+
+    Args:
+      model: an nnx Module, an equinox Module, or a function ``apply_fn(params, x)``.
+      example_input: an input the model accepts (a batch for nnx/linen, one
+        sample for equinox). May be omitted for an ``nnx.Sequential`` starting
+        with ``nnx.Linear`` and for ``eqx.nn.MLP``/``eqx.nn.Linear``.
+      params: the parameters, with a plain function only.
+      check: verify the result numerically and remove what fails.
+      log_scale: bound of the log-scales used by the check.
+      seed: seed of the check.
+
+    Returns:
+      The model's :class:`~quotient_opt.Symmetry`.
+
+    Raises:
+      ValueError: for an unsupported model, or a missing ``example_input``.
+    """
+    apply_fn, params, default_input = _adapt(model, params)
+    x = default_input if example_input is None else example_input
+    if x is None:
+        raise ValueError(
+            f"example_input: required for {type(model).__name__} (an input batch the model "
+            "accepts, e.g. jnp.zeros((1, 28, 28, 1)))"
+        )
+    flat, _ = jax.tree_util.tree_flatten_with_path(params)
+    paths = [normalize_path(p) for p, _ in flat]
+    shapes = [tuple(np.shape(v)) for _, v in flat]
+    closed = jax.make_jaxpr(apply_fn)(params, x)
+    with_sym, without, leaf_shapes = analyze(closed, paths, shapes, len(jax.tree.leaves(x)))
+    for grp in with_sym:
+        if not moves(grp):  # e.g. a single unit that is not rescalable
+            without.append(grp)
+    with_sym = [g for g in with_sym if moves(g)]
+    sym = Symmetry(groups=tuple(with_sym), shapes=tuple(leaf_shapes.items()),
+                   dropped=tuple(without), program=Program(apply_fn, params, x))
+    if check and sym.groups:
+        sym = _downgrade(sym, apply_fn, params, x, seed, log_scale)
+    return sym

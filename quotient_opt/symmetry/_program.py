@@ -1,0 +1,205 @@
+"""The traced forward computation of a model, and its squared linear skeleton.
+
+:func:`~quotient_opt.infer_symmetry` keeps the model's forward computation
+as a :class:`Program`. The path norm needs it: the squared
+:math:`\\ell_2` path norm of a positively homogeneous network sums, over
+every path from an input (or a bias) to an output, the product of the
+squared weights on the path. It is the output of the network's *squared
+skeleton* on an all-ones input: the same computation with every parameter
+and constant squared, activations replaced by the identity, and every max
+(max over pieces, max pooling) replaced by a sum:
+
+.. math::
+
+   \\phi(\\theta) = \\mathbf 1^\\top F_{\\theta^{\\odot 2}}(\\mathbf 1), \\qquad
+   \\gamma = \\frac{\\partial \\phi}{\\partial (\\theta^{\\odot 2})},
+
+computed here by re-interpreting the model's jaxpr with those substitutions
+(one forward and one backward pass, through dense, convolution, pooling,
+reshape and residual layers alike). :math:`\\phi` is invariant under the
+rescalings, so :math:`\\gamma` transforms like a second moment.
+
+References:
+  Neyshabur, Salakhutdinov, Srebro. *Path-SGD: Path-Normalized Optimization in
+  Deep Neural Networks*, 2015. https://arxiv.org/abs/1506.02617
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from quotient_opt.symmetry._trace import CALLS, COMPARISONS, _is_literal, _sub_jaxpr, _where
+
+PyTree = Any
+
+# primitives whose squared version is the same primitive on squared operands
+_SAME = {
+    "dot_general", "conv_general_dilated", "add", "reshape", "broadcast_in_dim", "transpose",
+    "squeeze", "expand_dims", "concatenate", "slice", "rev", "reduce_sum", "reduce_window_sum",
+    "convert_element_type", "dynamic_slice", "cumsum", "mul", "div", "copy", "copy_p",
+    "reduce_precision", "pad", "select_and_gather_add",
+}
+_TO_SUM = {"reduce_max": "reduce_sum", "reduce_min": "reduce_sum",
+           "reduce_window_max": "reduce_window_sum", "reduce_window_min": "reduce_window_sum"}
+
+
+class Program:
+    """A model's forward computation ``apply_fn(params, x)`` at an example input.
+
+    Compared by identity (it is part of a :class:`~quotient_opt.Symmetry`'s
+    identity, so jitted code specialised on a symmetry is specialised on its
+    program too).
+
+    Attributes:
+      apply_fn: the forward function.
+      example: the example input (one sample where the model is batched).
+    """
+
+    def __init__(self, apply_fn: Callable[[PyTree, Any], Any], params: PyTree, example: Any):
+        self.apply_fn = apply_fn
+        self.example = _one_sample(apply_fn, params, example)
+        self._abstract = jax.tree.map(lambda p: jax.ShapeDtypeStruct(np.shape(p), _dtype(p)),
+                                      params)
+        self._skeletons: dict[Any, Any] = {}
+
+    def skeleton(self, dtype: Any) -> Any:
+        """The closed jaxpr of ``apply_fn`` at one example, with float leaves in ``dtype``."""
+        key = jnp.dtype(dtype)
+        if key not in self._skeletons:
+            def cast(v: Any) -> Any:
+                dt = v.dtype
+                return jax.ShapeDtypeStruct(v.shape, key if jnp.issubdtype(dt, jnp.floating) else dt)
+
+            params = jax.tree.map(cast, self._abstract)
+            example = jax.tree.map(
+                lambda v: cast(jax.ShapeDtypeStruct(np.shape(v), _dtype(v))), self.example)
+            self._skeletons[key] = jax.make_jaxpr(self.apply_fn)(params, example)
+        return self._skeletons[key]
+
+    def check_path_norm(self) -> None:
+        """Raises ``ValueError`` now if the path norm cannot be computed for this model."""
+        sq = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, jnp.float32), self._abstract)
+        jax.eval_shape(self.path_norm, sq)
+
+    def path_norm(self, squared_params: PyTree) -> jax.Array:
+        """:math:`\\phi`: the squared skeleton's summed output at an all-ones input.
+
+        Args:
+          squared_params: the parameters squared elementwise (any float dtype).
+
+        Raises:
+          ValueError: for an operation without a squared version (a division
+            by a unit's value, an unsupported primitive), naming it.
+        """
+        leaves = jax.tree.leaves(squared_params)
+        dtype = jnp.result_type(*leaves)
+        closed = self.skeleton(dtype)
+        ones = [jnp.ones(np.shape(v), dtype) for v in jax.tree.leaves(self.example)]
+        outs = _squared_eval(closed.jaxpr, list(closed.consts), leaves + ones,
+                             [True] * len(leaves) + [True] * len(ones))
+        return sum(jnp.sum(o.astype(jnp.result_type(*leaves))) for o in outs)
+
+
+def _dtype(p: Any) -> Any:
+    return p.dtype if hasattr(p, "dtype") else np.asarray(p).dtype
+
+
+def _float(v: Any) -> Any:
+    dt = _dtype(v)
+    return dt if jnp.issubdtype(dt, jnp.floating) else jnp.float32
+
+
+def _one_sample(apply_fn: Callable, params: PyTree, x: Any) -> Any:
+    """``x[:1]`` if the model maps a batch of ``N > 1`` to outputs with leading size ``N``."""
+    leaves = jax.tree.leaves(x)
+    abstract = jax.tree.map(lambda p: jax.ShapeDtypeStruct(np.shape(p), _dtype(p)), params)
+    if not leaves or np.ndim(leaves[0]) == 0 or np.shape(leaves[0])[0] <= 1:
+        return x
+    n = np.shape(leaves[0])[0]
+    try:
+        out = jax.eval_shape(apply_fn, abstract, x)
+        first = jax.tree.leaves(out)[0]
+        if np.ndim(first) == 0 or first.shape[0] != n:
+            return x
+        one = jax.tree.map(lambda v: v[:1], x)
+        out1 = jax.eval_shape(apply_fn, abstract, one)
+        if jax.tree.leaves(out1)[0].shape[:1] == (1,):
+            return one
+    except Exception:  # noqa: BLE001 - not batched along axis 0
+        pass
+    return x
+
+
+def _squared_eval(jaxpr: Any, consts: list[Any], args: list[Any], skel: list[bool]) -> list[Any]:
+    """Evaluates the squared skeleton; ``skel[i]`` says whether input ``i`` is a skeleton value
+    (a squared parameter or the all-ones input) rather than a plain constant."""
+    env: dict[int, tuple[Any, bool]] = {}
+    for v, a, s in zip(jaxpr.invars, args, skel):
+        env[id(v)] = (a, s)
+    for v, c in zip(jaxpr.constvars, consts):
+        env[id(v)] = (jnp.asarray(c), False)
+
+    def read(v: Any) -> tuple[Any, bool]:
+        if _is_literal(v):
+            return jnp.asarray(v.val), False
+        return env[id(v)]
+
+    for eqn in jaxpr.eqns:
+        vals = [read(v) for v in eqn.invars]
+        outs = _squared_eqn(eqn, vals)
+        for v, o in zip(eqn.outvars, outs):
+            env[id(v)] = o
+    return [read(v)[0] if read(v)[1] else jnp.square(read(v)[0]) for v in jaxpr.outvars]
+
+
+def _squared_eqn(eqn: Any, vals: list[tuple[Any, bool]]) -> list[tuple[Any, bool]]:
+    name = eqn.primitive.name
+    if not any(s for _, s in vals):  # constants only: the ordinary computation
+        out = eqn.primitive.bind(*[v for v, _ in vals], **eqn.params)
+        return [(o, False) for o in (out if eqn.primitive.multiple_results else [out])]
+    if name in CALLS:
+        sub = _sub_jaxpr(eqn)
+        if sub is not None:
+            args = [v if s else jnp.square(v) for v, s in vals]
+            outs = _squared_eval(sub[0], sub[1], args, [True] * len(args))
+            return [(o, True) for o in outs]
+    # a plain constant meeting the skeleton enters squared (a coefficient on every path)
+    sq = [v if s else jnp.square(jnp.asarray(v)) for v, s in vals]
+    if name in _SAME:
+        if name == "div" and vals[1][1]:
+            raise ValueError(f"path norm: {_where(eqn)} divides by a unit's value")
+        return [(eqn.primitive.bind(*sq, **eqn.params), True)]
+    if name in _TO_SUM:
+        if name.startswith("reduce_window"):
+            return [(lax.reduce_window_sum_p.bind(*sq, **eqn.params), True)]
+        return [(jnp.sum(sq[0], axis=tuple(eqn.params["axes"])), True)]
+    if name in ("sub", "add_any"):
+        return [(lax.add(*sq), True)]
+    if name in ("max", "min"):
+        data = [v for v, s in vals if s]
+        if len(data) == 1:
+            return [(sq[[s for _, s in vals].index(True)], True)]
+        return [(lax.add(*sq), True)]
+    if name == "select_n":
+        cases = sq[1:]
+        out = cases[0]
+        for c in cases[1:]:
+            out = jnp.maximum(out, c)
+        return [(jnp.broadcast_to(out, eqn.outvars[0].aval.shape).astype(out.dtype), True)]
+    if name in COMPARISONS:
+        return [(jnp.zeros(eqn.outvars[0].aval.shape, bool), False)]
+    if len(vals) == 1 or all(not s for _, s in vals[1:]):
+        # an elementwise activation of one skeleton value: a pass-through
+        x = sq[0]
+        shape = eqn.outvars[0].aval.shape
+        if tuple(np.shape(x)) == tuple(shape):
+            return [(x.astype(_float(x)), True)]
+    raise ValueError(f"path norm: {_where(eqn)} has no squared version (the path norm is "
+                     "defined for networks of affine layers, homogeneous activations and "
+                     "max/sum pooling)")

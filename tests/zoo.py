@@ -1,0 +1,241 @@
+"""A zoo of models, one per kind of network the library must understand.
+
+Every property and transformation test runs over the whole zoo, so a new
+model kind added here gets every check. Models are built abstractly
+(``eval_shape``: no initializer runs) and filled with numpy noise, and each
+entry records what inference must find (``expect``), so the inference itself
+is tested on every model too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import flax.linen as linen
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import quotient_opt as qo
+from quotient_opt import models
+from quotient_opt.nn import MaxOverPieces
+
+
+@dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity (one per name and dtype)
+class Model:
+    """A zoo model: its inferred symmetry, a batched ``apply(params, x)``, abstract params."""
+
+    name: str
+    sym: qo.Symmetry
+    apply: Callable[[Any, jax.Array], jax.Array]
+    abstract: Any
+    x_shape: tuple[int, ...]  # one batch of inputs
+    dtype: Any
+
+    def params(self, seed: int, scale: float = 0.8) -> Any:
+        """Parameters filled with N(0, scale^2 / fan_in)-ish noise (biases too)."""
+        rng = np.random.default_rng(seed)
+
+        def fill(s: jax.ShapeDtypeStruct) -> jax.Array:
+            fan_in = max(int(np.prod(s.shape)) // max(s.shape), 1) if len(s.shape) > 1 else 1
+            std = scale * (np.sqrt(2.0 / fan_in) if len(s.shape) > 1 else 0.5)
+            return jnp.asarray(rng.normal(0.0, std, s.shape), s.dtype)
+
+        return jax.tree.map(fill, self.abstract)
+
+    def inputs(self, seed: int) -> jax.Array:
+        rng = np.random.default_rng(seed + 7919)
+        return jnp.asarray(rng.uniform(-1.5, 1.5, self.x_shape), self.dtype)
+
+
+# --------------------------------------------------------------------------- model classes
+
+
+class MLP(nnx.Module):
+    """A custom nnx Module (fields fc1/fc2/fc3, not a Sequential)."""
+
+    def __init__(self, dtype: Any, rngs: nnx.Rngs):
+        self.fc1 = nnx.Linear(3, 6, param_dtype=dtype, rngs=rngs)
+        self.fc2 = nnx.Linear(6, 5, param_dtype=dtype, rngs=rngs)
+        self.fc3 = nnx.Linear(5, 2, param_dtype=dtype, rngs=rngs)
+
+    def __call__(self, x):
+        return self.fc3(nnx.relu(self.fc2(nnx.relu(self.fc1(x)))))
+
+
+class CNN(nnx.Module):
+    """Conv-ReLU-max_pool twice, flatten, Linear (channels last)."""
+
+    def __init__(self, dtype: Any, rngs: nnx.Rngs):
+        self.conv1 = nnx.Conv(1, 4, (3, 3), param_dtype=dtype, rngs=rngs)
+        self.conv2 = nnx.Conv(4, 5, (3, 3), param_dtype=dtype, rngs=rngs)
+        self.head = nnx.Linear(2 * 2 * 5, 3, param_dtype=dtype, rngs=rngs)
+
+    def __call__(self, x):
+        h = nnx.max_pool(nnx.relu(self.conv1(x)), (2, 2), (2, 2))
+        h = nnx.max_pool(nnx.relu(self.conv2(h)), (2, 2), (2, 2))
+        return self.head(h.reshape(h.shape[0], -1))
+
+
+class ResMLP(nnx.Module):
+    """A residual MLP: two blocks writing into one stream."""
+
+    def __init__(self, dtype: Any, rngs: nnx.Rngs):
+        lin = functools.partial(nnx.Linear, param_dtype=dtype, rngs=rngs)
+        self.embed = lin(3, 4)
+        self.up1, self.down1 = lin(4, 6), lin(6, 4)
+        self.up2, self.down2 = lin(4, 5), lin(5, 4)
+        self.head = lin(4, 2)
+
+    def __call__(self, x):
+        h = self.embed(x)
+        h = h + self.down1(nnx.relu(self.up1(h)))
+        h = h + self.down2(nnx.relu(self.up2(h)))
+        return self.head(nnx.relu(h))
+
+
+class NormMLP(nnx.Module):
+    """LayerNorm between two layers: permutations only."""
+
+    def __init__(self, dtype: Any, rngs: nnx.Rngs):
+        self.fc1 = nnx.Linear(3, 6, param_dtype=dtype, rngs=rngs)
+        self.norm = nnx.LayerNorm(6, param_dtype=dtype, rngs=rngs)
+        self.fc2 = nnx.Linear(6, 2, param_dtype=dtype, rngs=rngs)
+
+    def __call__(self, x):
+        return self.fc2(nnx.relu(self.norm(self.fc1(x))))
+
+
+class EqxCNN(eqx.Module):
+    """A custom equinox CNN (channels first, one sample at a time)."""
+
+    conv: eqx.nn.Conv2d
+    pool: eqx.nn.MaxPool2d
+    head: eqx.nn.Linear
+
+    def __init__(self, dtype: Any, key: jax.Array):
+        k1, k2 = jax.random.split(key)
+        self.conv = eqx.nn.Conv2d(1, 4, 3, padding=1, key=k1, dtype=dtype)
+        self.pool = eqx.nn.MaxPool2d(2, 2)
+        self.head = eqx.nn.Linear(4 * 3 * 3, 2, key=k2, dtype=dtype)
+
+    def __call__(self, x):
+        return self.head(self.pool(jax.nn.relu(self.conv(x))).reshape(-1))
+
+
+class LinenCNN(linen.Module):
+    """A flax.linen CNN with average pooling."""
+
+    dtype: Any = jnp.float32
+
+    @linen.compact
+    def __call__(self, x):
+        x = linen.relu(linen.Conv(3, (3, 3), param_dtype=self.dtype)(x))
+        x = linen.avg_pool(x, (2, 2), (2, 2))
+        x = x.reshape(x.shape[0], -1)
+        x = linen.relu(linen.Dense(5, param_dtype=self.dtype)(x))
+        return linen.Dense(2, param_dtype=self.dtype)(x)
+
+
+# --------------------------------------------------------------------------- builders
+
+
+def _nnx(name: str, ctor: Callable[[], nnx.Module], x_shape, dtype) -> Model:
+    model = nnx.eval_shape(ctor)
+    apply, abstract = models.functional(model)
+    sym = qo.infer_symmetry(model, jax.ShapeDtypeStruct(x_shape, dtype))
+    return Model(name, sym, apply, abstract, x_shape, dtype)
+
+
+def _eqx(name: str, ctor: Callable[[], eqx.Module], x_shape, dtype) -> Model:
+    model = eqx.filter_eval_shape(ctor)
+    is_leaf = lambda v: isinstance(v, (jax.Array, jax.ShapeDtypeStruct))  # noqa: E731
+    abstract, static = eqx.partition(model, is_leaf)
+
+    def apply(p, x):
+        return jax.vmap(eqx.combine(p, static))(x)
+
+    sym = qo.infer_symmetry(model, jax.ShapeDtypeStruct(x_shape[1:], dtype))
+    return Model(name, sym, apply, abstract, x_shape, dtype)
+
+
+def _seq(dtype: Any, *items: Any) -> nnx.Sequential:
+    """``nnx.Sequential``: ``(a, b)`` items become ``nnx.Linear(a, b)``, others stay."""
+    rngs = nnx.Rngs(0)
+    return nnx.Sequential(*(
+        nnx.Linear(*it, param_dtype=dtype, rngs=rngs) if isinstance(it, tuple) else it
+        for it in items
+    ))
+
+
+#: what inference must find: per group in order, (windows, pieces, permutable, rescalable)
+EXPECT: dict[str, list[tuple[int, int, bool, bool]]] = {
+    "nnx_sequential": [(6, 1, True, True), (5, 1, True, True)],
+    "nnx_module": [(6, 1, True, True), (5, 1, True, True)],
+    "nnx_cnn": [(4, 1, True, True), (5, 1, True, True)],
+    "nnx_residual": [(4, 1, True, True), (6, 1, True, True), (5, 1, True, True)],
+    "nnx_maxout": [(4, 3, True, True), (5, 1, True, True), (3, 1, True, False)],
+    "nnx_layernorm": [(6, 1, True, False)],
+    "eqx_mlp": [(4, 1, True, True), (4, 1, True, True)],
+    "eqx_cnn": [(4, 1, True, True)],
+    "linen_cnn": [(3, 1, True, True), (5, 1, True, True)],
+    "maxpool_net": [(2, 3, False, False)],
+    "sawtooth_net": [(5, 1, True, True)] * 5,
+}
+NAMES = tuple(EXPECT)
+
+
+@functools.lru_cache(maxsize=None)
+def build(name: str, dtype: Any = jnp.float32) -> Model:
+    """The zoo model ``name`` in ``dtype`` (built once)."""
+    if name == "nnx_sequential":
+        return _nnx(name, lambda: _seq(dtype, (3, 6), nnx.relu, (6, 5), nnx.leaky_relu, (5, 2)),
+                    (8, 3), dtype)
+    if name == "nnx_module":
+        return _nnx(name, lambda: MLP(dtype, nnx.Rngs(0)), (8, 3), dtype)
+    if name == "nnx_cnn":
+        return _nnx(name, lambda: CNN(dtype, nnx.Rngs(0)), (2, 8, 8, 1), dtype)
+    if name == "nnx_residual":
+        return _nnx(name, lambda: ResMLP(dtype, nnx.Rngs(0)), (8, 3), dtype)
+    if name == "nnx_maxout":
+        return _nnx(name, lambda: _seq(dtype, (2, 12), MaxOverPieces(3), (4, 5), nnx.leaky_relu,
+                                       (5, 3), nnx.tanh, (3, 1)), (8, 2), dtype)
+    if name == "nnx_layernorm":
+        return _nnx(name, lambda: NormMLP(dtype, nnx.Rngs(0)), (8, 3), dtype)
+    if name == "eqx_mlp":
+        return _eqx(name, lambda: eqx.nn.MLP(3, 2, 4, 2, key=jax.random.key(0), dtype=dtype),
+                    (8, 3), dtype)
+    if name == "eqx_cnn":
+        return _eqx(name, lambda: EqxCNN(dtype, jax.random.key(0)), (2, 1, 6, 6), dtype)
+    if name == "linen_cnn":
+        mod = LinenCNN(dtype)
+        x = jax.ShapeDtypeStruct((2, 6, 6, 1), dtype)
+        abstract = jax.eval_shape(mod.init, jax.random.key(0), x)
+        sym = qo.infer_symmetry(mod.apply, x, params=abstract)
+        return Model(name, sym, mod.apply, abstract, x.shape, dtype)
+    if name == "maxpool_net":
+        return _nnx(name, lambda: models.MaxPoolNet(3, 2, 2, rngs=nnx.Rngs(0), param_dtype=dtype),
+                    (8, 2), dtype)
+    if name == "sawtooth_net":
+        return _nnx(name, lambda: models.SawtoothNet(rngs=nnx.Rngs(0), param_dtype=dtype),
+                    (8, 1), dtype)
+    raise ValueError(name)  # pragma: no cover
+
+
+def random_element(sym: qo.Symmetry, rng: np.random.Generator, bound: float, dtype: Any):
+    """A random group element drawn with numpy (no compilation), respecting each group's
+    flags: window permutations, piece permutations, log-scales uniform in ``±bound``."""
+    out = []
+    for g in sym.groups:
+        wp = rng.permutation(g.windows) if g.permutable else np.arange(g.windows)
+        pp = np.stack([rng.permutation(g.pieces) if g.pieces_permutable else np.arange(g.pieces)
+                       for _ in range(g.windows)])
+        ls = rng.uniform(-bound, bound, g.windows) if g.rescalable else np.zeros(g.windows)
+        out.append(qo.GroupElement(jnp.asarray(wp, jnp.int32), jnp.asarray(pp, jnp.int32),
+                                   jnp.asarray(ls, dtype)))
+    return tuple(out)
