@@ -339,15 +339,20 @@ def test_with_smooth_relu_matches_a_softplus_model():
         lambda f: jax.jit(f),
         lambda f: jax.checkpoint(f),
         lambda f: jax.vmap(f),
-        lambda f: (lambda x: jax.lax.scan(lambda c, xi: (c, f(xi)), 0.0, x)[1]),
-        lambda f: (lambda x: jax.lax.cond(True, f, lambda y: y, x)),
-        lambda f: (lambda x: jax.lax.fori_loop(0, 1, lambda i, y: f(y), x)),
+        lambda f: lambda x: jax.lax.scan(lambda c, xi: (c, f(xi)), 0.0, x)[1],
+        lambda f: lambda x: jax.lax.cond(True, f, lambda y: y, x),
+        lambda f: lambda x: jax.lax.fori_loop(0, 1, lambda i, y: f(y), x),
     ],
     ids=["plain", "jit", "checkpoint", "vmap", "scan", "cond", "while"],
 )
 @pytest.mark.parametrize(
     "relu",
-    [jax.nn.relu, nnx.relu, lambda x: jnp.maximum(0.0, x), lambda x: jnp.maximum(x, jnp.zeros_like(x))],
+    [
+        jax.nn.relu,
+        nnx.relu,
+        lambda x: jnp.maximum(0.0, x),
+        lambda x: jnp.maximum(x, jnp.zeros_like(x)),
+    ],
     ids=["jax.nn.relu", "nnx.relu", "max(0,x)", "max(x,zeros)"],
 )
 def test_with_smooth_relu_reaches_every_relu(wrap, relu):
@@ -398,7 +403,9 @@ def test_trajectory_pca_of_a_line_and_of_a_plane_curve():
     line = {"w": start + t[:, None] * d}
     res = trajectory_pca(line)
     assert float(res.explained_variance_ratio[0]) == pytest.approx(1.0, abs=1e-6)
-    np.testing.assert_allclose(abs(float(res.components["w"][0] @ d)), float(jnp.linalg.norm(d)), rtol=1e-6)
+    np.testing.assert_allclose(
+        abs(float(res.components["w"][0] @ d)), float(jnp.linalg.norm(d)), rtol=1e-6
+    )
     # sign fixed: the projection moves forward, and linearly
     p = np.asarray(res.projections[:, 0])
     assert p[-1] > p[0]

@@ -53,6 +53,17 @@ def _rank_tol(s: jax.Array, shape: tuple[int, int]) -> jax.Array:
     return jnp.max(s, initial=0.0) * max(shape) * jnp.finfo(s.dtype).eps
 
 
+def _hashable(fn: Callable | None) -> Callable | None:
+    """``fn`` itself when hashable (compiled code is then reused across calls), else a wrapper."""
+    if fn is None:
+        return None
+    try:
+        hash(fn)
+    except TypeError:  # e.g. an equinox Module holding arrays
+        return lambda *args: fn(*args)
+    return fn
+
+
 def _flat_loss(loss_fn: Callable, beta: float | None, params: PyTree):
     if beta is not None:
         loss_fn = with_smooth_relu(loss_fn, beta)
@@ -115,9 +126,7 @@ def _direction_basis(v: jax.Array) -> tuple[jax.Array, jax.Array, int]:
     return u[:, :m] * mask.astype(u.dtype), u[:, rank:], rank
 
 
-@functools.partial(
-    jax.jit, static_argnames=("loss_fn", "beta", "projector", "depth")
-)
+@functools.partial(jax.jit, static_argnames=("loss_fn", "beta", "projector", "depth"))
 def _krylov(
     loss_fn: Callable,
     beta: float | None,
@@ -271,7 +280,8 @@ def hessian_spectrum(
     check_loss_fn(loss_fn, params)
     if smooth_relu is not None:
         _check_beta(smooth_relu)
-    beta = smooth_relu
+    beta = None if smooth_relu is None else float(smooth_relu)
+    loss_fn = _hashable(loss_fn)
     flat, unravel = flatten(params)
     n, dtype = flat.shape[0], flat.dtype
     if method == "auto":
@@ -287,7 +297,7 @@ def hessian_spectrum(
     if project_out is not None:
         out = project_out(params)
         if callable(out):
-            projector = project_out
+            projector = _hashable(project_out)
             check_same_tree(
                 params,
                 jax.eval_shape(lambda v: out(unravel(v)), flat),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -57,10 +57,11 @@ def _improved_tangent(r: jax.Array, v: jax.Array) -> jax.Array:
     tau = jnp.where((vp > vi) & (vi > vm), tp, jnp.where((vp < vi) & (vi < vm), tm, mixed))
     # Flat stretch (equal energies, e.g. along an orbit): the mixed tangent is
     # zero; fall back to the bisector of the two neighbour directions.
-    unit = lambda x: x / jnp.maximum(jnp.linalg.norm(x, axis=1, keepdims=True), 1e-300)
+    tiny = jnp.finfo(r.dtype).tiny
+    unit = lambda x: x / jnp.maximum(jnp.linalg.norm(x, axis=1, keepdims=True), tiny)
     bisector = unit(tp) + unit(tm)
     norm = jnp.linalg.norm(tau, axis=1, keepdims=True)
-    small = norm <= 1e-12 * jnp.maximum(jnp.linalg.norm(bisector, axis=1, keepdims=True), 1e-300)
+    small = norm < jnp.sqrt(tiny)
     return unit(jnp.where(small, bisector, tau))
 
 
@@ -98,11 +99,15 @@ def neb_force(
 def default_neb_optimizer(
     a_flat: jax.Array, b_flat: jax.Array, images: int, steps: int
 ) -> optax.GradientTransformation:
-    """Adam with a cosine decay from ``0.1 · spacing / sqrt(n)`` (see :func:`neb`)."""
-    n = a_flat.shape[0]
+    """Normalized SGD with momentum 0.9 and a cosine decay from ``0.01 · spacing`` (see :func:`neb`)."""
     spacing = jnp.linalg.norm(b_flat - a_flat) / (images + 1)
-    lr0 = 0.1 * spacing / jnp.sqrt(jnp.asarray(n, a_flat.dtype))
-    return optax.adam(optax.cosine_decay_schedule(lr0, max(steps, 1), alpha=1e-4))
+    tiny = float(jnp.finfo(a_flat.dtype).tiny)
+    return optax.chain(
+        optax.normalize_by_update_norm(scale_factor=1.0, eps=tiny),
+        optax.sgd(
+            optax.cosine_decay_schedule(0.01 * spacing, max(steps, 1), alpha=1e-4), momentum=0.9
+        ),
+    )
 
 
 def neb(
@@ -146,15 +151,22 @@ def neb(
     ``spring``: at :math:`F = 0` the images are equally spaced and the
     perpendicular gradient vanishes.
 
-    The default optimizer is Adam with a cosine decay from
-    :math:`0.1\\,\\lVert b - a \\rVert / ((N + 1)\\sqrt{n})` (``N`` images,
-    ``n`` parameters: a first step of about a tenth of the image spacing) to
-    :math:`10^{-4}` of that. Adam's step does not depend on the scale of the
-    loss, so one default serves toy potentials (gradients of order
-    :math:`10^3`) and trained networks (gradients of order :math:`10^{-6}`);
-    the decay makes it settle on :math:`F = 0` instead of hovering. FIRE,
-    the usual NEB optimizer, needs a time step matched to the curvature and
-    is not in Optax. Any Optax optimizer can be passed instead.
+    The default optimizer is SGD with momentum 0.9 on the force normalized
+    by its global norm over the whole band, with a cosine decay of the step
+    from :math:`0.01\\,\\lVert b - a \\rVert / (N + 1)` (a hundredth of the
+    image spacing) to :math:`10^{-4}` of that. The normalization makes the
+    step independent of the scale of the loss, so one default serves toy
+    potentials (gradients of order :math:`10^3`) and trained networks
+    (gradients of order :math:`10^{-6}`), while keeping the relative sizes of
+    the forces, across images and coordinates; the decay makes the band
+    settle on :math:`F = 0` instead of hovering. Adam was the first choice
+    and was dropped: its per-coordinate normalization blows tiny forces along
+    flat directions (the orbits of a network's symmetries) up to full steps,
+    so images drift; on a band between the sawtooth fit and a rescaled copy
+    of it, Adam ended 8000 steps with a largest force of 18 and images far
+    off the path, normalized SGD with a barrier four times lower. FIRE, the
+    usual NEB optimizer, needs a time step matched to the curvature and is
+    not in Optax. Any Optax optimizer can be passed instead.
 
     Args:
       loss_fn: ``params -> scalar``; traced once per call (must be jittable
@@ -223,7 +235,9 @@ def neb(
         b_aligned = align(a, b)
         check_same_tree(a, b_aligned, ("a", "align(a, b)"))
         b = b_aligned
-    dtypes = jax.tree.map(lambda x, y: jnp.promote_types(jnp.result_type(x), jnp.result_type(y)), a, b)
+    dtypes = jax.tree.map(
+        lambda x, y: jnp.promote_types(jnp.result_type(x), jnp.result_type(y)), a, b
+    )
     a = jax.tree.map(lambda x, d: jnp.asarray(x, d), a, dtypes)
     b = jax.tree.map(lambda x, d: jnp.asarray(x, d), b, dtypes)
     check_loss_fn(loss_fn, a)
@@ -232,7 +246,9 @@ def neb(
         check_same_tree(a, out, ("a", "project(image)"))
 
     def run(a: PyTree, b: PyTree) -> NEBResult:
-        return _relax(loss_fn, a, b, images, steps, optimizer, climbing, climb_after, spring, project)
+        return _relax(
+            loss_fn, a, b, images, steps, optimizer, climbing, climb_after, spring, project
+        )
 
     return jax.jit(run)(a, b)
 

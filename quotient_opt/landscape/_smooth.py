@@ -88,7 +88,7 @@ def _is_zero_literal(x: Any) -> bool:
         return False
     try:
         arr = np.asarray(val)
-    except Exception:  # pragma: no cover - exotic literal
+    except (TypeError, ValueError):  # pragma: no cover - exotic literal
         return False
     return arr.size > 0 and bool(np.all(arr == 0))
 
@@ -98,7 +98,7 @@ def _is_zero_const(val: Any) -> bool:
         return False
     try:
         arr = np.asarray(val)
-    except Exception:
+    except (TypeError, ValueError):
         return False
     return arr.dtype.kind in "fiub" and arr.size > 0 and bool(np.all(arr == 0))
 
@@ -144,9 +144,7 @@ def _contains_relu(jaxpr: Any) -> bool:
             return True
         for _, val in _subjaxprs(eqn.params):
             vals = val if isinstance(val, (tuple, list)) else (val,)
-            if any(
-                _contains_relu(v) for v in vals if isinstance(v, (jex.ClosedJaxpr, jex.Jaxpr))
-            ):
+            if any(_contains_relu(v) for v in vals if isinstance(v, (jex.ClosedJaxpr, jex.Jaxpr))):
                 return True
     return False
 
