@@ -209,6 +209,13 @@ def hessian_spectrum(
     * ``auto``: ``dense`` up to ``dense_max`` parameters, else ``lanczos``
       when ``k`` is given and ``slq`` otherwise.
 
+    Everything runs in the dtype of ``params``: counting (numerically) zero
+    eigenvalues needs float64 (at the exact sawtooth fit the zero modes sit
+    at :math:`|\\lambda| \\le 3 \\cdot 10^{-16} \\lambda_{\\max}`, the next
+    eigenvalue at :math:`5 \\cdot 10^{-11} \\lambda_{\\max}`). Compiled code
+    is cached on ``loss_fn`` (and a projector ``project_out``), so repeated
+    calls with the same function (a spectrum per checkpoint) do not recompile.
+
     Args:
       loss_fn: ``params -> scalar``, twice differentiable where evaluated
         (see ``smooth_relu``).
