@@ -9,11 +9,13 @@ Subpackages:
 * :mod:`quotient_opt.symmetry`: the symmetry spec, its group action and canonical forms.
 * :mod:`quotient_opt.transforms`: the Optax gradient transformations.
 * :mod:`quotient_opt.training`: training loops.
+* :mod:`quotient_opt.landscape`: loss-landscape tools (NEB paths, Hessian spectra,
+  trajectory PCA, interpolation).
 * :mod:`quotient_opt.nn`: layers the symmetry machinery understands.
 * :mod:`quotient_opt.models`: the example models and their tasks.
 """
 
-from quotient_opt import models, nn, symmetry, training, transforms
+from quotient_opt import landscape, models, nn, symmetry, training, transforms
 from quotient_opt.symmetry import (
     AxisRef,
     CanonicalInfo,
@@ -66,6 +68,7 @@ __all__ = [
     "fit",
     "horizontal_component",
     "infer_symmetry",
+    "landscape",
     "models",
     "nn",
     "path_norm_curvature",
