@@ -24,8 +24,7 @@ that is not covariant) its case runs in the regime where the documented law is
 exact, and says so in its ``regime``; ``python tests/test_transport.py`` prints
 the error measured with the default settings next to it.
 
-Group elements and gradients come from hypothesis-drawn seeds; every case is
-one jitted program (compiled once, reused by the examples).
+Group elements and gradients come from hypothesis-drawn seeds.
 """
 
 from __future__ import annotations
@@ -59,7 +58,6 @@ STEPS = 4
 TOL = 1e-12
 SEEDS = st.integers(0, 2**31 - 1)
 FEW = settings(max_examples=max(2, settings().max_examples // 4))
-quick_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
 
 
 # --------------------------------------------------------------------------- problem
@@ -259,7 +257,9 @@ CASES = [
             optax.adam(0.1), every_k_schedule=3, accumulator_dtype=F64
         ).gradient_transformation(),
         regime="accumulator_dtype=float64 (default float32)",
-        default=lambda l: optax.MultiSteps(optax.adam(0.1), every_k_schedule=3).gradient_transformation(),
+        default=lambda l: optax.MultiSteps(
+            optax.adam(0.1), every_k_schedule=3
+        ).gradient_transformation(),
     ),
     Case(
         "inject_hyperparams(adam)",
@@ -305,9 +305,7 @@ CASES = [
     Case("muon", lambda l: C.muon(0.1)),
     Case(
         "sophia",
-        lambda l: C.sophia(
-            0.1, hessian_diagonal_fn=exact_hessian_diagonal(), update_interval=2
-        ),
+        lambda l: C.sophia(0.1, hessian_diagonal_fn=exact_hessian_diagonal(), update_interval=2),
         regime="exact Hessian diagonal (default: Hutchinson's estimate, right in expectation)",
         default=lambda l: C.sophia(0.1),
         extra="obj_fn",
@@ -327,52 +325,46 @@ BY_NAME = {c.name: c for c in CASES}
 
 
 def _extra(case: Case, loss: Callable, theta: Any) -> dict:
-    if case.extra == "obj_fn":
-        return {"obj_fn": loss}
     if case.extra == "value":
         return {"value": loss(theta)}
     return {}
 
 
+@functools.cache
+def _compiled(make: Callable, extra: str | None) -> tuple[Callable, Callable]:
+    loss = problem()[2]
+    tx = make(loss)
+    if extra == "obj_fn":  # a function: bound, not traced
+        return tx.init, jax.jit(functools.partial(tx.update, obj_fn=loss))
+    return tx.init, jax.jit(tx.update)
+
+
 def replay_error(
     make: Callable, laws: dict | None, log_scale: float, extra: str | None, seed: int
 ) -> float:
-    """Relative difference between the transported state and the replayed one."""
-    return float(_replay_program(make, _freeze(laws), log_scale, extra)(jax.random.key(seed)))
+    """Relative difference between the transported state and the replayed one.
 
-
-def _freeze(laws: dict | None) -> tuple | None:
-    return None if laws is None else tuple(sorted(laws.items(), key=repr))
-
-
-@functools.cache
-def _replay_program(make: Callable, laws: tuple | None, log_scale: float, extra: str | None):
+    Only the optimizer's ``update`` is jitted (once per case): control flow
+    (``lax.cond``, ``scan``) in updates recompiles at every eager call, and one
+    jitted program for the whole replay compiles for seconds.
+    """
     sym, params, loss = problem()
-    tx = make(loss)
+    init, update = _compiled(make, extra)
+    tx = optax.GradientTransformation(init, update)
     case = Case("", make, extra=extra)
-
-    @quick_jit
-    def run(key: jax.Array) -> jax.Array:
-        kg, kd = jax.random.split(key)
-        g = sym.sample(kg, log_scale=log_scale, dtype=F64)
-
-        def step(carry: tuple, k: jax.Array) -> tuple[tuple, None]:
-            s, s2 = carry
-            k1, k2 = jax.random.split(k)
-            grads = optax.tree.random_like(k1, params, jax.random.normal)
-            delta = optax.tree.random_like(k2, params, jax.random.normal)
-            theta = jax.tree.map(lambda p, d: p + 0.1 * d, params, delta)
-            theta2 = sym.act(theta, g)
-            _, s = tx.update(grads, s, theta, **_extra(case, loss, theta))
-            _, s2 = tx.update(sym.act(grads, g, power=-1), s2, theta2, **_extra(case, loss, theta2))
-            return (s, s2), None
-
-        start = (tx.init(params), tx.init(sym.act(params, g)))
-        (s, s2), _ = jax.lax.scan(step, start, jax.random.split(kd, STEPS))
-        moved = qo.transport_state(sym, s, params, g, laws=None if laws is None else dict(laws))
-        return rel_err(moved, s2)
-
-    return run
+    kg, kd = jax.random.split(jax.random.key(seed))
+    g = sym.sample(kg, log_scale=log_scale, dtype=F64)
+    s, s2 = tx.init(params), tx.init(sym.act(params, g))
+    for k in jax.random.split(kd, STEPS):
+        k1, k2 = jax.random.split(k)
+        grads = optax.tree.random_like(k1, params, jax.random.normal)
+        delta = optax.tree.random_like(k2, params, jax.random.normal)
+        theta = jax.tree.map(lambda p, d: p + 0.1 * d, params, delta)
+        theta2 = sym.act(theta, g)
+        _, s = tx.update(grads, s, theta, **_extra(case, loss, theta))
+        _, s2 = tx.update(sym.act(grads, g, power=-1), s2, theta2, **_extra(case, loss, theta2))
+    moved = qo.transport_state(sym, s, params, g, laws=laws)
+    return float(rel_err(moved, s2))
 
 
 # --------------------------------------------------------------------------- replay
@@ -389,11 +381,13 @@ def test_replay_is_exact(case: Case, seed: int) -> None:
 
 def test_every_registered_type_has_a_replay_case() -> None:
     """Each registered state type with a params-shaped law appears in some replay case."""
-    sym, params, loss = problem()
+    _, params, loss = problem()
     seen: set[type] = set()
 
     def types_in(state: Any) -> None:
-        for node in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, tuple) and hasattr(x, "_fields")):
+        for node in jax.tree.leaves(
+            state, is_leaf=lambda x: isinstance(x, tuple) and hasattr(x, "_fields")
+        ):
             if isinstance(node, tuple) and hasattr(node, "_fields"):
                 seen.add(type(node))
                 for v in node:
@@ -447,7 +441,9 @@ def test_stream_power_is_carried_through_chains() -> None:
     assert _laws_of(optax.rmsprop(0.1, momentum=0.9)) == [-2, 0]
     assert _laws_of(optax.chain(optax.scale_by_adam(), optax.trace(0.9))) == [-1, -2, 0]
     # learning rates, clipping and other states without params-shaped data pass it through
-    assert _laws_of(optax.chain(optax.clip_by_global_norm(1.0), optax.scale(-1.0), optax.trace(0.9))) == [-1]
+    assert _laws_of(
+        optax.chain(optax.clip_by_global_norm(1.0), optax.scale(-1.0), optax.trace(0.9))
+    ) == [-1]
     # MultiSteps' accumulator and its inner optimizer both see gradients
     ms = optax.MultiSteps(optax.sgd(0.1, momentum=0.9), 2).gradient_transformation()
     assert sorted(_laws_of(ms)) == [-1, -1]
@@ -477,8 +473,12 @@ def test_masked_entries_are_kept() -> None:
     is_mask = lambda x: isinstance(x, optax.MaskedNode)
     flags = jax.tree.leaves(jax.tree.map(is_mask, trace, is_leaf=is_mask))
     assert any(flags) and not all(flags)
-    assert jax.tree.structure(trace_moved, is_leaf=is_mask) == jax.tree.structure(trace, is_leaf=is_mask)
-    full = jax.tree.map(lambda t, p: jnp.zeros_like(p) if is_mask(t) else t, trace, params, is_leaf=is_mask)
+    assert jax.tree.structure(trace_moved, is_leaf=is_mask) == jax.tree.structure(
+        trace, is_leaf=is_mask
+    )
+    full = jax.tree.map(
+        lambda t, p: jnp.zeros_like(p) if is_mask(t) else t, trace, params, is_leaf=is_mask
+    )
     want = sym.act(full, g, power=-1)
     for a, b, m in zip(
         jax.tree.leaves(trace_moved, is_leaf=is_mask),
@@ -490,7 +490,7 @@ def test_masked_entries_are_kept() -> None:
 
 
 def test_library_wrappers_walk_their_inner_state() -> None:
-    sym, params, loss = problem()
+    sym, params, _ = problem()
     for tx in (
         qo.rebalance(optax.adam(0.1), sym),
         qo.teleport(optax.adam(0.1), sym),
@@ -501,12 +501,19 @@ def test_library_wrappers_walk_their_inner_state() -> None:
         assert [p for _, p in got] == [-1, -2], got
         assert all(".inner_state" in w for w, _ in got)
         # the wrappers' own fields are left alone
-        seen = []
-        out = qo.map_state(lambda p, t: (seen.append(p), jax.tree.map(lambda x: x + 1, t))[1], state, params)
+        seen: list[int] = []
+
+        def bump(power: int, tree: Any, seen: list[int] = seen) -> Any:
+            seen.append(power)
+            return jax.tree.map(lambda x: x + 1, tree)
+
+        out = qo.map_state(bump, state, params)
         assert seen == [-1, -2]
         for f in state._fields:
             if f != "inner_state":
-                for a, b in zip(jax.tree.leaves(getattr(out, f)), jax.tree.leaves(getattr(state, f))):
+                for a, b in zip(
+                    jax.tree.leaves(getattr(out, f)), jax.tree.leaves(getattr(state, f))
+                ):
                     np.testing.assert_array_equal(a, b)
 
 
@@ -521,7 +528,9 @@ def test_transport_under_jit_and_vmap() -> None:
     sym, params, _ = problem()
     tx = optax.adam(0.1)
     s = tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params), params)[1]
-    gs = jax.vmap(lambda k: sym.sample(k, log_scale=1.0, dtype=F64))(jax.random.split(jax.random.key(0), 3))
+    gs = jax.vmap(lambda k: sym.sample(k, log_scale=1.0, dtype=F64))(
+        jax.random.split(jax.random.key(0), 3)
+    )
     moved = jax.jit(jax.vmap(lambda g: qo.transport_state(sym, s, params, g)))(gs)
     g1 = jax.tree.map(lambda x: x[1], gs)
     one = qo.transport_state(sym, s, params, g1)
@@ -596,7 +605,6 @@ def test_muon_state_is_elementwise_and_accepted() -> None:
 
 
 def test_user_laws_accept_unknown_types() -> None:
-    sym, params, _ = problem()
     tx = optax.chain(my_accumulator(), optax.scale(-0.1))
     for laws in ({"acc": -1}, {(MyState, "acc"): -1}):
         assert _laws_of(tx, laws) == [-1]
@@ -620,7 +628,9 @@ def test_unknown_type_without_params_data_passes_through() -> None:
 
 def test_params_shaped_state_outside_a_namedtuple_is_refused() -> None:
     _, params, _ = problem()
-    raw = optax.GradientTransformation(lambda p: jax.tree.map(jnp.zeros_like, p), lambda u, s, p=None: (u, s))
+    raw = optax.GradientTransformation(
+        lambda p: jax.tree.map(jnp.zeros_like, p), lambda u, s, p=None: (u, s)
+    )
     with pytest.raises(ValueError, match="not a field of a registered state"):
         qo.check_transportable(optax.chain(optax.adam(0.1), raw).init(params), params)
 
@@ -644,7 +654,7 @@ def test_law_on_a_field_that_is_not_params_shaped() -> None:
 )
 def test_malformed_laws(laws) -> None:
     _, params, _ = problem()
-    with pytest.raises(ValueError, match="laws"):
+    with pytest.raises((TypeError, ValueError), match="laws"):
         qo.check_transportable(optax.adam(0.1).init(params), params, laws=laws)
 
 
@@ -680,32 +690,38 @@ def test_module_docstring_states_every_registered_law() -> None:
         mine = [b for b in bullets if f"``{typ.__name__}" in b]
         assert mine, typ.__name__
         for field in entry.fields:
-            assert any(
-                f"``{typ.__name__}.{field}``" in b or f"``{field}``" in b for b in mine
-            ), (typ.__name__, field)
+            assert any(f"``{typ.__name__}.{field}``" in b or f"``{field}``" in b for b in mine), (
+                typ.__name__,
+                field,
+            )
 
 
 # --------------------------------------------------------------------------- measurements
 
 
 def _measure(seeds: range = range(5)) -> None:
-    """Prints the replay error per optimizer: its exact regime, and its defaults."""
-    print(f"{'optimizer':34s} {'exact regime':>12s} {'defaults':>12s}  regime")
+    """Prints the replay error per optimizer over ``seeds``: max in its exact regime;
+    max and median with its defaults (their error comes from constants such as
+    ``eps`` relative to the statistics, so it is largest where gradients are small)."""
+
+    def errs(make, laws, log_scale, extra):
+        return np.array([replay_error(make, laws, log_scale, extra, s) for s in seeds])
+
+    print(f"{'optimizer':34s} {'exact':>9s} {'dflt max':>9s} {'dflt med':>9s}  regime")
     for case in CASES:
-        exact = max(replay_error(case.make, case.laws, case.log_scale, case.extra, s) for s in seeds)
+        exact = errs(case.make, case.laws, case.log_scale, case.extra).max()
         if case.default is not None:
-            dflt = max(replay_error(case.default, case.default_laws, 1.0, case.extra, s) for s in seeds)
-            dflt_s = f"{dflt:12.2e}"
+            d = errs(case.default, case.default_laws, 1.0, case.extra)
+            dflt = f"{d.max():9.1e} {np.median(d):9.1e}"
         else:
-            dflt_s = f"{'(same)':>12s}"
-        print(f"{case.name:34s} {exact:12.2e} {dflt_s}  {case.regime}", flush=True)
-    print()
-    print("without the user law (defaults):")
+            dflt = f"{'same':>9s} {'':9s}"
+        print(f"{case.name:34s} {exact:9.1e} {dflt}  {case.regime}", flush=True)
+    print("\ndefaults without the user law:")
     for name in ("adamax", "adopt"):
         case = BY_NAME[name]
-        dflt = max(replay_error(case.default or case.make, None, 1.0, None, s) for s in seeds)
-        print(f"{name:34s} {dflt:12.2e}")
-    print("laws other than the registry's (defaults):")
+        d = errs(case.default or case.make, None, 1.0, None)
+        print(f"{name:34s} {'':9s} {d.max():9.1e} {np.median(d):9.1e}")
+    print("\nlaws other than the registry's, defaults:")
     for name, laws in [
         ("amsgrad", {(optax.ScaleByAmsgradState, "nu_max"): -1}),
         ("adadelta", {(optax.ScaleByAdaDeltaState, "e_x"): 2}),
@@ -713,8 +729,9 @@ def _measure(seeds: range = range(5)) -> None:
         ("rmsprop momentum", {(optax.TraceState, "trace"): -1}),
     ]:
         case = BY_NAME[name]
-        err = max(replay_error(case.default or case.make, laws, 1.0, None, s) for s in seeds)
-        print(f"{name + ' ' + str(list(laws.values())):34s} {err:12.2e}")
+        d = errs(case.default or case.make, laws, 1.0, None)
+        label = f"{name} {list(laws.values())}"
+        print(f"{label:34s} {'':9s} {d.max():9.1e} {np.median(d):9.1e}")
 
 
 if __name__ == "__main__":

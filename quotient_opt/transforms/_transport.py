@@ -54,8 +54,8 @@ optax (``optax._src.transform``, ``optax.transforms``):
   (sgd momentum and nesterov; after rmsprop's normalization it is ``0``).
 * ``EmaState.ema``: ``q`` (-1), out ``q``: an EMA of the updates it sees. ``count``: None.
 * ``ApplyEvery.grad_acc``: ``q`` (-1), out ``q``: a sum of the updates it sees. ``count``: None.
-* ``ScaleByAdamState`` (adam, adamw, nadam, radam, lamb, yogi): ``mu``: ``q`` (-1), EMA of
-  :math:`g`; ``nu``: ``2q`` (-2), EMA of :math:`g^2` (yogi's additive update
+* ``ScaleByAdamState`` (adam, adamw, nadam, radam, lamb, yogi, optimistic_adam_v2): ``mu``:
+  ``q`` (-1), EMA of :math:`g`; ``nu``: ``2q`` (-2), EMA of :math:`g^2` (yogi's additive update
   :math:`v - (1-b_2)\,\mathrm{sign}(v-g^2)\,g^2` is degree 2 too); ``count``: None; out 0.
   The same type is the state of adamax and adopt with other laws: see *Ambiguous*.
 * ``ScaleByAmsgradState`` (amsgrad): ``mu``: ``q``; ``nu``: ``2q``; ``nu_max``: ``2q``, a running
@@ -82,7 +82,8 @@ optax (``optax._src.transform``, ``optax.transforms``):
 * ``FactoredState.v`` (adafactor, leaves it does not factor): ``2q``, EMA of :math:`g^2` (the
   shape-``(1,)`` placeholders of factored leaves are left alone); ``count``: None; out 0.
 * ``MultiStepsState.acc_grads`` (``optax.MultiSteps``): ``q``, the running mean of the updates;
-  ``inner_opt_state`` walked; ``mini_step``, ``gradient_step``, ``skip_state``: None; out: the inner's.
+  ``inner_opt_state`` walked; ``mini_step``, ``gradient_step``, ``skip_state``: None; out: the
+  inner's.
 * Wrappers, walked through: ``InjectHyperparamsState`` and ``InjectStatefulHyperparamsState``
   (``inner_state``; ``count``, ``hyperparams``, ``hyperparams_states``: None), ``MaskedState``
   (``inner_state``, whose params-shaped fields hold ``MaskedNode`` where masked),
@@ -132,8 +133,9 @@ supplied (``laws={(StateType, "field"): power_or_None}``), for:
 * ``ScaleByDistanceOverGradientsState.max_dist``,
   ``ScaleByDistanceOverGradientsState.grad_sum_of_squares``: per-leaf distance and gradient norms
   (its ``init_params`` is ``+1``).
-* ``ScaleByLBFGSState.params``, ``ScaleByLBFGSState.updates``, ``ScaleByLBFGSState.diff_params_memory``,
-  ``ScaleByLBFGSState.diff_updates_memory``, ``ScaleByLBFGSState.weights_memory``: stacked curvature
+* ``ScaleByLBFGSState.params``, ``ScaleByLBFGSState.updates``,
+  ``ScaleByLBFGSState.diff_params_memory``, ``ScaleByLBFGSState.diff_updates_memory``,
+  ``ScaleByLBFGSState.weights_memory``: stacked curvature
   pairs (``count``: None).
 * ``DAdaptAdamWState`` and ``ProdigyState``: ``exp_avg``, ``exp_avg_sq``, ``grad_sum``,
   ``estim_lr``, ``numerator_weighted``: moments weighted by a step-size estimate built from the L1
@@ -170,6 +172,8 @@ Limits
   (per-leaf norms; no power law, exact for permutations only), and a
   ``TraceState`` after :func:`~quotient_opt.scale_by_path_norm` sees params-like
   updates (pass ``laws={(optax.TraceState, "trace"): 1}``).
+* ``optax.MultiSteps`` accumulates in float32 by default (``accumulator_dtype``): its
+  ``acc_grads`` then carry float32 rounding (about ``1e-7``) into a float64 replay.
 * momo with ``adapt_lower_bound=True`` updates ``lb`` with
   :math:`\|\text{exp\_avg}\|^2`, which is not invariant.
 
@@ -196,21 +200,23 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import types
 from collections.abc import Callable, Mapping
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from optax.transforms._masking import MaskedNode
+
+MaskedNode = optax.MaskedNode
 
 PyTree = Any
 Kind = Literal["first", "second"]
 #: A law: an integer power, or ``None`` for "leave alone".
-Law = Union[int, None]
+Law = int | None
 #: Keys of user laws: a field name (any state type) or ``(StateType, field)``.
-LawKey = Union[str, tuple[type, str]]
+LawKey = str | tuple[type, str]
 Laws = Mapping[LawKey, Law]
 
 __all__ = [
@@ -223,9 +229,9 @@ __all__ = [
 ]
 
 #: Laws for ``optax.adamax`` / ``optax.adamaxw``: ``nu`` holds an EMA-max of :math:`|g|`.
-ADAMAX_LAWS: dict[LawKey, Law] = {(optax.ScaleByAdamState, "nu"): -1}
+ADAMAX_LAWS: Laws = types.MappingProxyType({(optax.ScaleByAdamState, "nu"): -1})
 #: Laws for ``optax.contrib.adopt``: ``mu`` holds an EMA of normalized updates.
-ADOPT_LAWS: dict[LawKey, Law] = {(optax.ScaleByAdamState, "mu"): 0}
+ADOPT_LAWS: Laws = types.MappingProxyType({(optax.ScaleByAdamState, "mu"): 0})
 
 
 # --------------------------------------------------------------------------- registry
@@ -260,8 +266,8 @@ class _Refuse:
     when: Callable[[Any, Any], bool] | None = None
 
 
-_RegLaw = Union[_Power, _Keep, _Inner, _Refuse]
-Q = Union[int, None]  # power of the stream; None: unknown
+_RegLaw = _Power | _Keep | _Inner | _Refuse
+Q = int | None  # power of the stream; None: unknown
 
 
 def _same(q: Q, inner: Q) -> Q:
@@ -309,10 +315,10 @@ def _optional(module: Any, name: str) -> type | None:
 def _registry() -> dict[type, _Entry]:
     """The laws of every registered state type (built on first use)."""
     from optax._src import transform as tr
-    from optax.transforms import _accumulation, _conditionality, _masking
+    from optax.transforms import _conditionality
 
     try:
-        import optax.contrib as contrib
+        from optax import contrib
     except ImportError:  # pragma: no cover
         contrib = None
 
@@ -325,9 +331,7 @@ def _registry() -> dict[type, _Entry]:
         optax.ScaleByScheduleState: _Entry({"count": KEEP}),
         # ------------------------------------------------------- adaptive
         optax.ScaleByAdamState: _Entry({"count": KEEP, "mu": M1, "nu": M2}, _zero),
-        optax.ScaleByAmsgradState: _Entry(
-            {"count": KEEP, "mu": M1, "nu": M2, "nu_max": M2}, _zero
-        ),
+        optax.ScaleByAmsgradState: _Entry({"count": KEEP, "mu": M1, "nu": M2, "nu_max": M2}, _zero),
         optax.ScaleByRssState: _Entry({"sum_of_squares": M2}, _zero),
         optax.ScaleByRmsState: _Entry({"nu": M2}, _zero),
         _optional(tr, "ScaleByRmsWithCountState"): _Entry({"count": KEEP, "nu": M2}, _zero),
@@ -443,8 +447,6 @@ def _registry() -> dict[type, _Entry]:
             {"step": KEEP, "inner_state": INNER}, _inner_out
         ),
     }
-    del _accumulation, _masking
-
     if contrib is not None:
         c = functools.partial(_optional, contrib)
         table.update(
@@ -452,9 +454,7 @@ def _registry() -> dict[type, _Entry]:
                 c("ScaleByAdemamixState"): _Entry(
                     {"count": KEEP, "count_m2": KEEP, "m1": M1, "m2": M1, "nu": M2}, _zero
                 ),
-                c("ScaleBySimplifiedAdEMAMixState"): _Entry(
-                    {"t": KEEP, "m": M1, "n": M2}, _zero
-                ),
+                c("ScaleBySimplifiedAdEMAMixState"): _Entry({"t": KEEP, "m": M1, "n": M2}, _zero),
                 c("MuonState"): _Entry({"count": KEEP, "mu": M1, "ns_coeffs": KEEP}, _unknown),
                 c("SophiaState"): _Entry(
                     {"count": KEEP, "mu": M1, "nu": _Power(0, -2), "hessian_fn_state": INNER},
@@ -587,7 +587,7 @@ def _check_laws(laws: Laws | None) -> dict[LawKey, Law]:
     for key, law in laws.items():
         if isinstance(key, tuple):
             if len(key) != 2 or not isinstance(key[0], type) or not isinstance(key[1], str):
-                raise ValueError(
+                raise TypeError(
                     f"laws: key {key!r} must be a field name or a (StateType, 'field') pair"
                 )
             fields = getattr(key[0], "_fields", None)
@@ -596,11 +596,11 @@ def _check_laws(laws: Laws | None) -> dict[LawKey, Law]:
                     f"laws: {key[0].__name__} has no field {key[1]!r} (fields: {fields})"
                 )
         elif not isinstance(key, str):
-            raise ValueError(
+            raise TypeError(
                 f"laws: key {key!r} must be a field name or a (StateType, 'field') pair"
             )
         if law is not None and (isinstance(law, bool) or not isinstance(law, (int, np.integer))):
-            raise ValueError(f"laws[{key!r}]: expected an integer power or None, got {law!r}")
+            raise TypeError(f"laws[{key!r}]: expected an integer power or None, got {law!r}")
         out[key] = None if law is None else int(law)
     return out
 
@@ -741,7 +741,7 @@ class _Walker:
 
     def walk(self, node: PyTree, q: Q, path: str) -> tuple[PyTree, Q]:
         """Returns the mapped node and the power of the transformation's output."""
-        if node is None or _is_mask(node) or _is_leaf(node):
+        if node is None or _is_mask(node):
             return node, q
         if self.holds_params(node):
             raise ValueError(
@@ -749,6 +749,8 @@ class _Walker:
                 f"NamedTuple ({type(node).__name__}); wrap it in a NamedTuple and pass "
                 "laws={(StateType, 'field'): power}"
             )
+        if _is_leaf(node):
+            return node, q
         if _is_namedtuple(node):
             return self._namedtuple(node, q, path)
         if isinstance(node, (tuple, list)):  # optax.chain: in sequence
@@ -783,7 +785,9 @@ class _Walker:
             law = self._law(typ, field, entry)
             if law is _NO_LAW:
                 if self.holds_params(value):
-                    what = "an unregistered state type" if entry is None else "a field without a law"
+                    what = (
+                        "an unregistered state type" if entry is None else "a field without a law"
+                    )
                     raise ValueError(
                         f"cannot transport {where}: {what} holding params-structured data. "
                         f"Pass laws={{({name}, {field!r}): power}} (+1 params-like, -1 "
@@ -886,8 +890,8 @@ def map_state(
         and field; a law whose field is not params-shaped; malformed ``laws``.
 
     References:
-      Ainsworth, Hayase, Srinivasa. *Git Re-Basin*, 2022.
-      https://arxiv.org/abs/2209.04836
+      Neyshabur, Salakhutdinov, Srebro. *Path-SGD: Path-Normalized Optimization
+      in Deep Neural Networks*, 2015. https://arxiv.org/abs/1506.02617
     """
     walker = _Walker(lambda p, t, where: fn(p, t), params, laws)
     return walker.walk(state, -1, "state")[0]
