@@ -6,13 +6,15 @@ from quotient_opt.transforms._projection import horizontal_component, project_ho
 from quotient_opt.transforms._rebalance import RebalanceState, rebalance
 from quotient_opt.transforms._revive import ReviveDeadUnitsState, revive_dead_units
 from quotient_opt.transforms._teleport import TeleportState, teleport, teleport_log_scales
-from quotient_opt.transforms._transport import transport_state
+from quotient_opt.transforms._transport import check_transportable, map_state, transport_state
 
 __all__ = [
     "RebalanceState",
     "ReviveDeadUnitsState",
     "TeleportState",
+    "check_transportable",
     "horizontal_component",
+    "map_state",
     "path_norm_curvature",
     "path_sgd",
     "project_horizontal",

@@ -1,91 +1,996 @@
-"""Moving an inner optimizer's state along with the parameters.
+r"""Moving an inner optimizer's state along with the parameters.
 
-When a wrapper moves the parameters along a symmetry orbit (``θ → g·θ``), the
-inner optimizer's statistics must move with them, or the next step is taken
-in the wrong coordinates. Under a rescaling ``θ_i → c_i θ_i`` a gradient
-transforms as ``∂L/∂θ_i → ∂L/∂θ_i / c_i`` (a covector), so first-moment
-statistics (momentum, Adam's ``mu``) transform with power ``-1`` and
-second-moment statistics (Adam's ``nu``, RMSProp, AdaGrad, Adadelta) with
-power ``-2``. Permutations move every statistic like the parameter.
+When a wrapper moves the parameters along a symmetry orbit,
+:math:`\theta \to g\cdot\theta` (``sym.act(params, g)``), the inner optimizer's
+statistics must move too: the transported state should be the state the
+optimizer would hold had it seen the whole history in the new coordinates
+(the *replay* property). Under a rescaling :math:`\theta_i \to c_i\theta_i` a
+gradient transforms as a covector,
+
+.. math::
+
+   \frac{\partial L}{\partial \theta_i} \;\to\; c_i^{-1}\,\frac{\partial L}{\partial \theta_i},
+
+so a statistic homogeneous of degree :math:`k` in the gradient history moves as
+:math:`c_i^{-k}`, i.e. by ``sym.act(stat, g, power=-k)``; every statistic is
+permuted like the parameters.
+
+Laws
+----
+A *law* is an integer power ``p`` (the params-shaped field is moved by
+``sym.act(field, g, power=p)``) or ``None`` (not params-shaped: counts,
+scalars, hyperparameters, PRNG keys; left alone). Laws are looked up in a
+registry keyed by the state's **type and field**, never guessed from a field's
+name:
+
+* ``+1``: params-like (iterates, anchor points);
+* ``-1``: gradient-like (first moments, accumulated gradients, infinity norms
+  :math:`\max|g|`);
+* ``-2``: squared gradients (second moments, diagonal curvature);
+* ``0``: scale-free (statistics of normalized updates, sign-driven step sizes):
+  permuted only;
+* ``+2``: squared params-like quantities (no optax state as shipped; available
+  as a user law).
+
+**The stream.** A transformation in a chain does not see gradients but the
+output of the transformations before it: ``optax.sgd(lr, momentum=0.9)`` keeps
+a ``TraceState`` of raw gradients (power ``-1``) while
+``optax.rmsprop(lr, momentum=0.9)`` keeps the same ``TraceState`` of
+RMS-normalized updates (power ``0``). So the registry states the law of a
+statistic of the incoming updates relative to their power :math:`q` (``q`` for
+a first moment, ``2q`` for a second) and the power of each transformation's
+output; the walk starts at :math:`q=-1` (gradients) and carries :math:`q`
+through chains (tuples, and the dicts of ``optax.named_chain``). A state that
+holds no params-shaped data (``EmptyState``: learning rates, sign flips,
+weight decay, clipping, trust ratios) is assumed to pass :math:`q` through
+unchanged (see *Limits*). The laws below are written for the usual
+:math:`q=-1`; "out" is the power of the transformation's output.
+
+optax (``optax._src.transform``, ``optax.transforms``):
+
+* ``EmptyState`` (stateless transformations) and ``ScaleByScheduleState`` (``count``: None):
+  nothing to move, out ``q``.
+* ``TraceState.trace``: ``q`` (-1), out ``q``: momentum, a linear recursion in the updates it sees
+  (sgd momentum and nesterov; after rmsprop's normalization it is ``0``).
+* ``EmaState.ema``: ``q`` (-1), out ``q``: an EMA of the updates it sees. ``count``: None.
+* ``ApplyEvery.grad_acc``: ``q`` (-1), out ``q``: a sum of the updates it sees. ``count``: None.
+* ``ScaleByAdamState`` (adam, adamw, nadam, radam, lamb, yogi, optimistic_adam_v2): ``mu``:
+  ``q`` (-1), EMA of :math:`g`; ``nu``: ``2q`` (-2), EMA of :math:`g^2` (yogi's additive update
+  :math:`v - (1-b_2)\,\mathrm{sign}(v-g^2)\,g^2` is degree 2 too); ``count``: None; out 0.
+  The same type is the state of adamax and adopt with other laws: see *Ambiguous*.
+* ``ScaleByAmsgradState`` (amsgrad): ``mu``: ``q``; ``nu``: ``2q``; ``nu_max``: ``2q``, a running
+  max of degree-2 statistics is degree 2 (it is not a first moment); ``count``: None; out 0.
+* ``ScaleByRssState.sum_of_squares`` (adagrad): ``2q``, a sum of :math:`g^2`; out 0.
+* ``ScaleByRmsState.nu``, ``ScaleByRmsWithCountState.nu`` (rmsprop): ``2q``, EMA of :math:`g^2`;
+  ``count``: None; out 0.
+* ``ScaleByRStdDevState``, ``ScaleByRStdDevWithCountState`` (centered rmsprop): ``mu``: ``q``,
+  EMA of :math:`g`; ``nu``: ``2q``, EMA of :math:`g^2`; ``count``: None; out 0.
+* ``ScaleByAdaDeltaState`` (adadelta): ``e_g``: ``2q``, EMA of :math:`g^2`; ``e_x``: ``0``, EMA of
+  squared updates :math:`u=\sqrt{e_x+\epsilon}/\sqrt{e_g+\epsilon}\;g`: the ratio
+  :math:`g/\sqrt{e_g}` is scale-free and the :math:`\epsilon` in the numerator fixes the scale of
+  :math:`e_x`, so :math:`e_x` does not change when gradients are rescaled ("by units" it would be
+  ``+2``, which holds only if :math:`\epsilon` were rescaled too); out 0.
+* ``ScaleByBeliefState`` (adabelief, contrib acprop): ``mu``: ``q``; ``nu``: ``2q``, EMA of
+  :math:`(g-\mu)^2`; ``count``: None; out 0.
+* ``ScaleByLionState.mu`` (lion): ``q``, EMA of :math:`g`; ``count``: None; out 0 (a sign).
+* ``ScaleByAdanState`` (adan): ``m``, ``v``, ``g``: ``q`` (EMAs of :math:`g` and of gradient
+  differences, the last gradient); ``n``: ``2q``; ``t``: None; out 0.
+* ``ScaleByRpropState`` (rprop): ``step_sizes``: ``0`` (start at the learning rate, change by sign
+  agreements only); ``prev_updates``: ``0`` (step size times a sign); out 0.
+* ``ScaleByOptimisticGradientState.previous_gradient`` (optimistic gradient descent, optimistic
+  adam): ``q``, the last update seen; ``is_initial_step``: None; out ``q``.
+* ``FactoredState.v`` (adafactor, leaves it does not factor): ``2q``, EMA of :math:`g^2` (the
+  shape-``(1,)`` placeholders of factored leaves are left alone); ``count``: None; out 0.
+* ``MultiStepsState.acc_grads`` (``optax.MultiSteps``): ``q``, the running mean of the updates;
+  ``inner_opt_state`` walked; ``mini_step``, ``gradient_step``, ``skip_state``: None; out: the
+  inner's.
+* Wrappers, walked through: ``InjectHyperparamsState`` and ``InjectStatefulHyperparamsState``
+  (``inner_state``; ``count``, ``hyperparams``, ``hyperparams_states``: None), ``MaskedState``
+  (``inner_state``, whose params-shaped fields hold ``MaskedNode`` where masked),
+  ``PartitionState`` (``inner_states``, each seeing the same stream), ``ApplyIfFiniteState``
+  (``inner_state``; ``notfinite_count``, ``last_finite``, ``total_notfinite``: None),
+  ``ConditionallyTransformState`` and ``ConditionallyMaskState`` (``inner_state``; ``step``: None).
+  ``chain`` (a tuple), ``named_chain`` (a dict) and ``with_extra_args_support`` (the inner state
+  itself) need no entry.
+
+optax.contrib:
+
+* ``ScaleByAdemamixState`` (ademamix): ``m1``, ``m2``: ``q`` (fast and slow EMAs of :math:`g`);
+  ``nu``: ``2q``; ``count``, ``count_m2``: None; out 0.
+* ``ScaleBySimplifiedAdEMAMixState``: ``m``: ``q`` (accumulated :math:`g`); ``n``: ``2q``;
+  ``t``: None; out 0.
+* ``MuonState.mu`` (muon): ``q``, a plain EMA of :math:`g` (the orthogonalization acts on the
+  output only, so the *state* is elementwise); ``count``, ``ns_coeffs``: None; out unknown.
+* ``SophiaState`` (sophia): ``mu``: ``q``; ``nu``: ``-2`` whatever the stream, an EMA of the
+  diagonal of the loss Hessian :math:`H_{ii}` (second derivatives of an invariant loss);
+  ``hessian_fn_state`` walked; ``count``: None; out unknown. ``HutchinsonState.key``: None.
+* ``ScheduleFreeState`` (schedule_free, schedule_free_sgd, schedule_free_adamw): ``z``: ``+1``, an
+  iterate; ``base_optimizer_state`` walked; ``b1``, ``weight_sum``, ``step_count``, ``max_lr``:
+  None; out unknown.
+* ``MadgradState`` (madgrad): ``grad_sum_sq``: ``2q``; ``s``: ``q`` (weighted sums of :math:`g^2`
+  and :math:`g`); ``x0``: ``+1``, the initial point; ``count``: None; out unknown.
+* ``COCOBState`` (cocob): ``init_particles``: ``+1``; ``cumulative_gradients``: ``q``;
+  ``scale``: ``q`` (running :math:`\max|g|`); ``subgradients``: ``q`` (:math:`\sum|g|`);
+  ``reward``: ``q+1`` = 0 (built from :math:`g\,(\theta-\theta_0)`); out unknown.
+* ``MomoState``, ``MomoAdamState`` (momo, momo_adam): ``exp_avg``: ``q``; ``exp_avg_sq``: ``2q``;
+  ``barf``, ``gamma``, ``lb``, ``count``: None (EMAs of the loss and of
+  :math:`\langle g, \theta\rangle`, invariant); out unknown.
+
+quotient_opt: ``RebalanceState``, ``TeleportState``, ``ReviveDeadUnitsState``: ``inner_state``
+walked (it sees gradients), other fields (``count``, ``dead_steps``, ``revivals``, ``key``) None;
+out unknown.
+
+Refused
+-------
+A ``ValueError`` naming the state type and field is raised, unless a law is
+supplied (``laws={(StateType, "field"): power_or_None}``), for:
+
+* ``FactoredState.v_row``, ``FactoredState.v_col`` when some leaf is factored: row and column
+  means of :math:`g^2` mix units that a rescaling scales differently.
+* ``ScaleBySM3State.mu``, ``ScaleBySM3State.nu``: per-axis max accumulators.
+* ``ScaleByNovogradState.mu``, ``ScaleByNovogradState.nu``: per-leaf gradient norms (``count``:
+  None).
+* ``ScaleByDistanceOverGradientsState.max_dist``,
+  ``ScaleByDistanceOverGradientsState.grad_sum_of_squares``: per-leaf distance and gradient norms
+  (its ``init_params`` is ``+1``).
+* ``ScaleByLBFGSState.params``, ``ScaleByLBFGSState.updates``,
+  ``ScaleByLBFGSState.diff_params_memory``, ``ScaleByLBFGSState.diff_updates_memory``,
+  ``ScaleByLBFGSState.weights_memory``: stacked curvature
+  pairs (``count``: None).
+* ``DAdaptAdamWState`` and ``ProdigyState``: ``exp_avg``, ``exp_avg_sq``, ``grad_sum``,
+  ``estim_lr``, ``numerator_weighted``: moments weighted by a step-size estimate built from the L1
+  norm of a gradient sum (``count``: None; Prodigy's ``params0``: ``+1``).
+* ``MechanicState``: ``r``, ``m``, ``v``, ``s``, ``x0``: a scale learned from global gradient and
+  parameter norms (``count``: None; ``base_optimizer_state`` walked).
+* ``DoGState.max_dist``, ``DoGState.sum_sq_norm_grads``, ``DoWGState.estim_sq_dist``,
+  ``DoWGState.weighted_sq_norm_grads``: global distance and gradient norms (``init_params``: ``+1``;
+  ``is_init_step``: None).
+* ``GaLoreState.projector``, ``GaLoreState.base_optimizer_state``: SVD projectors and a state in
+  the projected space (``count``: None).
+* any field of an unregistered NamedTuple that holds params-structured data, and params-shaped
+  data outside any NamedTuple field.
+
+Ambiguous
+---------
+``ScaleByAdamState`` is shared by transformations with different laws: adamax
+and adamaxw keep in ``nu`` an EMA-max of :math:`|g|` (power ``q``, pass
+:data:`ADAMAX_LAWS`), contrib adopt keeps in ``mu`` an EMA of normalized
+updates :math:`g/\sqrt{\nu}` (power ``0``, pass :data:`ADOPT_LAWS`). Nothing in
+the state tells them apart; the default is adam's.
+
+Limits
+------
+* A law is exact when the statistic is homogeneous in the history it
+  accumulates. An :math:`\epsilon` inside a state update (adadelta, adamax's
+  :math:`|g|+\epsilon`, adabelief's ``eps_root``, adafactor's ``epsilon``) or a
+  nonzero initial accumulator (adagrad's ``initial_accumulator_value=0.1``,
+  yogi's ``1e-6``, cocob's ``eps``) breaks it at the level of those constants
+  relative to the statistics.
+* The pass-through assumption for states without params-shaped data is wrong
+  when such a transformation is not a scalar rescaling and a stateful one
+  follows it: lars's ``TraceState`` accumulates trust-ratio-scaled updates
+  (per-leaf norms; no power law, exact for permutations only), and a
+  ``TraceState`` after :func:`~quotient_opt.scale_by_path_norm` sees params-like
+  updates (pass ``laws={(optax.TraceState, "trace"): 1}``).
+* ``optax.MultiSteps`` accumulates in float32 by default (``accumulator_dtype``): its
+  ``acc_grads`` then carry float32 rounding (about ``1e-7``) into a float64 replay.
+* momo with ``adapt_lower_bound=True`` updates ``lb`` with
+  :math:`\|\text{exp\_avg}\|^2`, which is not invariant.
+
+References:
+  Kingma, Ba. *Adam: A Method for Stochastic Optimization*, 2014.
+  https://arxiv.org/abs/1412.6980
+
+  Zeiler. *ADADELTA: An Adaptive Learning Rate Method*, 2012.
+  https://arxiv.org/abs/1212.5701
+
+  Shazeer, Stern. *Adafactor: Adaptive Learning Rates with Sublinear Memory
+  Cost*, 2018. https://arxiv.org/abs/1804.04235
+
+  Defazio et al. *The Road Less Scheduled*, 2024. https://arxiv.org/abs/2405.15682
+
+  Liu et al. *Sophia: A Scalable Stochastic Second-order Optimizer*, 2023.
+  https://arxiv.org/abs/2305.14342
+
+  Neyshabur, Salakhutdinov, Srebro. *Path-SGD*, 2015.
+  https://arxiv.org/abs/1506.02617
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+import functools
+import types
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
+
+MaskedNode = optax.MaskedNode
 
 PyTree = Any
 Kind = Literal["first", "second"]
+#: A law: an integer power, or ``None`` for "leave alone".
+Law = int | None
+#: Keys of user laws: a field name (any state type) or ``(StateType, field)``.
+LawKey = str | tuple[type, str]
+Laws = Mapping[LawKey, Law]
 
-#: Field names of Optax states that hold squared-gradient statistics.
-SECOND_MOMENT_FIELDS = frozenset({"nu", "sum_of_squares", "e_g", "e_x", "grad_sq", "v"})
+__all__ = [
+    "ADAMAX_LAWS",
+    "ADOPT_LAWS",
+    "check_transportable",
+    "map_param_like",
+    "map_state",
+    "transport_state",
+]
+
+#: Laws for ``optax.adamax`` / ``optax.adamaxw``: ``nu`` holds an EMA-max of :math:`|g|`.
+ADAMAX_LAWS: Laws = types.MappingProxyType({(optax.ScaleByAdamState, "nu"): -1})
+#: Laws for ``optax.contrib.adopt``: ``mu`` holds an EMA of normalized updates.
+ADOPT_LAWS: Laws = types.MappingProxyType({(optax.ScaleByAdamState, "mu"): 0})
 
 
-def _param_like(x: PyTree, params: PyTree) -> bool:
-    if jax.tree.structure(x) != jax.tree.structure(params):
-        return False
-    return all(
-        np.shape(a) == np.shape(b) for a, b in zip(jax.tree.leaves(x), jax.tree.leaves(params))
+# --------------------------------------------------------------------------- registry
+
+
+@dataclasses.dataclass(frozen=True)
+class _Power:
+    """Power ``stream * q + fixed``, ``q`` the power of the incoming updates."""
+
+    stream: int = 0
+    fixed: int = 0
+    placeholders: bool = False  # shape-(1,) leaves stand for absent entries (Adafactor)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Keep:
+    """Not params-shaped: left alone."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Inner:
+    """An inner state (or a dict of them, ``parallel``) seeing the same stream."""
+
+    parallel: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class _Refuse:
+    """Cannot be transported (``when(value, params)`` decides, default always)."""
+
+    reason: str
+    when: Callable[[Any, Any], bool] | None = None
+
+
+_RegLaw = _Power | _Keep | _Inner | _Refuse
+Q = int | None  # power of the stream; None: unknown
+
+
+def _same(q: Q, inner: Q) -> Q:
+    return q
+
+
+def _zero(q: Q, inner: Q) -> Q:
+    return 0
+
+
+def _unknown(q: Q, inner: Q) -> Q:
+    return None
+
+
+def _inner_out(q: Q, inner: Q) -> Q:
+    return inner
+
+
+def _same_if_inner_same(q: Q, inner: Q) -> Q:
+    # a masked / conditional inner: the stream stays homogeneous only if the
+    # inner transformation keeps its power
+    return q if inner == q else None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+    fields: Mapping[str, _RegLaw]
+    out: Callable[[Q, Q], Q] = _same
+
+
+M1, M2 = _Power(1), _Power(2)  # first and second moments of the stream
+KEEP, INNER = _Keep(), _Inner()
+
+
+def _factored(value: PyTree, params: PyTree) -> bool:
+    """Whether some leaf of a FactoredState ``v_row``/``v_col`` holds real statistics."""
+    return any(np.shape(x) != (1,) for x in jax.tree.leaves(value))
+
+
+def _optional(module: Any, name: str) -> type | None:
+    return getattr(module, name, None)
+
+
+@functools.cache
+def _registry() -> dict[type, _Entry]:
+    """The laws of every registered state type (built on first use)."""
+    from optax._src import transform as tr
+    from optax.transforms import _conditionality
+
+    try:
+        from optax import contrib
+    except ImportError:  # pragma: no cover
+        contrib = None
+
+    table: dict[type | None, _Entry] = {
+        optax.EmptyState: _Entry({}),
+        # ------------------------------------------------------- accumulators
+        optax.TraceState: _Entry({"trace": M1}),
+        optax.EmaState: _Entry({"count": KEEP, "ema": M1}),
+        _optional(tr, "ApplyEvery"): _Entry({"count": KEEP, "grad_acc": M1}),
+        optax.ScaleByScheduleState: _Entry({"count": KEEP}),
+        # ------------------------------------------------------- adaptive
+        optax.ScaleByAdamState: _Entry({"count": KEEP, "mu": M1, "nu": M2}, _zero),
+        optax.ScaleByAmsgradState: _Entry({"count": KEEP, "mu": M1, "nu": M2, "nu_max": M2}, _zero),
+        optax.ScaleByRssState: _Entry({"sum_of_squares": M2}, _zero),
+        optax.ScaleByRmsState: _Entry({"nu": M2}, _zero),
+        _optional(tr, "ScaleByRmsWithCountState"): _Entry({"count": KEEP, "nu": M2}, _zero),
+        optax.ScaleByRStdDevState: _Entry({"mu": M1, "nu": M2}, _zero),
+        _optional(tr, "ScaleByRStdDevWithCountState"): _Entry(
+            {"count": KEEP, "mu": M1, "nu": M2}, _zero
+        ),
+        optax.ScaleByAdaDeltaState: _Entry({"e_g": M2, "e_x": _Power(0)}, _zero),
+        optax.ScaleByBeliefState: _Entry({"count": KEEP, "mu": M1, "nu": M2}, _zero),
+        optax.ScaleByLionState: _Entry({"count": KEEP, "mu": M1}, _zero),
+        optax.ScaleByAdanState: _Entry({"m": M1, "v": M1, "n": M2, "g": M1, "t": KEEP}, _zero),
+        optax.ScaleByRpropState: _Entry(
+            {"step_sizes": _Power(0), "prev_updates": _Power(0)}, _zero
+        ),
+        _optional(tr, "ScaleByOptimisticGradientState"): _Entry(
+            {"is_initial_step": KEEP, "previous_gradient": M1}
+        ),
+        optax.FactoredState: _Entry(
+            {
+                "count": KEEP,
+                "v": _Power(2, placeholders=True),
+                "v_row": _Refuse(
+                    "factored second moments (row means of g^2) mix units a rescaling "
+                    "scales differently",
+                    _factored,
+                ),
+                "v_col": _Refuse(
+                    "factored second moments (column means of g^2) mix units a rescaling "
+                    "scales differently",
+                    _factored,
+                ),
+            },
+            _zero,
+        ),
+        # ------------------------------------------------------- refused (optax)
+        optax.ScaleBySM3State: _Entry(
+            {
+                "mu": _Refuse("SM3's per-axis max accumulators are not elementwise"),
+                "nu": _Refuse("SM3's momentum of updates normalized by per-axis accumulators"),
+            },
+            _unknown,
+        ),
+        optax.ScaleByNovogradState: _Entry(
+            {
+                "count": KEEP,
+                "mu": _Refuse("novograd's momentum of updates normalized by per-leaf norms"),
+                "nu": _Refuse("novograd's per-leaf squared gradient norms are not elementwise"),
+            },
+            _unknown,
+        ),
+        _optional(tr, "ScaleByDistanceOverGradientsState"): _Entry(
+            {
+                "max_dist": _Refuse("per-leaf distances travelled are not elementwise"),
+                "grad_sum_of_squares": _Refuse("per-leaf gradient norms are not elementwise"),
+                "init_params": _Power(0, 1),
+            },
+            _unknown,
+        ),
+        optax.ScaleByLBFGSState: _Entry(
+            {
+                "count": KEEP,
+                **{
+                    f: _Refuse("L-BFGS curvature memory (stacked pairs) is not supported")
+                    for f in (
+                        "params",
+                        "updates",
+                        "diff_params_memory",
+                        "diff_updates_memory",
+                        "weights_memory",
+                    )
+                },
+            },
+            _unknown,
+        ),
+        # ------------------------------------------------------- wrappers
+        optax.MultiStepsState: _Entry(
+            {
+                "mini_step": KEEP,
+                "gradient_step": KEEP,
+                "inner_opt_state": INNER,
+                "acc_grads": M1,
+                "skip_state": KEEP,
+            },
+            _inner_out,
+        ),
+        optax.InjectHyperparamsState: _Entry(
+            {"count": KEEP, "hyperparams": KEEP, "inner_state": INNER}, _inner_out
+        ),
+        optax.InjectStatefulHyperparamsState: _Entry(
+            {
+                "count": KEEP,
+                "hyperparams": KEEP,
+                "hyperparams_states": KEEP,
+                "inner_state": INNER,
+            },
+            _inner_out,
+        ),
+        optax.MaskedState: _Entry({"inner_state": INNER}, _same_if_inner_same),
+        optax.PartitionState: _Entry({"inner_states": _Inner(parallel=True)}, _inner_out),
+        optax.ApplyIfFiniteState: _Entry(
+            {
+                "notfinite_count": KEEP,
+                "last_finite": KEEP,
+                "total_notfinite": KEEP,
+                "inner_state": INNER,
+            },
+            _inner_out,
+        ),
+        _conditionality.ConditionallyTransformState: _Entry(
+            {"inner_state": INNER, "step": KEEP}, _same_if_inner_same
+        ),
+        _conditionality.ConditionallyMaskState: _Entry(
+            {"step": KEEP, "inner_state": INNER}, _inner_out
+        ),
+    }
+    if contrib is not None:
+        c = functools.partial(_optional, contrib)
+        table.update(
+            {
+                c("ScaleByAdemamixState"): _Entry(
+                    {"count": KEEP, "count_m2": KEEP, "m1": M1, "m2": M1, "nu": M2}, _zero
+                ),
+                c("ScaleBySimplifiedAdEMAMixState"): _Entry({"t": KEEP, "m": M1, "n": M2}, _zero),
+                c("MuonState"): _Entry({"count": KEEP, "mu": M1, "ns_coeffs": KEEP}, _unknown),
+                c("SophiaState"): _Entry(
+                    {"count": KEEP, "mu": M1, "nu": _Power(0, -2), "hessian_fn_state": INNER},
+                    _unknown,
+                ),
+                c("HutchinsonState"): _Entry({"key": KEEP}),
+                c("ScheduleFreeState"): _Entry(
+                    {
+                        "b1": KEEP,
+                        "weight_sum": KEEP,
+                        "step_count": KEEP,
+                        "max_lr": KEEP,
+                        "base_optimizer_state": INNER,
+                        "z": _Power(0, 1),
+                    },
+                    _unknown,
+                ),
+                c("MadgradState"): _Entry(
+                    {"count": KEEP, "grad_sum_sq": M2, "s": M1, "x0": _Power(0, 1)}, _unknown
+                ),
+                c("COCOBState"): _Entry(
+                    {
+                        "init_particles": _Power(0, 1),
+                        "cumulative_gradients": M1,
+                        "scale": M1,
+                        "subgradients": M1,
+                        "reward": _Power(1, 1),
+                    },
+                    _unknown,
+                ),
+                c("MomoState"): _Entry(
+                    {"exp_avg": M1, "barf": KEEP, "gamma": KEEP, "lb": KEEP, "count": KEEP},
+                    _unknown,
+                ),
+                c("MomoAdamState"): _Entry(
+                    {
+                        "exp_avg": M1,
+                        "exp_avg_sq": M2,
+                        "barf": KEEP,
+                        "gamma": KEEP,
+                        "lb": KEEP,
+                        "count": KEEP,
+                    },
+                    _unknown,
+                ),
+                # ------------------------------------------- refused (contrib)
+                c("DAdaptAdamWState"): _refused_entry(
+                    c("DAdaptAdamWState"),
+                    "D-Adaptation weights its moments by a step-size estimate built from the "
+                    "L1 norm of a gradient sum",
+                ),
+                c("ProdigyState"): _refused_entry(
+                    c("ProdigyState"),
+                    "Prodigy weights its moments by a step-size estimate built from the L1 "
+                    "norm of a gradient sum",
+                    params0=_Power(0, 1),
+                ),
+                c("MechanicState"): _refused_entry(
+                    c("MechanicState"),
+                    "Mechanic's scale is learned from global gradient and parameter norms",
+                    base_optimizer_state=INNER,
+                ),
+                c("DoGState"): _refused_entry(
+                    c("DoGState"),
+                    "DoG's step size uses global distance and gradient norms",
+                    is_init_step=KEEP,
+                    init_params=_Power(0, 1),
+                ),
+                c("DoWGState"): _refused_entry(
+                    c("DoWGState"),
+                    "DoWG's step size uses global distance and gradient norms",
+                    init_params=_Power(0, 1),
+                ),
+                c("GaLoreState"): _Entry(
+                    {
+                        "count": KEEP,
+                        "projector": _Refuse("GaLore's SVD projectors are not elementwise"),
+                        "base_optimizer_state": _Refuse(
+                            "GaLore's inner state lives in the projected space"
+                        ),
+                    },
+                    _unknown,
+                ),
+            }
+        )
+
+    table.update(_library_entries())
+    table.pop(None, None)
+    return table  # type: ignore[return-value]
+
+
+def _refused_entry(typ: type | None, reason: str, **laws: _RegLaw) -> _Entry:
+    """Every field of ``typ`` refused for ``reason`` but ``count`` and those in ``laws``."""
+    if typ is None:
+        return _Entry({})
+    fields: dict[str, _RegLaw] = {f: _Refuse(reason) for f in typ._fields}
+    if "count" in fields:
+        fields["count"] = KEEP
+    fields.update(laws)
+    return _Entry(fields, _unknown)
+
+
+def _library_entries() -> dict[type, _Entry]:
+    """quotient_opt's own wrappers: an ``inner_state`` that sees gradients, scalars."""
+    out: dict[type, _Entry] = {}
+    for module, name in (
+        ("quotient_opt.transforms._rebalance", "RebalanceState"),
+        ("quotient_opt.transforms._teleport", "TeleportState"),
+        ("quotient_opt.transforms._revive", "ReviveDeadUnitsState"),
+    ):
+        try:
+            typ = getattr(__import__(module, fromlist=[name]), name)
+        except (ImportError, AttributeError):  # pragma: no cover - renamed upstream
+            continue
+        out[typ] = _Entry(
+            {f: (INNER if f == "inner_state" else KEEP) for f in typ._fields}, _unknown
+        )
+    return out
+
+
+# --------------------------------------------------------------------------- user laws
+
+
+def _check_laws(laws: Laws | None) -> dict[LawKey, Law]:
+    if laws is None:
+        return {}
+    if not isinstance(laws, Mapping):
+        raise TypeError(f"laws: expected a mapping, got {type(laws).__name__}")
+    out: dict[LawKey, Law] = {}
+    for key, law in laws.items():
+        if isinstance(key, tuple):
+            if len(key) != 2 or not isinstance(key[0], type) or not isinstance(key[1], str):
+                raise TypeError(
+                    f"laws: key {key!r} must be a field name or a (StateType, 'field') pair"
+                )
+            fields = getattr(key[0], "_fields", None)
+            if fields is not None and key[1] not in fields:
+                raise ValueError(
+                    f"laws: {key[0].__name__} has no field {key[1]!r} (fields: {fields})"
+                )
+        elif not isinstance(key, str):
+            raise TypeError(
+                f"laws: key {key!r} must be a field name or a (StateType, 'field') pair"
+            )
+        if law is not None and (isinstance(law, bool) or not isinstance(law, (int, np.integer))):
+            raise TypeError(f"laws[{key!r}]: expected an integer power or None, got {law!r}")
+        out[key] = None if law is None else int(law)
+    return out
+
+
+# --------------------------------------------------------------------------- the walk
+
+
+def _is_mask(x: Any) -> bool:
+    return isinstance(x, MaskedNode)
+
+
+def _is_namedtuple(x: Any) -> bool:
+    return isinstance(x, tuple) and hasattr(x, "_fields")
+
+
+def _is_leaf(x: Any) -> bool:
+    return isinstance(x, (jax.Array, np.ndarray, np.generic, int, float, complex, bool, str)) or (
+        hasattr(x, "shape") and hasattr(x, "dtype")
     )
 
 
-def map_param_like(
-    fn: Callable[[Kind, PyTree], PyTree], state: PyTree, params: PyTree
-) -> PyTree:
-    """Applies ``fn(kind, subtree)`` to every params-shaped subtree of an optimizer state.
+_NO_LAW = object()
 
-    Walks NamedTuples, tuples, lists and dicts; a subtree with the same tree
-    structure and leaf shapes as ``params`` is replaced by ``fn(kind, subtree)``
-    where ``kind`` is ``'second'`` if it sits under a field named in
-    :data:`SECOND_MOMENT_FIELDS` and ``'first'`` otherwise. Everything else
-    (counts, hyperparameters, empty states) is returned unchanged.
+
+def _zeros(p: Any) -> jax.Array:
+    # works for arrays, tracers and jax.ShapeDtypeStruct (abstract states)
+    return jnp.zeros(np.shape(p), p.dtype)
+
+
+class _Walker:
+    """One walk of a state: applies ``fn(power, subtree, where)`` to params-shaped fields."""
+
+    def __init__(
+        self,
+        fn: Callable[[int, PyTree, str], PyTree],
+        params: PyTree,
+        laws: Laws | None,
+    ) -> None:
+        self.fn = fn
+        self.params = params
+        self.user = _check_laws(laws)
+        self.table = _registry()
+        self.n_param_leaves = len(jax.tree.leaves(params))
+        self.visits: list[tuple[str, int]] = []
+
+    # ------------------------------------------------------------ params-shaped trees
+
+    def _pairs(self, x: PyTree) -> list[tuple[Any, Any]] | None:
+        """``(leaf of x, matching params subtree)`` pairs if x has params' structure.
+
+        ``MaskedNode`` leaves of ``x`` may stand for whole params subtrees; any
+        other leaf of ``x`` must sit where params has a leaf.
+        """
+        if x is None or _is_mask(x):
+            return None
+        try:
+            x_leaves, x_def = jax.tree.flatten(x, is_leaf=_is_mask)
+            subtrees = x_def.flatten_up_to(self.params)
+        except (ValueError, TypeError):
+            return None
+        pairs = []
+        for a, p in zip(x_leaves, subtrees):
+            if not _is_mask(a) and not jax.tree_util.treedef_is_leaf(jax.tree.structure(p)):
+                return None
+            pairs.append((a, p))
+        return pairs
+
+    def holds_params(self, x: PyTree) -> bool:
+        """Whether ``x`` is a params-structured tree with some data (any leaf shapes).
+
+        Per-leaf scalars count (e.g. per-leaf norms) when params have several leaves.
+        """
+        pairs = self._pairs(x)
+        if pairs is None:
+            return False
+        data = [(a, p) for a, p in pairs if not _is_mask(a)]
+        if not data:
+            return False
+        return self.n_param_leaves > 1 or any(np.shape(a) == np.shape(p) for a, p in data)
+
+    def _full(self, x: PyTree, placeholders: bool) -> tuple[PyTree, Callable] | None:
+        """``x`` as a params-shaped tree (placeholders filled with zeros) and its inverse."""
+        pairs = self._pairs(x)
+        if pairs is None:
+            return None
+        x_def = jax.tree.structure(x, is_leaf=_is_mask)
+        filled, absent = [], []
+        for a, p in pairs:
+            if _is_mask(a):
+                filled.append(jax.tree.map(_zeros, p))
+                absent.append(True)
+            elif np.shape(a) == np.shape(p):
+                filled.append(a)
+                absent.append(False)
+            elif placeholders and np.shape(a) == (1,):
+                filled.append(_zeros(p))
+                absent.append(True)
+            else:
+                return None
+        full = jax.tree.unflatten(x_def, filled)
+        if jax.tree.structure(full) != jax.tree.structure(self.params):
+            return None
+        x_leaves = [a for a, _ in pairs]
+
+        def restore(result: PyTree) -> PyTree:
+            parts = x_def.flatten_up_to(result)
+            return jax.tree.unflatten(
+                x_def, [a if gone else r for a, r, gone in zip(x_leaves, parts, absent)]
+            )
+
+        return full, restore
+
+    # ------------------------------------------------------------ laws
+
+    def _law(self, typ: type, field: str, entry: _Entry | None) -> Any:
+        if (typ, field) in self.user:
+            return self.user[(typ, field)]
+        if field in self.user:
+            return self.user[field]
+        if entry is not None and field in entry.fields:
+            return entry.fields[field]
+        return _NO_LAW
+
+    def _apply(self, power: int, value: PyTree, where: str, placeholders: bool = False) -> PyTree:
+        if value is None or _is_mask(value):
+            return value
+        got = self._full(value, placeholders)
+        if got is None:
+            raise ValueError(
+                f"{where}: its law (power {power}) needs a params-shaped tree (the "
+                f"structure and leaf shapes of params), got {_describe(value)}"
+            )
+        full, restore = got
+        self.visits.append((where, power))
+        return restore(self.fn(power, full, where))
+
+    # ------------------------------------------------------------ walk
+
+    def walk(self, node: PyTree, q: Q, path: str) -> tuple[PyTree, Q]:
+        """Returns the mapped node and the power of the transformation's output."""
+        if node is None or _is_mask(node):
+            return node, q
+        if self.holds_params(node):
+            raise ValueError(
+                f"{path}: params-shaped data that is not a field of a registered state "
+                f"NamedTuple ({type(node).__name__}); wrap it in a NamedTuple and pass "
+                "laws={(StateType, 'field'): power}"
+            )
+        if _is_leaf(node):
+            return node, q
+        if _is_namedtuple(node):
+            return self._namedtuple(node, q, path)
+        if isinstance(node, (tuple, list)):  # optax.chain: in sequence
+            items = []
+            for i, v in enumerate(node):
+                v, q = self.walk(v, q, f"{path}[{i}]")
+                items.append(v)
+            return type(node)(items), q
+        if isinstance(node, dict):  # optax.named_chain: in sequence
+            out = {}
+            for k, v in node.items():
+                out[k], q = self.walk(v, q, f"{path}[{k!r}]")
+            return type(node)(out) if type(node) is not dict else out, q
+        # any other pytree node: fine if it holds nothing params-shaped
+        inside = jax.tree.leaves(node, is_leaf=self.holds_params)
+        if any(self.holds_params(x) for x in inside):
+            raise ValueError(
+                f"{path}: a {type(node).__name__} holding params-shaped data; only "
+                "NamedTuple states can be given laws"
+            )
+        return node, q
+
+    def _namedtuple(self, node: tuple, q: Q, path: str) -> tuple[PyTree, Q]:
+        typ = type(node)
+        name = typ.__name__
+        entry = self.table.get(typ)
+        values = {}
+        inner_q: Q = q
+        n_visits = len(self.visits)
+        for field, value in zip(node._fields, node):
+            where = f"{name}.{field} (at {path}.{field})"
+            law = self._law(typ, field, entry)
+            if law is _NO_LAW:
+                if self.holds_params(value):
+                    what = (
+                        "an unregistered state type" if entry is None else "a field without a law"
+                    )
+                    raise ValueError(
+                        f"cannot transport {where}: {what} holding params-structured data. "
+                        f"Pass laws={{({name}, {field!r}): power}} (+1 params-like, -1 "
+                        "gradient-like, -2 squared gradients, 0 scale-free) or None to "
+                        "leave it unchanged."
+                    )
+                value, _ = self.walk(value, q, f"{path}.{field}")
+            elif law is None or isinstance(law, _Keep):
+                pass
+            elif isinstance(law, int):
+                value = self._apply(law, value, where)
+            elif isinstance(law, _Power):
+                if law.stream and q is None:
+                    raise ValueError(
+                        f"cannot transport {where}: it is a statistic of the updates it "
+                        "receives, and a transformation before it (e.g. schedule_free, "
+                        "muon, a masked or conditional inner optimizer, or an unregistered "
+                        "state) makes their transformation law unknown. Pass "
+                        f"laws={{({name}, {field!r}): power}}."
+                    )
+                power = law.stream * (q or 0) + law.fixed
+                value = self._apply(power, value, where, law.placeholders)
+            elif isinstance(law, _Inner):
+                if law.parallel and isinstance(value, Mapping):
+                    outs = {}
+                    qs = []
+                    for k, v in value.items():
+                        outs[k], qk = self.walk(v, q, f"{path}.{field}[{k!r}]")
+                        qs.append(qk)
+                    value = type(value)(outs) if type(value) is not dict else outs
+                    inner_q = qs[0] if len(set(qs)) == 1 else (q if not qs else None)
+                else:
+                    value, inner_q = self.walk(value, q, f"{path}.{field}")
+            elif isinstance(law, _Refuse):
+                if law.when is None or law.when(value, self.params):
+                    raise ValueError(
+                        f"cannot transport {where}: {law.reason}. To leave it unchanged "
+                        f"anyway (the transported state is then not the replayed one), pass "
+                        f"laws={{({name}, {field!r}): None}}."
+                    )
+            else:  # pragma: no cover
+                raise TypeError(f"bad law {law!r} for {where}")
+            values[field] = value
+        new = typ(**values)
+        if entry is None:
+            # unknown: passes the stream through if it moved nothing inside
+            return new, (q if len(self.visits) == n_visits else None)
+        return new, entry.out(q, inner_q)
+
+
+def _describe(x: PyTree) -> str:
+    leaves = jax.tree.leaves(x, is_leaf=_is_mask)
+    shapes = [("masked" if _is_mask(a) else tuple(np.shape(a))) for a in leaves[:4]]
+    more = "" if len(leaves) <= 4 else f", ... ({len(leaves)} leaves)"
+    return f"a {type(x).__name__} with leaf shapes {shapes}{more}"
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def map_state(
+    fn: Callable[[int, PyTree], PyTree],
+    state: PyTree,
+    params: PyTree,
+    *,
+    laws: Laws | None = None,
+) -> PyTree:
+    """Applies ``fn(power, subtree)`` to every params-shaped field of an optimizer state.
+
+    ``power`` is the field's transformation law (see the module docstring): the
+    field moves as ``sym.act(subtree, g, power=power)`` when the parameters
+    move as ``sym.act(params, g)``. Wrappers use this to transport by a pure
+    rescaling without gathers, or to reset the statistics of some units.
+    Fields with law ``None`` (counts, scalars, hyperparameters) are returned
+    unchanged.
+
+    ``subtree`` always has the structure and leaf shapes of ``params``: under
+    ``optax.masked`` / ``optax.partition``, the ``MaskedNode`` entries (and
+    Adafactor's shape-``(1,)`` placeholders) are given to ``fn`` as zeros and
+    put back afterwards, so ``fn``'s values there are discarded.
 
     Args:
-      fn: the map.
-      state: an Optax state (any nesting of ``chain``, ``inject_hyperparams``,
-        wrappers' NamedTuples).
-      params: parameters, used only for their structure and shapes.
+      fn: the map, ``fn(power, subtree) -> subtree`` of the same structure.
+      state: an Optax state: any nesting of ``chain`` / ``named_chain``,
+        ``inject_hyperparams``, ``MultiSteps``, ``masked``, ``partition``,
+        ``apply_if_finite`` and the library's wrappers around registered states.
+      params: the parameters (for structure and shapes only).
+      laws: user laws overriding the registry: ``{"field": power}`` (any state
+        type with that field) or ``{(StateType, "field"): power}``; a power is
+        an ``int``, or ``None`` to leave the field alone. ``(type, field)`` keys
+        win over field names.
+
+    Returns:
+      The mapped state (same structure).
+
+    Raises:
+      ValueError: a params-shaped field that cannot be transported (refused
+        types, unregistered NamedTuples, params-shaped data outside a NamedTuple
+        field, or a statistic of a stream of unknown law), naming the state type
+        and field; a law whose field is not params-shaped; malformed ``laws``.
+
+    References:
+      Neyshabur, Salakhutdinov, Srebro. *Path-SGD: Path-Normalized Optimization
+      in Deep Neural Networks*, 2015. https://arxiv.org/abs/1506.02617
     """
-
-    def walk(node: PyTree, kind: Kind) -> PyTree:
-        if node is None:
-            return node
-        if _param_like(node, params):
-            return fn(kind, node)
-        if isinstance(node, tuple) and hasattr(node, "_fields"):
-            return type(node)(
-                *(
-                    walk(v, "second" if f in SECOND_MOMENT_FIELDS else kind)
-                    for f, v in zip(node._fields, node)
-                )
-            )
-        if isinstance(node, (tuple, list)):
-            return type(node)(walk(v, kind) for v in node)
-        if isinstance(node, dict):
-            return {
-                k: walk(v, "second" if k in SECOND_MOMENT_FIELDS else kind)
-                for k, v in node.items()
-            }
-        return node
-
-    return walk(state, "first")
+    walker = _Walker(lambda p, t, where: fn(p, t), params, laws)
+    return walker.walk(state, -1, "state")[0]
 
 
-def transport_state(sym: Any, state: PyTree, params: PyTree, g: Any) -> PyTree:
-    """Moves an optimizer state along with ``params → sym.act(params, g)``.
+def check_transportable(
+    state: PyTree, params: PyTree, *, laws: Laws | None = None
+) -> list[tuple[str, int]]:
+    """Raises now if :func:`transport_state` would refuse ``state``.
 
-    First moments transform like gradients (power ``-1``), second moments like
-    squared gradients (power ``-2``); both are permuted like the parameters.
+    Wrappers call it at ``init`` so that an optimizer whose state cannot be
+    moved along the orbit fails at construction time, not at the first move.
+    Works on abstract states too (``jax.eval_shape(opt.init, params)``).
+
+    Args:
+      state: an Optax state (e.g. ``inner.init(params)``).
+      params: the parameters (for structure and shapes only).
+      laws: user laws, as in :func:`map_state`.
+
+    Returns:
+      ``(field, power)`` for every params-shaped field that would be moved, in
+      walk order, e.g. ``[('ScaleByAdamState.mu (at state[0].mu)', -1), ...]``.
+
+    Raises:
+      ValueError: as :func:`map_state`.
+    """
+    walker = _Walker(lambda p, t, where: t, params, laws)
+    walker.walk(state, -1, "state")
+    return list(walker.visits)
+
+
+def transport_state(
+    sym: Any,
+    state: PyTree,
+    params: PyTree,
+    g: Any,
+    *,
+    laws: Laws | None = None,
+) -> PyTree:
+    r"""Moves an optimizer state along with ``params → sym.act(params, g)``.
+
+    Every params-shaped field moves as ``sym.act(field, g, power=p)`` with its
+    law ``p`` from the registry (module docstring): for a statistic
+    :math:`s = \phi(g_1, \dots, g_t)` homogeneous of degree :math:`k` in the
+    gradients, the moved state equals the state accumulated from the moved
+    gradients ``sym.act(g_i, g, power=-1)``,
+
+    .. math::
+
+       g\cdot_{-k}\;\phi(g_1,\dots,g_t) \;=\; \phi(g\cdot_{-1} g_1, \dots, g\cdot_{-1} g_t).
 
     Args:
       sym: the :class:`~quotient_opt.Symmetry`.
       state: the inner optimizer's state.
-      params: the parameters *before* the move (for structure only).
+      params: the parameters *before* the move (for structure and shapes only).
       g: the group element applied to the parameters.
+      laws: user laws, as in :func:`map_state`.
+
+    Returns:
+      The transported state (same structure and dtypes).
+
+    Raises:
+      ValueError: as :func:`map_state`.
+
+    References:
+      Kingma, Ba. *Adam: A Method for Stochastic Optimization*, 2014.
+      https://arxiv.org/abs/1412.6980
     """
-    return map_param_like(
-        lambda kind, t: sym.act(t, g, power=-1 if kind == "first" else -2), state, params
-    )
+    return map_state(lambda p, t: sym.act(t, g, power=p), state, params, laws=laws)
+
+
+def map_param_like(fn: Callable[[Kind, PyTree], PyTree], state: PyTree, params: PyTree) -> PyTree:
+    """Applies ``fn(kind, subtree)`` to every first- and second-moment field of a state.
+
+    The older interface of :func:`map_state`, derived from the same registry:
+    a field of law ``-1`` is passed as ``kind='first'``, one of law ``-2`` as
+    ``kind='second'``. Any other law (``+1`` params-like iterates, ``0``
+    scale-free statistics such as rmsprop's momentum, ``+2``) has no kind: a
+    ``ValueError`` naming the field is raised rather than passing a kind that
+    callers would treat as a second moment. Use :func:`map_state` for those.
+
+    Args:
+      fn: the map.
+      state: an Optax state (see :func:`map_state`).
+      params: parameters, used only for their structure and shapes.
+
+    Raises:
+      ValueError: as :func:`map_state`, and for a field whose law is neither
+        ``-1`` nor ``-2``.
+    """
+
+    def by_kind(power: int, tree: PyTree, where: str) -> PyTree:
+        if power == -1:
+            return fn("first", tree)
+        if power == -2:
+            return fn("second", tree)
+        raise ValueError(
+            f"map_param_like: {where} has law power {power}, which is neither a first "
+            "(-1) nor a second (-2) moment; use quotient_opt.map_state(fn(power, tree), ...)"
+        )
+
+    return _Walker(by_kind, params, None).walk(state, -1, "state")[0]
