@@ -264,13 +264,16 @@ class Symmetry:
         :meth:`validate`).
       dropped: groups found without any symmetry, kept for :meth:`describe`.
       program: the traced forward computation (inference only), used by the
-        path norm; ``None`` for hand-written specs.
+        path norm; ``None`` for hand-written specs. Not part of equality or
+        hashing: two symmetries with the same groups compare equal, so code
+        compiled for one (``canonical_log_scales`` takes ``sym`` as a static
+        argument) is reused for the other.
     """
 
     groups: tuple[UnitGroup, ...]
     shapes: tuple[tuple[Path, tuple[int, ...]], ...]
     dropped: tuple[UnitGroup, ...] = ()
-    program: Any = None
+    program: Any = dataclasses.field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         shapes = dict(self.shapes)
