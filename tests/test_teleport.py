@@ -16,7 +16,8 @@ def _gnorm(loss, p):
 
 def test_increases_gradient_norm_function_unchanged_and_bounded():
     apply, p, sym, loss, x = _setup()
-    opt = qo.teleport(optax.sgd(0.0), sym, every=1, steps=20, learning_rate=0.2, max_log_scale=1.0)
+    opt = qo.teleport(optax.sgd(0.0), sym, every=1, steps=20, learning_rate=0.2, max_log_scale=1.0,
+                      move_params=True)
     u, s = opt.update(jax.grad(loss)(p), opt.init(p), p, value_fn=loss)
     new = optax.apply_updates(p, u)
     np.testing.assert_allclose(apply(new, x), apply(p, x), rtol=1e-10, atol=1e-12)
@@ -38,9 +39,11 @@ def test_off_steps_and_missing_value_fn():
     u, s = opt.update(jax.grad(loss)(p), s, p, value_fn=loss)
     p = optax.apply_updates(p, u)
     gr = jax.grad(loss)(p)
-    u_ref, _ = inner.update(gr, s.inner_state, p)
-    u, _ = jax.jit(lambda g, s, q: opt.update(g, s, q, value_fn=loss, extra=1))(gr, s, p)
-    assert _maxdiff(u, u_ref) < 1e-14
+    here = sym.rescale(p, s.log_scales)
+    u_in, _ = inner.update(sym.rescale(gr, s.log_scales, power=-1), s.inner_state, here)
+    u, s2 = jax.jit(lambda g, s, q: opt.update(g, s, q, value_fn=loss, extra=1))(gr, s, p)
+    assert _maxdiff(u, sym.rescale(u_in, s.log_scales, power=-1)) < 1e-14
+    assert _maxdiff(s2.log_scales, s.log_scales) == 0.0
     with pytest.raises(ValueError, match="every"):
         qo.teleport(inner, sym, every=0)
 

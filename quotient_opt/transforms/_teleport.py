@@ -27,9 +27,14 @@ canonicalization" sense, like :func:`~quotient_opt.rebalance`. With
 ``from_canonical=False`` it starts from the current parameters, as in the
 paper, and is not equivariant.
 
-The gradient handed to the inner optimizer is ``updates`` transported as a
-covector (so ``updates`` should be the gradient of the invariant loss), and
-the inner state is transported as in :func:`~quotient_opt.rebalance`.
+Like :func:`~quotient_opt.rebalance`, the wrapper holds the element reached
+in its state: the inner optimizer works at the teleported point, the
+gradient (``updates``, which should be the gradient of the invariant loss)
+and the inner state are carried there, and the inner step is returned in the
+user's coordinates, so the parameters never jump (``move_params=True``
+moves them instead). From the canonical start the method is exactly
+equivariant: from :math:`g\\cdot\\theta` the run is :math:`g` times the
+run from :math:`\\theta`.
 
 References:
   Zhao, Dehmamy, Walters, Yu. *Symmetry Teleportation for Accelerated
@@ -46,9 +51,10 @@ import jax.numpy as jnp
 import optax
 
 from quotient_opt.symmetry._canonical import canonical_log_scales, rescale, solve_dtype
-from quotient_opt.transforms._rebalance import step_on_orbit
-from quotient_opt.transforms._common import check_every, check_params
 from quotient_opt.symmetry._spec import LogScales, Symmetry
+from quotient_opt.transforms._common import check_every, check_params
+from quotient_opt.transforms._orbit import init_inner, orbit_step, zero_log_scales
+from quotient_opt.transforms._transport import Laws
 
 PyTree = Any
 
@@ -58,10 +64,13 @@ class TeleportState(NamedTuple):
 
     Attributes:
       count: steps taken (int32).
-      inner_state: the inner optimizer's state.
+      log_scales: the element held: the inner optimizer works at
+        ``e^{log_scales} · params``.
+      inner_state: the inner optimizer's state, in those coordinates.
     """
 
     count: jax.Array
+    log_scales: LogScales
     inner_state: optax.OptState
 
 
@@ -129,6 +138,8 @@ def teleport(
     from_canonical: bool = True,
     tol: jax.typing.ArrayLike | None = None,
     max_iter: int = 50,
+    move_params: bool = False,
+    laws: Laws | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Wraps ``inner`` with symmetry teleportation every ``every`` steps.
 
@@ -136,8 +147,13 @@ def teleport(
     with ``count % every == 0`` (the first included) the parameters are moved
     along their rescaling orbit by ``steps`` normalized ascent steps on the
     squared gradient norm of ``value_fn`` (module docstring), the gradient and
-    the inner state are transported there, and the inner step is taken there;
-    the returned update is :math:`(g\\cdot\\theta + u) - \\theta`.
+    the inner state are transported there, and the inner step is taken there
+    and returned in the user's coordinates (no jump; see
+    :func:`~quotient_opt.rebalance`).
+
+    .. warning::
+       With ``move_params=True`` the update holds the teleport's jump: chain
+       nothing after it that rescales or clips updates.
 
     Args:
       inner: any Optax transformation.
@@ -152,6 +168,8 @@ def teleport(
         choice).
       tol: canonicalization tolerance.
       max_iter: canonicalization iteration cap.
+      move_params: move the parameters themselves (the update holds the jump).
+      laws: transport laws overriding the registry, ``{field: power}``.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
@@ -170,7 +188,8 @@ def teleport(
 
     def init_fn(params: PyTree) -> TeleportState:
         sym.validate(params)
-        return TeleportState(jnp.zeros([], jnp.int32), inner.init(params))
+        return TeleportState(jnp.zeros([], jnp.int32), zero_log_scales(sym, params),
+                             init_inner(inner, params, laws))
 
     def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
         check_params(params, "teleport")
@@ -180,11 +199,12 @@ def teleport(
                 "(Optax line-search convention)"
             )
         sym.validate(params)
+        here = sym.rescale(params, state.log_scales)
         # off-steps: zero ascent steps and zero solver iterations (branchless)
         do = state.count % every == 0
-        s = teleport_log_scales(
+        h = teleport_log_scales(
             sym,
-            params,
+            here,
             value_fn,
             steps=jnp.where(do, steps, 0),
             learning_rate=learning_rate,
@@ -193,10 +213,9 @@ def teleport(
             tol=tol,
             max_iter=jnp.where(do, max_iter, 0),
         )
-        out, inner_state = step_on_orbit(
-            inner, sym, updates, state.inner_state, params, s,
-            dict(extra_args, value_fn=value_fn),
-        )
-        return out, TeleportState(optax.safe_increment(state.count), inner_state)
+        out, inner_state, s = orbit_step(
+            inner, sym, updates, state.inner_state, params, here, state.log_scales, h,
+            dict(extra_args, value_fn=value_fn), move_params=move_params, laws=laws)
+        return out, TeleportState(optax.safe_increment(state.count), s, inner_state)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
