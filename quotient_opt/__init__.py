@@ -34,6 +34,8 @@ from quotient_opt.symmetry import (
 )
 from quotient_opt.training import fit
 from quotient_opt.transforms import (
+    ADAMAX_LAWS,
+    ADOPT_LAWS,
     RebalanceState,
     ReviveDeadUnitsState,
     TeleportState,
@@ -56,6 +58,8 @@ from quotient_opt.transforms import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "ADAMAX_LAWS",
+    "ADOPT_LAWS",
     "AxisRef",
     "CanonicalInfo",
     "Dense",

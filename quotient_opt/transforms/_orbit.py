@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import optax
 
 from quotient_opt.symmetry._spec import LogScales, Symmetry, solve_dtype
-from quotient_opt.transforms._transport import Laws, check_transportable, map_state
+from quotient_opt.transforms._transport import Laws, map_state
 
 PyTree = Any
 
@@ -42,14 +42,6 @@ PyTree = Any
 def zero_log_scales(sym: Symmetry, params: PyTree) -> LogScales:
     """The identity element's log-scales, in the solve dtype of ``params``."""
     return sym.zero_log_scales(solve_dtype(params))
-
-
-def init_inner(inner: optax.GradientTransformation, params: PyTree, laws: Laws | None) -> PyTree:
-    """``inner.init(params)``, refusing at once a state that cannot follow the orbit moves."""
-    state = inner.init(params)
-    if jax.tree.leaves(params):  # (optax.tree.map_params initialises with a placeholder)
-        check_transportable(state, params, laws=laws)
-    return state
 
 
 def transport(sym: Symmetry, state: PyTree, params: PyTree, h: LogScales,

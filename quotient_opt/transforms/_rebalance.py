@@ -46,8 +46,8 @@ import optax
 
 from quotient_opt.symmetry._canonical import canonical_log_scales
 from quotient_opt.symmetry._spec import LogScales, Symmetry
-from quotient_opt.transforms._common import check_every, check_params
-from quotient_opt.transforms._orbit import init_inner, orbit_step, zero_log_scales
+from quotient_opt.transforms._common import check_every, check_params, init_inner
+from quotient_opt.transforms._orbit import orbit_step, zero_log_scales
 from quotient_opt.transforms._transport import Laws
 
 PyTree = Any
