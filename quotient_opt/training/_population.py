@@ -31,9 +31,7 @@ else (the optimizer, the wrappers, the bookkeeping) is the same code path.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
-import math
 import os
 import time
 import warnings
@@ -198,7 +196,9 @@ def default_compiler_options(platform: str) -> dict[str, Any]:
 def _is_key(key: Any) -> bool:
     if isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
         return key.shape == ()
-    return isinstance(key, (jax.Array, np.ndarray)) and key.dtype == jnp.uint32 and key.shape == (2,)
+    return (
+        isinstance(key, (jax.Array, np.ndarray)) and key.dtype == jnp.uint32 and key.shape == (2,)
+    )
 
 
 def _positive_int(name: str, value: Any, *, zero_ok: bool = False) -> int:
@@ -251,6 +251,133 @@ def _unpack(data: Mapping[str, np.ndarray], prefix: str) -> list[np.ndarray]:
     return [data[f"{prefix}{i}"] for i in range(n)]
 
 
+class PopulationStep(NamedTuple):
+    """The per-step functions of a population (see :func:`make_population_step`).
+
+    Attributes:
+      init: stacked params ``(nets, ...)`` -> optimizer state (shared leaves unbatched).
+      step: ``(params, state) -> (params, state, losses)``: one step of every
+        network; ``losses`` ``(nets,)`` are the losses *before* the step.
+      loss: stacked params -> ``(nets,)`` losses.
+      state_axes: the state's ``vmap`` axes: ``0`` per network, ``None`` shared.
+      shared_state: per state leaf (flattened), whether it is shared.
+      fast_path: whether the dense-MLP fast path computes losses and gradients.
+      fast_path_note: why the fast path is not used (empty when it is).
+    """
+
+    init: Callable[[PyTree], optax.OptState]
+    step: Callable[[PyTree, optax.OptState], tuple[PyTree, optax.OptState, jax.Array]]
+    loss: Callable[[PyTree], jax.Array]
+    state_axes: PyTree
+    shared_state: tuple[bool, ...]
+    fast_path: bool
+    fast_path_note: str
+
+
+def make_population_step(
+    tx: optax.GradientTransformation,
+    loss_fn: Callable[[PyTree], jax.Array],
+    params: PyTree,
+    *,
+    extra_args: Mapping[str, Any] | None = None,
+    fast_path: bool = False,
+    require_fast_path: bool = False,
+    check_params: PyTree | None = None,
+    pad_points: int = 1,
+) -> PopulationStep:
+    """The step of :func:`train_population`, for writing one's own population loop.
+
+    The optimizer update is ``vmap(update, in_axes=(0, state_axes, 0),
+    out_axes=(0, state_axes))`` with ``state_axes`` from
+    :func:`shared_state_leaves`: shared leaves (step counters) stay unbatched,
+    so a ``lax.cond`` on them stays a branch. If JAX nevertheless reports a
+    batched value in a leaf predicted shared, every leaf is batched instead
+    (with a warning).
+
+    Args:
+      tx: the optimizer.
+      loss_fn: ``params -> scalar`` for one network.
+      params: one network's params (arrays or ``jax.ShapeDtypeStruct``).
+      extra_args: further extra args of ``tx.update`` (shared by all networks).
+      fast_path: use the dense ReLU MLP fast path if ``loss_fn`` is recognized
+        (and, given ``check_params``, agrees with the generic path there).
+      require_fast_path: raise ``ValueError`` if the fast path cannot be used.
+      check_params: a few stacked networks to check the fast path on.
+      pad_points: pad the data points to a multiple of this in the fast path.
+
+    Returns:
+      A :class:`PopulationStep`.
+    """
+    extra_args = dict(extra_args or {})
+    txe, extra = prepare(tx, loss_fn, extra_args)
+    p_shape = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    treedef = jax.tree.structure(p_shape)
+    s_shape = jax.eval_shape(txe.init, p_shape)
+    shared = shared_state_leaves(tx, p_shape, loss_fn, extra_args=extra_args)
+
+    def generic_vg(p):
+        return jax.vmap(jax.value_and_grad(loss_fn))(p)
+
+    vg, loss, note = generic_vg, jax.vmap(loss_fn), "not requested"
+    if fast_path:
+        from quotient_opt.training._dense_mlp import match_dense_mse, population_value_and_grad
+
+        spec, note = match_dense_mse(loss_fn, p_shape)
+        if spec is not None:
+
+            def fast_vg(p):
+                return population_value_and_grad(spec, treedef, p, pad_points=pad_points)
+
+            if check_params is not None and not _agree(generic_vg, fast_vg, check_params):
+                spec, note = None, "disagrees numerically with vmap(value_and_grad(loss_fn))"
+            else:
+                vg, loss, note = fast_vg, (lambda p: fast_vg(p)[0]), ""
+        if spec is None and require_fast_path:
+            raise ValueError(
+                "fast_path=True: loss_fn cannot use the dense ReLU MLP mean-squared-error "
+                f"fast path ({note})"
+            )
+
+    def update(grads, state, p):
+        return apply_step(txe, grads, state, p, extra)
+
+    def build(shared_):
+        axes = _state_axes(s_shape, shared_)
+        init = jax.vmap(txe.init, out_axes=axes)
+        upd = jax.vmap(update, in_axes=(0, axes, 0), out_axes=(0, axes))
+
+        def step(p, state):
+            values, grads = vg(p)
+            p, state = upd(grads, state, p)
+            return p, state, values
+
+        return init, step, axes
+
+    init, step, axes = build(shared)
+    stacked = jax.tree.map(lambda x: jax.ShapeDtypeStruct((2, *x.shape), x.dtype), p_shape)
+    try:
+        jax.eval_shape(step, stacked, jax.eval_shape(init, stacked))
+    except ValueError as e:  # jax found a batched value where the analysis predicted a shared one
+        warnings.warn(f"population: keeping every optimizer-state leaf batched ({e})", stacklevel=2)
+        shared = tuple(False for _ in shared)
+        init, step, axes = build(shared)
+    return PopulationStep(init, step, loss, axes, tuple(shared), vg is not generic_vg, note)
+
+
+def _agree(vg_a, vg_b, params: PyTree, rtol: float = 1e-4) -> bool:
+    # one compilation for both (eager op-by-op dispatch compiles each of hundreds of ops)
+    def check_fast_path(p):
+        return vg_a(p), vg_b(p)
+
+    (v_a, g_a), (v_b, g_b) = jax.jit(check_fast_path)(params)
+    if not bool(jnp.all(jnp.abs(v_a - v_b) <= rtol * jnp.abs(v_a) + 1e-6)):
+        return False
+    for a, b in zip(jax.tree.leaves(g_a), jax.tree.leaves(g_b)):
+        if not bool(jnp.all(jnp.abs(a - b) <= rtol * jnp.max(jnp.abs(a)) + 1e-6)):
+            return False
+    return True
+
+
 # --------------------------------------------------------------------------- main entry
 
 
@@ -271,7 +398,6 @@ def train_population(
     progress: bool = True,
     mesh: Mesh | None = None,
     fast_path: bool | None = None,
-    unroll: int = 1,
     compiler_options: Mapping[str, Any] | None = None,
     extra_args: Mapping[str, Any] | None = None,
 ) -> PopulationResult:
@@ -285,8 +411,8 @@ def train_population(
     results do not depend on ``chunk_size``, ``segment_steps``, the mesh or on
     being resumed from a checkpoint.
 
-    Each chunk of ``chunk_size`` networks is one ``jax.jit`` program: ``vmap``
-    over the networks, ``lax.scan`` over ``segment_steps`` steps. Optimizer
+    Each chunk of ``chunk_size`` networks runs one ``jax.jit`` program: ``vmap``
+    over the networks, a loop of ``segment_steps`` steps. Optimizer
     state leaves that are the same for every network (step counters; see
     :func:`shared_state_leaves`) stay unbatched, so ``lax.cond(count % every
     == 0, ...)`` in periodic wrappers remains a real branch under ``vmap``.
@@ -332,7 +458,6 @@ def train_population(
       fast_path: ``None`` uses the dense ReLU MLP fast path on CPU when
         ``loss_fn`` is recognized (and agrees numerically with the generic
         path); ``True`` requires it (on any platform); ``False`` never uses it.
-      unroll: ``unroll`` of the step ``lax.scan``.
       compiler_options: XLA options for ``jax.jit`` (default
         :func:`default_compiler_options`).
       extra_args: further extra args for ``tx.update`` (the same for every network).
@@ -347,13 +472,14 @@ def train_population(
     nets = _positive_int("nets", nets)
     steps = _positive_int("steps", steps, zero_ok=True)
     segment_steps = _positive_int("segment_steps", segment_steps)
-    unroll = _positive_int("unroll", unroll)
     if not (hasattr(tx, "init") and hasattr(tx, "update")):
         raise ValueError(f"tx must be an optax GradientTransformation, got {type(tx).__name__}")
     if not callable(init_fn):
         raise ValueError(f"init_fn must be callable (key -> params), got {type(init_fn).__name__}")
     if not callable(loss_fn):
-        raise ValueError(f"loss_fn must be callable (params -> scalar), got {type(loss_fn).__name__}")
+        raise ValueError(
+            f"loss_fn must be callable (params -> scalar), got {type(loss_fn).__name__}"
+        )
     if not _is_key(key):
         raise ValueError(
             "key must be a PRNG key (jax.random.key(seed) or jax.random.PRNGKey(seed)), "
@@ -382,7 +508,9 @@ def train_population(
         if chunk % n_dev:
             raise ValueError(f"chunk_size ({chunk}) must be a multiple of mesh.size ({n_dev})")
     n_chunks = -(-nets // chunk)
-    opts = dict(default_compiler_options(platform) if compiler_options is None else compiler_options)
+    opts = dict(
+        default_compiler_options(platform) if compiler_options is None else compiler_options
+    )
 
     # ---- one network's shapes, the loss, the shared state
     try:
@@ -401,15 +529,15 @@ def train_population(
     except Exception as e:
         raise ValueError(f"loss_fn(params) failed: {type(e).__name__}: {e}") from e
     if getattr(l_shape, "shape", None) != ():
-        raise ValueError(f"loss_fn must return a scalar, got shape {getattr(l_shape, 'shape', l_shape)}")
+        raise ValueError(
+            f"loss_fn must return a scalar, got shape {getattr(l_shape, 'shape', l_shape)}"
+        )
 
-    extra_args = dict(extra_args or {})
-    txe, extra = prepare(tx, loss_fn, extra_args)
-    s_shape = jax.eval_shape(txe.init, p_shape)
-    shared = shared_state_leaves(tx, p_shape, loss_fn, extra_args=extra_args)
-    axes = _state_axes(s_shape, shared)
+    # ---- the step shared by every chunk (fast path checked on the first chunk's networks)
+    def chunk_keys(c: int) -> jax.Array:
+        idx = jnp.arange(c * chunk, (c + 1) * chunk, dtype=jnp.uint32)
+        return jax.vmap(lambda i: jax.random.fold_in(key, i))(idx)
 
-    # ---- shardings
     if mesh is not None:
         net_sharding = NamedSharding(mesh, P(tuple(mesh.axis_names)))
         hist_sharding = NamedSharding(mesh, P(None, tuple(mesh.axis_names)))
@@ -417,95 +545,58 @@ def train_population(
     else:
         net_sharding = rep_sharding = hist_sharding = jax.sharding.SingleDeviceSharding(devices[0])
     p_shardings = jax.tree.map(lambda _: net_sharding, p_shape)
+    jit_opts = opts or None
+
+    def population_init(keys):
+        return jax.vmap(init_fn)(keys)
+
+    init_jit = jax.jit(population_init, out_shardings=p_shardings, compiler_options=jit_opts)
+    first_chunk = None
+
+    want_fast = fast_path is True or (fast_path is None and platform == "cpu")
+    check = None
+    if want_fast:
+        first_chunk = init_jit(chunk_keys(0))
+        check = jax.tree.map(lambda a: a[: min(chunk, 4)], first_chunk)
+    pop = make_population_step(
+        tx,
+        loss_fn,
+        p_shape,
+        extra_args=extra_args,
+        fast_path=want_fast,
+        require_fast_path=fast_path is True,
+        check_params=check,
+        pad_points=16 if platform == "cpu" else 1,
+    )
+    if (
+        fast_path is None
+        and want_fast
+        and not pop.fast_path
+        and pop.fast_path_note.startswith("disagree")
+    ):
+        warnings.warn(
+            f"train_population: {pop.fast_path_note}; using the generic path", stacklevel=2
+        )
+    shared = pop.shared_state
+    s_shape = jax.eval_shape(
+        pop.init, jax.tree.map(lambda x: jax.ShapeDtypeStruct((chunk, *x.shape), x.dtype), p_shape)
+    )
+
     s_shardings = jax.tree.unflatten(
-        jax.tree.structure(s_shape), [rep_sharding if s else net_sharding for s in shared]
+        jax.tree.structure(s_shape), [rep_sharding if sh else net_sharding for sh in shared]
     )
     vec_sharding = net_sharding
+    state_init_jit = jax.jit(pop.init, out_shardings=s_shardings, compiler_options=jit_opts)
+    step = pop.step
 
-    # ---- the batched loss/gradient
-    spec = None
-    if fast_path is True or (fast_path is None and platform == "cpu"):
-        from quotient_opt.training._dense_mlp import match_dense_mse
+    # ---- one segment: n <= segment_steps steps from a multiple of history_every; one
+    # compiled program for every n (dynamic loop bounds), records written in place
+    rows_max = segment_steps // history_every
 
-        spec, why = match_dense_mse(loss_fn, p_shape)
-        if spec is None and fast_path is True:
-            raise ValueError(
-                f"fast_path=True: loss_fn is not recognized as a dense ReLU MLP mean squared error ({why})"
-            )
-    pad_points = 16 if platform == "cpu" else 1
-
-    def generic_vg(params):
-        return jax.vmap(jax.value_and_grad(loss_fn))(params)
-
-    def fast_vg(params):
-        from quotient_opt.training._dense_mlp import population_value_and_grad
-
-        return population_value_and_grad(spec, p_tree, params, pad_points=pad_points)
-
-    init_jit = jax.jit(
-        lambda keys: jax.vmap(init_fn)(keys), out_shardings=p_shardings, compiler_options=opts or None
-    )
-    state_init_jit = jax.jit(
-        jax.vmap(txe.init, out_axes=axes), out_shardings=s_shardings, compiler_options=opts or None
-    )
-
-    def chunk_keys(c: int) -> jax.Array:
-        idx = jnp.arange(c * chunk, (c + 1) * chunk, dtype=jnp.uint32)
-        return jax.vmap(lambda i: jax.random.fold_in(key, i))(idx)
-
-    if spec is not None:
-        # check the fast path against the generic one on the first chunk's first networks
-        p0 = init_jit(chunk_keys(0))
-        few = jax.tree.map(lambda a: a[: min(chunk, 8)], p0)
-        v_a, g_a = jax.jit(generic_vg)(few)
-        v_b, g_b = jax.jit(fast_vg)(few)
-        ok = bool(jnp.all(jnp.abs(v_a - v_b) <= 1e-4 * jnp.abs(v_a) + 1e-6))
-        for a, b in zip(jax.tree.leaves(g_a), jax.tree.leaves(g_b)):
-            tol = 1e-4 * jnp.max(jnp.abs(a)) + 1e-6
-            ok = ok and bool(jnp.all(jnp.abs(a - b) <= tol))
-        if not ok:
-            if fast_path is True:
-                raise ValueError("fast_path=True: the fast path disagrees with vmap(value_and_grad)")
-            warnings.warn(
-                "train_population: the dense-MLP fast path disagrees with the generic path; "
-                "using the generic path",
-                stacklevel=2,
-            )
-            spec = None
-    vg = fast_vg if spec is not None else generic_vg
-
-    def update(grads, state, params):
-        return apply_step(txe, grads, state, params, extra)
-
-    def batched_update(axes_):
-        return jax.vmap(update, in_axes=(0, axes_, 0), out_axes=(0, axes_))
-
-    def stacked(tree):
-        return jax.tree.map(lambda x: jax.ShapeDtypeStruct((chunk, *x.shape), x.dtype), tree)
-
-    upd = batched_update(axes)
-    try:
-        s_chunk = jax.eval_shape(jax.vmap(txe.init, out_axes=axes), stacked(p_shape))
-        jax.eval_shape(upd, stacked(p_shape), s_chunk, stacked(p_shape))
-    except ValueError as e:  # jax found a batched value where the analysis predicted a shared one
-        warnings.warn(
-            f"train_population: keeping every optimizer-state leaf batched ({e})", stacklevel=2
-        )
-        shared = tuple(False for _ in shared)
-        axes = _state_axes(s_shape, shared)
-        s_shardings = jax.tree.map(lambda _: net_sharding, s_shape)
-        upd = batched_update(axes)
-        state_init_jit = jax.jit(
-            jax.vmap(txe.init, out_axes=axes),
-            out_shardings=s_shardings,
-            compiler_options=opts or None,
-        )
-
-    # ---- one segment: n steps from a step that is a multiple of history_every
-    def make_segment(n: int):
-        def one(carry, i):
+    def segment(p, s, bl, bp, n):
+        def one(i, carry):
             p, s, bl, bp, rec = carry
-            v, g = vg(p)
+            p_new, s, v = step(p, s)
             rec = jnp.where(i == 0, v, rec)
             if track_best:
                 better = v < bl
@@ -513,51 +604,35 @@ def train_population(
                 bp = jax.tree.map(
                     lambda a, b: jnp.where(better.reshape((-1,) + (1,) * (a.ndim - 1)), a, b), p, bp
                 )
-            p, s = upd(g, s, p)
-            return (p, s, bl, bp, rec), None
+            return p_new, s, bl, bp, rec
 
-        def block(carry, length):
-            p, s, bl, bp = carry
+        def block(k, carry):
+            p, s, bl, bp, hist = carry
+            length = jnp.minimum(history_every, n - k * history_every)
             rec = jnp.zeros((chunk,), l_shape.dtype)
-            (p, s, bl, bp, rec), _ = jax.lax.scan(
-                one, (p, s, bl, bp, rec), jnp.arange(length), unroll=min(unroll, length)
-            )
-            return (p, s, bl, bp), rec
+            p, s, bl, bp, rec = jax.lax.fori_loop(0, length, one, (p, s, bl, bp, rec))
+            return p, s, bl, bp, jax.lax.dynamic_update_index_in_dim(hist, rec, k, 0)
 
-        full, rem = divmod(n, history_every)
+        hist = jnp.zeros((rows_max, chunk), l_shape.dtype)
+        n_blocks = (n + history_every - 1) // history_every
+        return jax.lax.fori_loop(0, n_blocks, block, (p, s, bl, bp, hist))
 
-        def segment(p, s, bl, bp):
-            carry = (p, s, bl, bp)
-            recs = []
-            if full:
-                carry, r = jax.lax.scan(lambda c, _: block(c, history_every), carry, None, length=full)
-                recs.append(r)
-            if rem:
-                carry, r = block(carry, rem)
-                recs.append(r[None])
-            hist = jnp.concatenate(recs, 0) if recs else jnp.zeros((0, chunk), l_shape.dtype)
-            return (*carry, hist)
-
-        best_sh = (vec_sharding, p_shardings) if track_best else (None, None)
-        return jax.jit(
-            segment,
-            donate_argnums=(0, 1, 2, 3) if track_best else (0, 1),
-            out_shardings=(p_shardings, s_shardings, *best_sh, hist_sharding),
-            compiler_options=opts or None,
-        )
-
-    segments: dict[int, Any] = {}
+    best_sh = (vec_sharding, p_shardings) if track_best else (None, None)
+    segment_jit = jax.jit(
+        segment,
+        donate_argnums=(0, 1, 2, 3) if track_best else (0, 1),
+        out_shardings=(p_shardings, s_shardings, *best_sh, hist_sharding),
+        compiler_options=jit_opts,
+    )
 
     def run_segment(n, *args):
-        if n not in segments:
-            segments[n] = make_segment(n)
-        return segments[n](*args)
+        *out, hist = segment_jit(*args, jnp.asarray(n, jnp.int32))
+        return (*out, hist[: -(-n // history_every)])
 
-    final_jit = jax.jit(
-        lambda p: jax.vmap(loss_fn)(p) if spec is None else vg(p)[0],
-        out_shardings=vec_sharding,
-        compiler_options=opts or None,
-    )
+    def population_loss(p):
+        return jax.vmap(loss_fn)(p)
+
+    final_jit = jax.jit(population_loss, out_shardings=vec_sharding, compiler_options=jit_opts)
 
     # ---- checkpoint directory
     ckpt = Path(checkpoint) if checkpoint is not None else None
@@ -582,7 +657,9 @@ def train_population(
         meta = ckpt / "meta.json"
         if meta.exists():
             old = json.loads(meta.read_text())
-            diff = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
+            diff = sorted(
+                k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k)
+            )
             if diff:
                 raise ValueError(
                     f"checkpoint: {ckpt} was written by a run with other arguments "
@@ -602,8 +679,9 @@ def train_population(
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=nets * steps, unit="net-step", unit_scale=True, desc="population",
-                   smoothing=0.1)
+        bar = tqdm(
+            total=nets * steps, unit="net-step", unit_scale=True, desc="population", smoothing=0.1
+        )
 
     results: list[dict[str, Any]] = []
     try:
@@ -633,7 +711,7 @@ def train_population(
                             bp = jax.device_put(_from_host(_unpack(d, "b"), p_shape), p_shardings)
                         hist_parts = [d["history"]]
             if p is None:
-                p = init_jit(chunk_keys(c))
+                p = first_chunk if c == 0 and first_chunk is not None else init_jit(chunk_keys(c))
                 s = state_init_jit(p)
                 if track_best:
                     bl = jax.device_put(jnp.full((chunk,), jnp.inf, l_shape.dtype), vec_sharding)
@@ -649,11 +727,20 @@ def train_population(
                 t += n
                 if bar is not None:
                     bar.update(real * n)
-                    bar.set_postfix(chunk=f"{c + 1}/{n_chunks}",
-                                    median_loss=f"{np.median(hist_parts[-1][-1][:real]):.3g}")
-                if cur is not None and t < steps and time.perf_counter() - last_save >= checkpoint_every:
-                    arrays = {"chunk": np.asarray(c), "step": np.asarray(t),
-                              "history": np.concatenate(hist_parts, 0)}
+                    bar.set_postfix(
+                        chunk=f"{c + 1}/{n_chunks}",
+                        median_loss=f"{np.median(hist_parts[-1][-1][:real]):.3g}",
+                    )
+                if (
+                    cur is not None
+                    and t < steps
+                    and time.perf_counter() - last_save >= checkpoint_every
+                ):
+                    arrays = {
+                        "chunk": np.asarray(c),
+                        "step": np.asarray(t),
+                        "history": np.concatenate(hist_parts, 0),
+                    }
                     arrays.update(_pack("p", _to_host(p)))
                     arrays.update(_pack("s", _to_host(s)))
                     if track_best:
@@ -666,7 +753,8 @@ def train_population(
             out: dict[str, Any] = {
                 "losses": np.asarray(final)[:real],
                 "history": np.concatenate(hist_parts, 0).T[:real]
-                if hist_parts else np.zeros((real, 0), np.asarray(final).dtype),
+                if hist_parts
+                else np.zeros((real, 0), np.asarray(final).dtype),
             }
             out.update(_pack("p", [a[:real] for a in _to_host(p)]))
             if track_best:
@@ -686,8 +774,9 @@ def train_population(
 
     def gather(prefix: str) -> PyTree:
         cols = [_unpack(r, prefix) for r in results]
-        return p_tree.unflatten([np.concatenate([col[i] for col in cols], 0)
-                                 for i in range(len(p_leaves))])
+        return p_tree.unflatten(
+            [np.concatenate([col[i] for col in cols], 0) for i in range(len(p_leaves))]
+        )
 
     return PopulationResult(
         params=gather("p"),
@@ -698,6 +787,6 @@ def train_population(
         best_losses=np.concatenate([r["best_losses"] for r in results]) if track_best else None,
         wall_time=time.perf_counter() - t_start,
         grad_evals=nets * steps,
-        fast_path=spec is not None,
+        fast_path=pop.fast_path,
         shared_state=tuple(shared),
     )
