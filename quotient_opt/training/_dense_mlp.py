@@ -371,7 +371,7 @@ def population_value_and_grad(
     xt, yt = x.T, y.T  # (in, points), (out, points)
 
     # An activation is (nets, units, points), or (nets, points) when it has one unit
-    # (XLA:CPU reduces slowly over arrays with a unit axis of size one).
+    # (XLA:CPU is slow on arrays with a unit axis of size one).
     def rows(h, n):
         if h is None:  # the shared input
             return [xt[i][None] for i in range(n)]
@@ -411,19 +411,26 @@ def population_value_and_grad(
         layer = spec.layers[li]
         w, b = kernel_bias(layer)
         n_in, n_out = w.shape[1], w.shape[2]
-        h_in, hr = saved[li]
-        if dz.ndim == 2:  # one output unit
-            dw = jnp.stack([jnp.sum(hi * dz, axis=-1) for hi in hr], 1)[:, :, None]
-            db = jnp.sum(dz, axis=-1)[:, None]
-        elif h_in is None or h_in.ndim == 2:  # shared input or one input unit
-            dw = jnp.stack([jnp.sum(hi[:, None, :] * dz, axis=-1) for hi in hr], 1)
-            db = jnp.sum(dz, axis=-1)
+        h_in, _ = saved[li]
+        # weight gradient: a contraction over the points (XLA emits a batched dot product,
+        # faster here than a fused multiply-reduce)
+        if h_in is None:  # the shared input (in, points)
+            dw = (
+                jnp.einsum("ip,bp->bi", xt, dz)[:, :, None]
+                if dz.ndim == 2
+                else jnp.einsum("ip,bjp->bij", xt, dz)
+            )
         else:
-            dw = jnp.sum(h_in[:, :, None, :] * dz[:, None, :, :], axis=-1)
-            db = jnp.sum(dz, axis=-1)
-        grads[layer.kernel] = jnp.broadcast_to(dw, w.shape)
+            h3 = h_in if h_in.ndim == 3 else h_in[:, None, :]
+            dw = (
+                jnp.einsum("bip,bp->bi", h3, dz)[:, :, None]
+                if dz.ndim == 2
+                else jnp.einsum("bip,bjp->bij", h3, dz)
+            )
+        db = jnp.sum(dz, axis=-1)
+        grads[layer.kernel] = dw.reshape(w.shape)
         if layer.bias is not None:
-            grads[layer.bias] = jnp.broadcast_to(db, b.shape)
+            grads[layer.bias] = db.reshape(b.shape)
         if li > 0:
             if dz.ndim == 2:
                 dh = w[:, :, 0, None] * dz[:, None, :]
