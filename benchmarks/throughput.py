@@ -40,8 +40,10 @@ the input-gradient and weight-gradient products, bias adds and the Adam update;
 see :func:`flops_per_net_step`) and cross-checked with XLA's cost analysis of
 one network's step. The peak is 2 cores × 2 FMA pipes × 16 float32 lanes × 2
 FLOPs × the clock (AVX-512 on a Zen 5 core with full-width 512-bit pipes; the
-clock is the TSC rate from ``/proc/cpuinfo``, a lower bound under turbo), and a
-large float32 matmul measured in the same run gives the practical peak.
+clock is the TSC rate from ``/proc/cpuinfo``, the base clock), and a large float32
+matmul measured in the same run gives an achieved rate; ``%peak`` is taken against the
+larger of the two (on these machines the matmul beats the base-clock peak: the cores
+boost above it).
 
 Usage::
 
@@ -507,6 +509,8 @@ def _summary(
     flops = flops_per_net_step(x.shape[0], sizes, n_params)
     peak = cpu_peak()
     mm = matmul_gflops()
+    # the TSC clock is the base clock: when a matmul beats that peak, the cores run faster
+    peak_used = max(peak.get("peak_gflops") or 0.0, mm)
     rows = []
     for v in variants:
         w = np.array(wall[v.name])
@@ -520,8 +524,7 @@ def _summary(
             "gflops_median": float(np.median(w)) * flops["total"] / 1e9,
             "setup_s": round(setup_s[v.name], 2),
         }
-        if peak.get("peak_gflops"):
-            row["fraction_of_peak"] = row["gflops_median"] / peak["peak_gflops"]
+        row["fraction_of_peak"] = row["gflops_median"] / peak_used
         row["fraction_of_matmul"] = row["gflops_median"] / mm
         if ref is not None:
             row["ratio_to_torch_median"] = float(np.median(w / np.array(wall[ref])))
@@ -536,6 +539,7 @@ def _summary(
         "xla_flops_per_net_step": xla_flops(tx, loss_fn, p1),
         "cpu": peak,
         "matmul_gflops": mm,
+        "peak_gflops_used": peak_used,
         "load_before": load_before,
         "load_after": load_after,
         "rounds": rounds,
@@ -602,8 +606,8 @@ def print_table(out: dict[str, Any]) -> None:
     cpu = out["cpu"]
     print(
         f"CPU: {cpu.get('model')}, {cpu.get('cores')} cores, {cpu.get('ghz')} GHz, "
-        f"peak {cpu.get('peak_gflops', float('nan')):.0f} GFLOP/s; 1024² matmul "
-        f"{out['matmul_gflops']:.0f} GFLOP/s"
+        f"peak at that clock {cpu.get('peak_gflops', float('nan')):.0f} GFLOP/s; 1024² matmul "
+        f"{out['matmul_gflops']:.0f} GFLOP/s; %peak below is of {out['peak_gflops_used']:.0f}"
     )
     f = out["flops_per_net_step"]
     print(

@@ -18,9 +18,8 @@ import pytest
 from flax import nnx
 
 import quotient_opt as qo
-from quotient_opt.training import _population
+from quotient_opt.training import _population, make_population_step
 from quotient_opt.training._dense_mlp import match_dense_mse, population_value_and_grad
-from quotient_opt.training._population import make_population_step
 
 # A small regression task: 1 -> 6 -> 6 -> 1 ReLU MLP on 24 points (plain functions, float32).
 X = jnp.linspace(-1.0, 1.0, 24, dtype=jnp.float32)[:, None]
@@ -70,13 +69,17 @@ def assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
 
 
+class _Runs(dict):
+    """Populations shared by several tests, each built on first use (compilation dominates)."""
+
+    def __missing__(self, which):
+        self[which] = run(fast_path=which == "fast", track_best=True)
+        return self[which]
+
+
 @pytest.fixture(scope="module")
 def runs():
-    """Populations shared by several tests (compilation dominates their cost)."""
-    return {
-        "fast": run(fast_path=True, track_best=True),
-        "generic": run(fast_path=False, track_best=True),
-    }
+    return _Runs()
 
 
 @pytest.fixture(scope="module")
@@ -449,6 +452,7 @@ def test_fast_path_recognizes_dense_relu_mse_only():
         (dict(checkpoint_every=-1.0), "checkpoint_every"),
         (dict(fast_path="yes"), "fast_path"),
         (dict(mesh="cpu"), "mesh"),
+        (dict(compiler_options=3), "compiler_options"),
         (dict(loss=lambda p: mlp(p, X)), "loss_fn must return a scalar"),
         (dict(loss=3.0), "loss_fn"),
         (dict(loss=loss_tanh, fast_path=True), "fast_path=True"),

@@ -4,7 +4,9 @@ independent networks in one compiled program (:func:`train_population`)."""
 from quotient_opt.training._fit import fit
 from quotient_opt.training._population import (
     PopulationResult,
+    PopulationStep,
     default_compiler_options,
+    make_population_step,
     perturbed_init,
     shared_state_leaves,
     train_population,
@@ -12,8 +14,10 @@ from quotient_opt.training._population import (
 
 __all__ = [
     "PopulationResult",
+    "PopulationStep",
     "default_compiler_options",
     "fit",
+    "make_population_step",
     "perturbed_init",
     "shared_state_leaves",
     "train_population",

@@ -497,6 +497,10 @@ def train_population(
         raise ValueError(f"fast_path must be None, True or False, got {fast_path!r}")
     if mesh is not None and not isinstance(mesh, Mesh):
         raise ValueError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
+    if compiler_options is not None and not isinstance(compiler_options, Mapping):
+        raise ValueError(
+            f"compiler_options must be a dict of XLA options, got {type(compiler_options).__name__}"
+        )
 
     devices = list(mesh.devices.flat) if mesh is not None else [jax.devices()[0]]
     n_dev = len(devices)
