@@ -29,14 +29,12 @@ def test_increases_gradient_norm_function_unchanged_and_bounded():
     assert int(s.count) == 1
 
 
-def test_off_steps_and_missing_value_fn():
+def test_off_steps_and_no_value_fn_needed():
     _, p, sym, loss, _ = _setup()
     inner = optax.adam(1e-2)
     opt = qo.teleport(inner, sym, every=3, steps=2)
     s = opt.init(p)
-    with pytest.raises(ValueError, match="value_fn"):
-        opt.update(jax.grad(loss)(p), s, p)
-    u, s = opt.update(jax.grad(loss)(p), s, p, value_fn=loss)
+    u, s = opt.update(jax.grad(loss)(p), s, p)  # the gradient is all it needs
     p = optax.apply_updates(p, u)
     gr = jax.grad(loss)(p)
     here = sym.rescale(p, s.log_scales)
@@ -46,6 +44,23 @@ def test_off_steps_and_missing_value_fn():
     assert _maxdiff(s2.log_scales, s.log_scales) == 0.0
     with pytest.raises(ValueError, match="every"):
         qo.teleport(inner, sym, every=0)
+
+
+def test_closed_form_objective_matches_autodiff():
+    """F(s) from the one gradient equals |grad L(e^s θ)|^2 by autodiff (invariance)."""
+    _, p, sym, loss, _ = _setup()
+    a = qo.teleport_log_scales(sym, p, loss, steps=7, learning_rate=0.3, max_log_scale=1.5)
+    b = qo.teleport_log_scales(sym, p, grads=jax.grad(loss)(p), steps=7, learning_rate=0.3,
+                               max_log_scale=1.5)
+    assert _maxdiff(a, b) == 0.0
+    s = tuple(0.3 * jnp.sin(jnp.arange(z.shape[0]) + 1.0) for z in a)
+    direct = sum(float(jnp.sum(z**2)) for z in jax.tree.leaves(
+        jax.grad(loss)(qo.symmetry._canonical.rescale(sym, p, s))))
+    closed = sum(float(jnp.sum(z**2)) for z in jax.tree.leaves(
+        sym.rescale(jax.grad(loss)(p), s, power=-1)))
+    np.testing.assert_allclose(closed, direct, rtol=1e-10)
+    with pytest.raises(ValueError, match="grads= or value_fn="):
+        qo.teleport_log_scales(sym, p)
 
 
 def test_nan_loss_gradient_skips_ascent():

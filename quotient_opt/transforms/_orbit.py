@@ -27,6 +27,7 @@ parameters unchanged, so nothing that rescales or clips updates may follow.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -50,6 +51,36 @@ def transport(sym: Symmetry, state: PyTree, params: PyTree, h: LogScales,
     return map_state(lambda p, t: sym.rescale(t, h, power=p), state, params, laws=laws)
 
 
+def periodic_move(
+    every: int,
+    count: jax.Array,
+    find: Callable[[PyTree], LogScales],
+    sym: Symmetry,
+    inner_state: PyTree,
+    params: PyTree,
+    inner_params: PyTree,
+    laws: Laws | None,
+) -> tuple[LogScales, PyTree]:
+    """On steps with ``count % every == 0``: the move ``h = find(inner_params)`` and the inner
+    state carried along it; on other steps: no move, state unchanged.
+
+    A ``lax.cond`` on the step count: a real branch when the count is the same
+    for every run of a population (``qo.train_population`` keeps it
+    unbatched), so off-steps cost nothing; under a plain ``vmap`` of a batched
+    count it becomes a select and both branches run.
+    """
+
+    def move(args: tuple[PyTree, PyTree]) -> tuple[LogScales, PyTree]:
+        here, st = args
+        h = find(here)
+        return h, transport(sym, st, params, h, laws)
+
+    def stay(args: tuple[PyTree, PyTree]) -> tuple[LogScales, PyTree]:
+        return zero_log_scales(sym, params), args[1]
+
+    return jax.lax.cond(count % every == 0, move, stay, (inner_params, inner_state))
+
+
 def orbit_step(
     inner: optax.GradientTransformationExtraArgs,
     sym: Symmetry,
@@ -62,7 +93,6 @@ def orbit_step(
     extra_args: dict,
     *,
     move_params: bool,
-    laws: Laws | None,
 ) -> tuple[PyTree, PyTree, LogScales]:
     """One wrapped step: move by ``h``, step in the inner coordinates, pull back.
 
@@ -70,19 +100,18 @@ def orbit_step(
       inner: the inner optimizer.
       sym: the symmetry.
       updates: the gradient at ``params``.
-      inner_state: the inner state, in the coordinates ``e^s · params``.
+      inner_state: the inner state, already carried along ``h``
+        (:func:`periodic_move`), in the coordinates ``e^{s + h} · params``.
       params: the user's parameters.
       inner_params: ``e^s · params`` (already computed by the caller).
       s: the element held so far.
-      h: the move to make now (zeros: none).
+      h: the move made now (zeros: none).
       extra_args: passed on to ``inner.update``.
       move_params: return the jump in the update instead of holding it.
-      laws: user transport laws.
 
     Returns:
       ``(update in the user's coordinates, new inner state, new s)``.
     """
-    inner_state = transport(sym, inner_state, params, h, laws)
     s_new = tuple(a + b for a, b in zip(s, h))
     theta = sym.rescale(inner_params, h)
     grads = sym.rescale(updates, s_new, power=-1)

@@ -47,7 +47,7 @@ import optax
 from quotient_opt.symmetry._canonical import canonical_log_scales
 from quotient_opt.symmetry._spec import LogScales, Symmetry
 from quotient_opt.transforms._common import check_every, check_params, init_inner
-from quotient_opt.transforms._orbit import orbit_step, zero_log_scales
+from quotient_opt.transforms._orbit import orbit_step, periodic_move, zero_log_scales
 from quotient_opt.transforms._transport import Laws
 
 PyTree = Any
@@ -98,8 +98,11 @@ def rebalance(
       inner: any Optax transformation whose state can follow a rescaling
         (checked at ``init``, see :func:`~quotient_opt.check_transportable`).
       sym: the network's :class:`~quotient_opt.Symmetry`.
-      every: rebalance period in steps (>= 1). Off-steps run the solver for
-        zero iterations (branchless: cheap under ``vmap`` too).
+      every: rebalance period in steps (>= 1). The solve runs under a
+        ``lax.cond`` on the step count: off-steps skip it, also in a
+        population trained by :func:`~quotient_opt.train_population`, which
+        keeps the count unbatched (under a plain ``vmap`` of a batched count
+        both branches run).
       tol: balance tolerance of the canonicalization (default ``10 · eps``).
       max_iter: iteration cap of the canonicalization.
       move_params: move the parameters themselves to the canonical point
@@ -129,13 +132,13 @@ def rebalance(
         check_params(params, "rebalance")
         sym.validate(params)
         here = sym.rescale(params, state.log_scales)
-        # off-steps run the solver for zero iterations (log-scales stay 0):
-        # branchless, and cheap under vmap (a batched lax.cond would run both).
-        iters = jnp.where(state.count % every == 0, max_iter, 0)
-        h = canonical_log_scales(sym, here, tol=tol, max_iter=iters)[0]
+        h, inner_state = periodic_move(
+            every, state.count,
+            lambda q: canonical_log_scales(sym, q, tol=tol, max_iter=max_iter)[0],
+            sym, state.inner_state, params, here, laws)
         out, inner_state, s = orbit_step(
-            inner, sym, updates, state.inner_state, params, here, state.log_scales, h,
-            extra_args, move_params=move_params, laws=laws)
+            inner, sym, updates, inner_state, params, here, state.log_scales, h,
+            extra_args, move_params=move_params)
         return out, RebalanceState(optax.safe_increment(state.count), s, inner_state)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
