@@ -32,8 +32,9 @@ population of ``--nets`` networks (default 1024) trained by the library's
 population step (:func:`quotient_opt.training.make_population_step`, which
 keeps the step counter unbatched so a wrapper's ``lax.cond`` on it stays a
 branch): ``rebalance(adam, every=10)`` and ``teleport(adam, every=10)`` on
-sawtooth nets, ``revive_dead_units(adam, every=50)`` (with ``value_fn``) on
-3-piece maxout nets in 2-D (1000 points). Each timed call runs 100 steps in
+sawtooth nets, ``revive_dead_units(adam, every=50,
+axis_name=qo.training.POPULATION_AXIS)`` (with ``value_fn``) on 3-piece maxout
+nets in 2-D (1000 points). Each timed call runs 100 steps in
 one ``lax.scan``, so the ratio to the inner Adam in the same round is
 amortized over the wrappers' periodic events. Target <= 1.5x.
 
@@ -132,7 +133,8 @@ def population_problems(nets: int):
         "maxout 3 pieces, 2-D": (mp_init, mp_loss, {
             "adam": optax.adam(0.02),
             "revive_dead_units(adam, every=50)": qo.revive_dead_units(
-                optax.adam(0.02), mp_sym, every=50, patience=10),
+                optax.adam(0.02), mp_sym, every=50, patience=10,
+                axis_name=qo.training.POPULATION_AXIS),
         }),
     }
 

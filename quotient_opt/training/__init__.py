@@ -3,6 +3,7 @@ independent networks in one compiled program (:func:`train_population`)."""
 
 from quotient_opt.training._fit import fit
 from quotient_opt.training._population import (
+    POPULATION_AXIS,
     PopulationResult,
     PopulationStep,
     default_compiler_options,
@@ -13,6 +14,7 @@ from quotient_opt.training._population import (
 )
 
 __all__ = [
+    "POPULATION_AXIS",
     "PopulationResult",
     "PopulationStep",
     "default_compiler_options",

@@ -54,6 +54,12 @@ PyTree = Any
 _CHECKPOINT_VERSION = 1
 
 
+#: The name of the network axis of the population's vmapped optimizer update. A
+#: transformation may use collectives over it: ``revive_dead_units(...,
+#: axis_name=POPULATION_AXIS)`` runs a revival only when some network needs one.
+POPULATION_AXIS = "population"
+
+
 class PopulationResult(NamedTuple):
     """What :func:`train_population` returns (host ``numpy`` arrays, networks on axis 0).
 
@@ -153,7 +159,8 @@ def shared_state_leaves(
     def update_state(grads, state, params):
         return apply_step(txe, grads, state, params, extra)[1]
 
-    upd_jaxpr = jax.make_jaxpr(update_state)(params, state, params)
+    upd_jaxpr = jax.make_jaxpr(update_state, axis_env=[(POPULATION_AXIS, 1)])(
+        params, state, params)
     while True:
         out = depends(upd_jaxpr, [True] * n_p + tainted + [True] * n_p)
         new = [a or b for a, b in zip(tainted, out)]
@@ -288,7 +295,7 @@ def make_population_step(
     """The step of :func:`train_population`, for writing one's own population loop.
 
     The optimizer update is ``vmap(update, in_axes=(0, state_axes, 0),
-    out_axes=(0, state_axes))`` with ``state_axes`` from
+    out_axes=(0, state_axes), axis_name=POPULATION_AXIS)`` with ``state_axes`` from
     :func:`shared_state_leaves`: shared leaves (step counters) stay unbatched,
     so a ``lax.cond`` on them stays a branch. If JAX nevertheless reports a
     batched value in a leaf predicted shared, every leaf is batched instead
@@ -344,7 +351,8 @@ def make_population_step(
     def build(shared_):
         axes = _state_axes(s_shape, shared_)
         init = jax.vmap(txe.init, out_axes=axes)
-        upd = jax.vmap(update, in_axes=(0, axes, 0), out_axes=(0, axes))
+        upd = jax.vmap(update, in_axes=(0, axes, 0), out_axes=(0, axes),
+                       axis_name=POPULATION_AXIS)
 
         def step(p, state):
             values, grads = vg(p)

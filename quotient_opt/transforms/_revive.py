@@ -438,6 +438,7 @@ def revive_dead_units(
     min_support: float = 0.05,
     seed: jax.typing.ArrayLike = 0,
     laws: Laws | None = None,
+    axis_name: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Wraps an optimizer so that dead units and max-pool pieces are split back to life.
 
@@ -518,6 +519,13 @@ def revive_dead_units(
         without being exactly zero. ``0`` disables.
       seed: seed of the PRNG key kept in the state (may be a traced integer, so
         ``vmap`` over seeds gives independent perturbations).
+      axis_name: the name of a ``vmap`` axis over a population of networks
+        (``qo.training.POPULATION_AXIS`` under :func:`~quotient_opt.train_population`).
+        Under ``vmap`` the branch "some unit is due" is batched, so it becomes a
+        select and every network pays for a revival at every check; with
+        ``axis_name`` the branch is taken on "some network of the population
+        has a unit due" (a ``psum``), so checks where no network needs a
+        revival cost next to nothing.
       laws: state laws overriding the registry (see :func:`~quotient_opt.map_state`):
         the statistics of a revived unit are reset by them (fields moving like
         the gradient to zero, the others copied from the donor).
@@ -612,6 +620,8 @@ def revive_dead_units(
             due = jnp.asarray(False)
             for d in due_dead:
                 due = due | jnp.any(d >= patience)
+            if axis_name is not None:  # a real branch under vmap: any network due
+                due = jax.lax.psum(due.astype(jnp.int32), axis_name) > 0
             return jax.lax.cond(due, revive, skip, params, due_dead)
 
         moved, picks = jax.lax.cond(state.count % every == 0, maybe, skip, params)

@@ -50,7 +50,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from quotient_opt.symmetry._canonical import canonical_log_scales, rescale, solve_dtype
+from quotient_opt.symmetry._canonical import canonical_log_scales, solve_dtype
 from quotient_opt.symmetry._spec import LogScales, Symmetry
 from quotient_opt.transforms._common import check_every, check_params, init_inner
 from quotient_opt.transforms._orbit import orbit_step, periodic_move, zero_log_scales
