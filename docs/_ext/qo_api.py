@@ -130,7 +130,8 @@ def _directive(full: str, obj: Any, defmod: str) -> list[str]:
         doc = list(attr_docs.get(("", full.rsplit(".", 1)[1]), []))
     except Exception:  # noqa: BLE001  (no source: a description-less entry)
         pass
-    lines = [f".. py:data:: {full}"]
+    module, short = full.rsplit(".", 1)
+    lines = [f".. py:data:: {short}", f"   :module: {module}"]
     value = repr(dict(obj)) if hasattr(obj, "items") else repr(obj)
     if len(value) < 200:
         lines.append(f"   :value: {value}")
