@@ -28,7 +28,7 @@ extensions = [
 
 source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
 root_doc = "index"
-exclude_patterns = ["_build", "Thumbs.db", ".DS_Store"]
+exclude_patterns = ["_build", "Thumbs.db", ".DS_Store", "guides/_*"]
 templates_path: list[str] = []
 
 # --- docstrings: Google style (napoleon), reST markup inside (``literals``, :func:, .. math::)

@@ -221,6 +221,54 @@ def write_pages(outdir: str) -> list[str]:
     return written
 
 
+# --------------------------------------------------------------------------- result figures
+
+#: ``{generated include (relative to docs/): glob patterns (relative to the repository root)}``.
+FIGURE_LISTS = {
+    "guides/_sawtooth_figures.md": ["results/sawtooth*.png", "results/sawtooth/**/*.png"],
+}
+
+
+def figure_list(root: str, patterns: list[str], page_dir: str) -> str:
+    """MyST figures for every PNG matching ``patterns``, captioned by a sibling ``.md`` file."""
+    import glob
+
+    found: list[str] = []
+    for pat in patterns:
+        for path in sorted(glob.glob(os.path.join(root, pat), recursive=True)):
+            if path not in found:
+                found.append(path)
+    if not found:
+        return (
+            "No sawtooth figures have been written to `results/` yet. "
+            "The runnable sections above are what exists now.\n"
+        )
+    out = []
+    for path in found:
+        rel = os.path.relpath(path, page_dir).replace(os.sep, "/")
+        stem = os.path.splitext(os.path.basename(path))[0]
+        title = stem.replace("_", " ").replace("-", " ").strip()
+        caption_file = os.path.splitext(path)[0] + ".md"
+        if os.path.exists(caption_file):
+            with open(caption_file, encoding="utf-8") as f:
+                caption = f.read().strip()
+        else:
+            caption = f"`{os.path.relpath(path, root)}`"
+        out += [f"```{{figure}} {rel}", f":alt: {title}", ":width: 100%", "", caption, "```", ""]
+    return "\n".join(out)
+
+
+def write_figure_lists(srcdir: str) -> None:
+    root = os.path.dirname(os.path.abspath(srcdir))
+    for target, patterns in FIGURE_LISTS.items():
+        path = os.path.join(srcdir, target)
+        text = figure_list(root, patterns, os.path.dirname(path))
+        old = open(path, encoding="utf-8").read() if os.path.exists(path) else None
+        if old != text:
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(text)
+
+
 # --------------------------------------------------------------------------- sphinx hooks
 
 
@@ -312,6 +360,7 @@ def _process_docstring(app, what, name, obj, options, lines):
 
 def _builder_inited(app) -> None:
     write_pages(os.path.join(app.srcdir, "api"))
+    write_figure_lists(str(app.srcdir))
     app.env._qo_where = documented_at()  # type: ignore[attr-defined]
     # methods are documented under their classes
     for full in list(app.env._qo_where.values()):
