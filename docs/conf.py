@@ -35,13 +35,13 @@ templates_path: list[str] = []
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 napoleon_use_rtype = False
-napoleon_use_ivar = False
+napoleon_use_ivar = True
 napoleon_attr_annotations = True
 autodoc_typehints = "signature"
 autodoc_typehints_description_target = "documented"
 
 autodoc_member_order = "bysource"
-autodoc_class_signature = "separated"
+autodoc_class_signature = "mixed"
 autodoc_preserve_defaults = True
 autodoc_inherit_docstrings = False
 add_module_names = False
