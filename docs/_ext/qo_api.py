@@ -225,7 +225,10 @@ def write_pages(outdir: str) -> list[str]:
 
 #: ``{generated include (relative to docs/): glob patterns (relative to the repository root)}``.
 FIGURE_LISTS = {
-    "guides/_sawtooth_figures.md": ["results/sawtooth*.png", "results/sawtooth/**/*.png"],
+    "guides/_sawtooth_figures.md": [
+        "results/sawtooth*.png", "results/sawtooth/**/*.png",
+        "results/landscape*.png", "results/landscape/**/*.png",
+    ],
 }
 
 
@@ -240,7 +243,7 @@ def figure_list(root: str, patterns: list[str], page_dir: str) -> str:
                 found.append(path)
     if not found:
         return (
-            "No sawtooth figures have been written to `results/` yet. "
+            "No sawtooth or landscape figures have been written to `results/` yet. "
             "The runnable sections above are what exists now.\n"
         )
     out = []
