@@ -10,7 +10,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "docs", "_ext"))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import quotient_opt  # noqa: E402
+import quotient_opt
 
 project = "quotient_opt"
 author = "The quotient_opt developers"

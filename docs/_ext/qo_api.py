@@ -128,8 +128,8 @@ def _directive(full: str, obj: Any, defmod: str) -> list[str]:
     try:
         attr_docs = ModuleAnalyzer.for_module(defmod).find_attr_docs()
         doc = list(attr_docs.get(("", full.rsplit(".", 1)[1]), []))
-    except Exception:  # noqa: BLE001  (no source: a description-less entry)
-        pass
+    except Exception as err:  # noqa: BLE001  (no source: a description-less entry)
+        doc = [f"(no description: {type(err).__name__})"]
     module, short = full.rsplit(".", 1)
     lines = [f".. py:data:: {short}", f"   :module: {module}"]
     value = repr(dict(obj)) if hasattr(obj, "items") else repr(obj)
@@ -204,6 +204,17 @@ def top_page() -> str:
     return "\n".join(lines) + "\n"
 
 
+def _write_if_changed(path: str, text: str) -> None:
+    """Writes ``text`` unless the file holds it already (keeps Sphinx's incremental build)."""
+    old = None
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            old = f.read()
+    if old != text:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+
+
 def write_pages(outdir: str) -> list[str]:
     """Writes the API pages into ``outdir``; returns the files written."""
     os.makedirs(outdir, exist_ok=True)
@@ -213,10 +224,7 @@ def write_pages(outdir: str) -> list[str]:
     written = []
     for fname, text in pages.items():
         path = os.path.join(outdir, fname)
-        old = open(path, encoding="utf-8").read() if os.path.exists(path) else None
-        if old != text:  # keep mtimes (and Sphinx's incremental build) when unchanged
-            with open(path, "w", encoding="utf-8") as f:
-                f.write(text)
+        _write_if_changed(path, text)
         written.append(path)
     return written
 
@@ -265,11 +273,7 @@ def write_figure_lists(srcdir: str) -> None:
     root = os.path.dirname(os.path.abspath(srcdir))
     for target, patterns in FIGURE_LISTS.items():
         path = os.path.join(srcdir, target)
-        text = figure_list(root, patterns, os.path.dirname(path))
-        old = open(path, encoding="utf-8").read() if os.path.exists(path) else None
-        if old != text:
-            with open(path, "w", encoding="utf-8") as f:
-                f.write(text)
+        _write_if_changed(path, figure_list(root, patterns, os.path.dirname(path)))
 
 
 # --------------------------------------------------------------------------- sphinx hooks
