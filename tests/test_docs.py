@@ -118,3 +118,27 @@ def test_api_pages_cover_every_public_name(tmp_path):
         assert name in public["quotient_opt"]
     for name in ["neb", "hessian_spectrum", "trajectory_pca"]:
         assert name in public["quotient_opt.landscape"]
+
+
+def test_html_check_names_what_is_missing(tmp_path):
+    """``docs/check_html.py`` (run by ``make docs``) fails on a missing name, and only then."""
+    sys.path.insert(0, os.path.join(ROOT, "docs"))
+    try:
+        import check_html
+    finally:
+        sys.path.pop(0)
+    public = check_html.qo_api.all_public()
+    top = [f"<span>quotient_opt.{n}</span>" for n in public["quotient_opt"]]
+    anchors = [f'<dt id="{m}.{n}">' for m, names in public.items() if m != "quotient_opt"
+               for n in names]
+    (tmp_path / "api").mkdir()
+    (tmp_path / "api" / "index.html").write_text("\n".join(top), encoding="utf-8")
+    (tmp_path / "api" / "all.html").write_text("\n".join(anchors), encoding="utf-8")
+    assert check_html.missing_names(str(tmp_path)) == []
+    (tmp_path / "api" / "all.html").write_text(
+        "\n".join(a for a in anchors if "quotient_opt.landscape.neb\"" not in a), encoding="utf-8"
+    )
+    assert check_html.missing_names(str(tmp_path)) == [
+        "quotient_opt.landscape.neb (no anchor in the built pages)"
+    ]
+    assert check_html.main(["check_html", str(tmp_path)]) == 1
