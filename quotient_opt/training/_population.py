@@ -23,7 +23,7 @@ and those branches stay real branches.
 **Dense ReLU MLP fast path.** When ``loss_fn`` is recognized as the mean
 squared error of a dense ReLU (or linear) MLP on constant data, the losses and
 gradients of a whole chunk are computed with the data points on the SIMD lane
-axis and a hand-written backward pass (see ``_dense_mlp.py``), after checking
+axis and a hand-written backward pass, after checking
 it against ``vmap(value_and_grad(loss_fn))`` on the first networks. Everything
 else (the optimizer, the wrappers, the bookkeeping) is the same code path.
 """

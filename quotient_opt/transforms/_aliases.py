@@ -81,8 +81,9 @@ def quotient_sgd(
     project_horizontal(sym)), sym, every=every)``. The momentum buffer is
     transported as a covector at each rebalance. For plain SGD the gradient of
     an invariant loss is already horizontal, so the projection only matters
-    with momentum. Equal after canonicalization from :math:`\\theta` and
-    :math:`g\\cdot\\theta` (module docstring).
+    with momentum. Exactly equivariant: from :math:`g\\cdot\\theta` the run
+    is :math:`g` times the run from :math:`\\theta` (with ``move_params=True``,
+    equal after canonicalization only).
 
     Args:
       learning_rate: scalar or Optax schedule.
@@ -128,9 +129,10 @@ def quotient_adam(
     optax.scale_by_learning_rate(learning_rate)), sym, every=every)``. Adam's
     moments are transported at each rebalance (``mu`` like a gradient, ``nu``
     like a squared gradient). Adam's preconditioned step is not horizontal;
-    the projection removes its useless component along the orbit. Equal
-    after canonicalization from :math:`\\theta` and :math:`g\\cdot\\theta`
-    (module docstring).
+    the projection removes its useless component along the orbit. Exactly
+    equivariant: from :math:`g\\cdot\\theta` the run is :math:`g` times the
+    run from :math:`\\theta` (with ``move_params=True``, equal after
+    canonicalization only).
 
     Args:
       learning_rate: scalar or Optax schedule.

@@ -82,8 +82,9 @@ def rebalance(
 
     On steps with ``count % every == 0`` (the first included) the held
     element moves on to the minimal-energy point of the current orbit (solved
-    to ``tol``) and the inner state follows; the inner step is taken there and
-    returned in the user's coordinates (module docstring). Exactly
+    to ``tol``) and the inner state follows each field's law; the inner step is
+    taken there, with the gradient carried over, and returned in the user's
+    coordinates, :math:`u = e^{-s}\\cdot u^\\star`. Exactly
     equivariant: from :math:`g\\cdot\\theta` the run is :math:`g` times the run
     from :math:`\\theta`.
 

@@ -464,8 +464,9 @@ def revive_dead_units(
         \\leftarrow w^{out}_d / 2 \\qquad
         \\text{pieces:}\\quad \\theta_p = \\theta_d + \\varepsilon\\,(u, -u^\\top m),
 
-    (see the module docstring for the choice of ``u``, ``m`` and
-    :math:`\\varepsilon`), the inner optimizer's statistics of ``p`` are reset
+    (``u`` a random direction, ``m`` the curvature-weighted centroid of the
+    inputs ``d`` wins on, :math:`\\varepsilon` placed by a line search on
+    ``value_fn``), the inner optimizer's statistics of ``p`` are reset
     to zero, and the returned update is
 
     .. math::

@@ -46,7 +46,7 @@ weight decay, clipping, trust ratios) is assumed to pass :math:`q` through
 unchanged (see *Limits*). The laws below are written for the usual
 :math:`q=-1`; "out" is the power of the transformation's output.
 
-optax (``optax._src.transform``, ``optax.transforms``):
+optax:
 
 * ``EmptyState`` (stateless transformations) and ``ScaleByScheduleState`` (``count``: None):
   nothing to move, out ``q``.
@@ -857,7 +857,8 @@ def map_state(
 ) -> PyTree:
     """Applies ``fn(power, subtree)`` to every params-shaped field of an optimizer state.
 
-    ``power`` is the field's transformation law (see the module docstring): the
+    ``power`` is the field's transformation law (the registry: momentum ``-1``,
+    second moments ``-2``, iterates ``+1``, ...): the
     field moves as ``sym.act(subtree, g, power=power)`` when the parameters
     move as ``sym.act(params, g)``. Wrappers use this to transport by a pure
     rescaling without gathers, or to reset the statistics of some units.
@@ -1001,7 +1002,7 @@ def transport_state(
     r"""Moves an optimizer state along with ``params → sym.act(params, g)``.
 
     Every params-shaped field moves as ``sym.act(field, g, power=p)`` with its
-    law ``p`` from the registry (module docstring): for a statistic
+    law ``p`` from the registry: for a statistic
     :math:`s = \phi(g_1, \dots, g_t)` homogeneous of degree :math:`k` in the
     gradients, the moved state equals the state accumulated from the moved
     gradients ``sym.act(g_i, g, power=-1)``,
