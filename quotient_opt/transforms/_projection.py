@@ -158,6 +158,12 @@ def project_horizontal(
     ``optax.chain(optax.adam(1e-3), qo.project_horizontal(sym))`` (the
     learning rate and sign commute with the linear projection).
 
+    .. warning::
+       Before a preconditioner (``optax.chain(qo.project_horizontal(sym),
+       optax.adam(...))``) it does nothing: the raw gradient of an invariant
+       loss is already horizontal (:math:`J^\\top \\nabla L = 0`), and the
+       preconditioner's output, which is not, is never projected.
+
     The Gram system is solved by Jacobi-preconditioned conjugate gradients on
     its explicit graph-Laplacian form (diagonal: each window's squared
     entries; couplings: minus the squared kernel entries joining two
