@@ -247,10 +247,11 @@ def quotient_distance(
     sym.validate(a, what="a")
     sym.validate(b, what="b")
     a0, ga, b0, gb = _balanced(sym, a, b, bool(balance))
-    return _align(
-        sym, a0, ga, b0, gb, tol, rescale=bool(rescale), method=method,
-        max_iter=int(max_iter), newton_steps=int(newton_steps),
-    )
+    dt = solve_dtype(a0)
+    tol = jnp.sqrt(jnp.finfo(dt).eps) if tol is None else tol
+    return _align(sym, a0, ga, b0, gb, jnp.asarray(tol, dt), jnp.asarray(bool(rescale)),
+                  jnp.asarray(max_iter, jnp.int32), jnp.asarray(newton_steps, jnp.int32),
+                  method=method)
 
 
 def _sq_dist(x: PyTree, y: PyTree, dt: Any) -> jax.Array:
@@ -336,17 +337,18 @@ def _balanced(sym: Symmetry, a: PyTree, b: PyTree, balance: bool):
     return a0, ga, b0, gb
 
 
-@functools.partial(
-    jax.jit, static_argnames=("sym", "rescale", "method", "max_iter", "newton_steps")
-)
-def _align(sym, a0, ga, b0, gb, tol, *, rescale, method, max_iter, newton_steps):
-    """Weight matching alternated with Gauss-Newton rescaling, ``b0`` towards ``a0``."""
+@functools.partial(jax.jit, static_argnames=("sym", "method"))
+def _align(sym, a0, ga, b0, gb, tol, rescale, max_iter, newton_steps, *, method):
+    """Weight matching alternated with Gauss-Newton rescaling, ``b0`` towards ``a0``.
+
+    ``rescale``, ``max_iter`` and ``newton_steps`` are traced, so one compiled
+    function serves every setting of them.
+    """
     dt = solve_dtype(a0)
     fin = jnp.finfo(dt)
-    tol = jnp.sqrt(fin.eps) if tol is None else jnp.asarray(tol, dt)
     assign = exact_assignment if method == "exact" else auction_assignment
     st = structure(sym)
-    rescale = rescale and bool(st.index)
+    rescale = jnp.asarray(rescale, bool) & bool(st.index)
     it0 = jnp.zeros((), jnp.int32)
 
     # start: b0 as is, or sorted into a0's order; keep the closer
@@ -420,13 +422,13 @@ def _align(sym, a0, ga, b0, gb, tol, *, rescale, method, max_iter, newton_steps)
     def body(c):
         cur, g, f, phase, it = c
         f_start = f
-        if rescale:
+        if st.index:
             cur, g, f = jax.lax.cond(phase == 1, newton, lambda *x: x, cur, g, f)
         cur, g, f, changed = sweep(cur, g, f)
         stalled = (f_start - f) <= tol * f_start
         phase = jnp.where(
             phase == 0,
-            jnp.where(changed, 0, 1 if rescale else 2),
+            jnp.where(changed, 0, jnp.where(rescale, 1, 2)),
             jnp.where(stalled, 2, 1),
         ).astype(jnp.int32)
         return cur, g, f, phase, it + 1
