@@ -85,9 +85,9 @@ NEB_MODES = ("symmetrized", "section", "quotient")
 ZERO_REL = 1e-9
 
 FULL = {"nets": 128, "steps": 10000, "pairs": 400, "neb": 3, "images": 16, "neb_steps": 3000,
-        "hessians": 2, "trajectory_steps": 3000, "batch": 64}
+        "hessians": 2, "trajectory_steps": 3000, "neb_modes": list(NEB_MODES)}
 QUICK = {"nets": 10, "steps": 400, "pairs": 10, "neb": 1, "images": 6, "neb_steps": 150,
-         "hessians": 1, "trajectory_steps": 200, "batch": 10}
+         "hessians": 1, "trajectory_steps": 200, "neb_modes": ["symmetrized", "quotient"]}
 
 
 # --------------------------------------------------------------------------- set-up
@@ -194,83 +194,80 @@ def train_population(
 # --------------------------------------------------------------------------- distances
 
 
-PAIR_KEYS = ("raw", "symmetrized", "permutation", "quotient", "quotient_reversed",
-             "iterations", "output_rms")
+class Population:
+    """Minima of one optimizer, with what every comparison needs computed once."""
+
+    def __init__(self, setup: Setup, params: Any):
+        self.params = unstack(to64(params))
+        self.flat = np.stack([flat(p) for p in self.params])
+        self.symmetrized = [symmetrize(setup.sym, p) for p in self.params]
+        self.sym_flat = np.stack([flat(p) for p in self.symmetrized])
+        out = jax.jit(jax.vmap(lambda p: setup.apply(p, setup.grid)[:, 0]))(to64(params))
+        self.outputs = np.asarray(out)
 
 
-class Comparer:
-    """Every distance between two parameter vectors, batched (one compile per batch size)."""
-
-    def __init__(self, setup: Setup, batch: int):
-        sym = setup.sym
-        self.batch = batch
-
-        def norm(x, y):
-            return jnp.sqrt(sum(jnp.sum((u - v) ** 2) for u, v in
-                                zip(jax.tree.leaves(x), jax.tree.leaves(y))))
-
-        def one(a, b):
-            sa, sb = symmetrize(sym, a), symmetrize(sym, b)
-            quot = quotient_distance(sym, a, b)
-            out = {
-                "raw": norm(a, b),
-                "symmetrized": norm(sa, sb),
-                "permutation": quotient_distance(sym, a, b, rescale=False).distance,
-                "quotient": quot.distance,
-                "quotient_reversed": quotient_distance(sym, b, a).distance,
-                "iterations": quot.iterations,
-                "output_rms": jnp.sqrt(jnp.mean(
-                    (setup.apply(a, setup.grid) - setup.apply(b, setup.grid)) ** 2)),
-            }
-            # the symmetrized b, and the aligned b relative to a's balanced point
-            return out, sb, jax.tree.map(lambda x, y: x - y, quot.aligned, quot.reference)
-
-        self.fn = jax.jit(jax.vmap(one))
-
-    def __call__(self, a: Any, b: Any, progress: bool = True, desc: str = "distances"):
-        """``(numbers, symmetrized b, aligned b - reference)`` for stacked ``a``, ``b``."""
-        from tqdm.auto import tqdm
-
-        n = jax.tree.leaves(a)[0].shape[0]
-        parts = []
-        bar = tqdm(total=n, desc=desc, disable=not progress, file=sys.stderr)
-        for k in range(0, n, self.batch):
-            idx = np.arange(k, k + self.batch)
-            idx = np.where(idx < n, idx, k)  # pad with a repeat: one batch size, one compile
-            take = lambda t, idx=idx: jax.tree.map(lambda x: x[idx], t)
-            parts.append(jax.tree.map(np.asarray, self.fn(take(a), take(b))))
-            bar.update(min(self.batch, n - k))
-        bar.close()
-        return jax.tree.map(lambda *xs: np.concatenate(xs)[:n], *parts)
+def _quotient(sym: qo.Symmetry, a: Any, b: Any, **kw: Any) -> Any:
+    res = quotient_distance(sym, a, b, **kw)
+    return float(res.distance), int(res.iterations), res
 
 
 def pair_distances(
-    cmp: Comparer, minima: Any, pairs: np.ndarray, progress: bool = True
+    setup: Setup, pop: Population, pairs: np.ndarray, progress: bool = True
 ) -> dict[str, np.ndarray]:
-    """Per pair ``(i, j)`` of minima: every distance of :class:`Comparer`."""
-    a = jax.tree.map(lambda x: x[pairs[:, 0]], minima)
-    b = jax.tree.map(lambda x: x[pairs[:, 1]], minima)
-    return cmp(a, b, progress, "pair distances")[0]
+    """Per pair ``(i, j)`` of minima: raw, symmetrized, permutation-only and quotient distances.
+
+    Also the quotient distance the other way round (its asymmetry), the
+    iterations, and the RMS difference of the two networks' outputs on
+    ``[0, 1]`` (how different the functions are).
+    """
+    from tqdm.auto import tqdm
+
+    sym = setup.sym
+    rows = []
+    for i, j in tqdm(pairs, desc="pair distances", disable=not progress, file=sys.stderr):
+        a, b = pop.params[i], pop.params[j]
+        quot, iters, _ = _quotient(sym, a, b)
+        rows.append((
+            np.linalg.norm(pop.flat[i] - pop.flat[j]),
+            np.linalg.norm(pop.sym_flat[i] - pop.sym_flat[j]),
+            _quotient(sym, a, b, rescale=False)[0],
+            quot,
+            _quotient(sym, b, a)[0],
+            iters,
+            np.sqrt(np.mean((pop.outputs[i] - pop.outputs[j]) ** 2)),
+        ))
+    cols = np.asarray(rows, np.float64).T
+    names = ("raw", "symmetrized", "permutation", "quotient", "quotient_reversed",
+             "iterations", "output_rms")
+    return dict(zip(names, cols))
 
 
 def global_distances(
-    cmp: Comparer, minima: Any, glob: Any, gsym: Any, progress: bool = True
+    setup: Setup, pop: Population, glob: Any, gsym: Any, progress: bool = True
 ) -> dict[str, Any]:
     """Distances from the global minimum to every minimum, and the §4.5 dot products.
 
     Directions: from the symmetrized global minimum to each symmetrized
-    minimum (the paper's), and from its balanced point to each minimum
-    aligned with it (the quotient's).
+    minimum (the paper's), and from the global minimum's balanced point to
+    each minimum aligned with it (the quotient's).
     """
-    n = jax.tree.leaves(minima)[0].shape[0]
-    a = jax.tree.map(lambda x: jnp.broadcast_to(x, (n, *x.shape)), glob)
-    d, sb, rel = cmp(a, minima, progress, "to the global minimum")
-    out: dict[str, Any] = {k: d[k] for k in ("raw", "symmetrized", "permutation", "quotient")}
-    dirs = {
-        "symmetrized": np.stack([flat(t) for t in unstack(sb)]) - flat(gsym),
-        "quotient": np.stack([flat(t) for t in unstack(rel)]),
-    }
-    for name, v in dirs.items():
+    from tqdm.auto import tqdm
+
+    sym = setup.sym
+    g, gs = flat(glob), flat(gsym)
+    out: dict[str, Any] = {k: [] for k in ("raw", "symmetrized", "permutation", "quotient")}
+    rel = []
+    for i in tqdm(range(len(pop.params)), desc="to the global minimum", disable=not progress,
+                  file=sys.stderr):
+        p = pop.params[i]
+        quot, _, res = _quotient(sym, glob, p)
+        out["raw"].append(np.linalg.norm(pop.flat[i] - g))
+        out["symmetrized"].append(np.linalg.norm(pop.sym_flat[i] - gs))
+        out["permutation"].append(_quotient(sym, glob, p, rescale=False)[0])
+        out["quotient"].append(quot)
+        rel.append(flat(res.aligned) - flat(res.reference))
+    out = {k: np.asarray(v) for k, v in out.items()}
+    for name, v in (("symmetrized", pop.sym_flat - gs), ("quotient", np.stack(rel))):
         u = v / np.linalg.norm(v, axis=1, keepdims=True)
         out[f"dot_{name}"] = (u @ u.T)[np.triu_indices(len(u), 1)]
     return out
@@ -281,7 +278,7 @@ def global_distances(
 
 def neb_runs(
     setup: Setup, minima: list[Any], glob: Any, images: int, steps: int,
-    progress: bool = True,
+    modes: tuple[str, ...] = NEB_MODES, progress: bool = True,
 ) -> list[dict[str, Any]]:
     """NEB from the symmetrized global minimum to each minimum, in three modes.
 
@@ -298,12 +295,12 @@ def neb_runs(
     section = canonical_section(sym)
     out = []
     out_fn = jax.jit(jax.vmap(lambda p: setup.apply(p, setup.grid)[:, 0]))
-    bar = tqdm(total=len(NEB_MODES) * len(minima), desc="NEB", disable=not progress,
+    bar = tqdm(total=len(modes) * len(minima), desc="NEB", disable=not progress,
                file=sys.stderr)
     for p in minima:
         row: dict[str, Any] = {}
         b = symmetrize(sym, p)
-        for mode in NEB_MODES:
+        for mode in modes:
             res = neb(setup.loss, gsym, b, images=images, steps=steps,
                       align=align if mode == "quotient" else None,
                       project=section if mode == "section" else None)
@@ -501,11 +498,10 @@ def plot_all(res: dict[str, Any], setup: Setup, pops: dict[str, Any], out: str) 
     save(fig, "fig7_distances_to_global.png")
 
     # NEB profiles (Fig. 8), outputs (Fig. 9), angles (Fig. 10)
-    runs = res["neb"]["runs"]
+    runs, modes = res["neb"]["runs"], res["neb"]["modes"]
     if runs:
-        fig, axes = plt.subplots(1, len(NEB_MODES), figsize=(5 * len(NEB_MODES), 4.2),
-                                 sharey=True)
-        for ax, mode in zip(axes, NEB_MODES):
+        fig, axes = plt.subplots(1, len(modes), figsize=(5 * len(modes), 4.2), sharey=True)
+        for ax, mode in zip(axes, modes):
             for i, r in enumerate(runs):
                 e = np.asarray(r[mode]["energies"])
                 x = np.concatenate([[0], np.cumsum(r[mode]["segments"])])
@@ -529,9 +525,8 @@ def plot_all(res: dict[str, Any], setup: Setup, pops: dict[str, Any], out: str) 
         axes[0].set_ylabel("network output")
         save(fig, "fig9_neb_outputs.png")
 
-        fig, axes = plt.subplots(1, len(NEB_MODES), figsize=(5 * len(NEB_MODES), 4.2),
-                                 sharey=True)
-        for ax, mode in zip(axes, NEB_MODES):
+        fig, axes = plt.subplots(1, len(modes), figsize=(5 * len(modes), 4.2), sharey=True)
+        for ax, mode in zip(axes, modes):
             for i, r in enumerate(runs):
                 a = np.asarray(r[mode]["angles_deg"])
                 ax.plot(np.arange(1, a.size + 1), a, ".-", color=f"C{i}",
@@ -602,7 +597,6 @@ def run(cfg: dict[str, Any], *, out: str | None = None, progress: bool = True
         "norm_symmetrized": float(np.linalg.norm(flat(gsym))),
     }
     pops: dict[str, Any] = {}
-    cmp = Comparer(setup, cfg["batch"])
     grad_norm = jax.jit(jax.vmap(lambda p: jnp.linalg.norm(ravel_pytree(jax.grad(setup.loss)(p))[0])))
     for name in cfg["optimizers"]:
         t0 = time.perf_counter()
@@ -620,10 +614,11 @@ def run(cfg: dict[str, Any], *, out: str | None = None, progress: bool = True
         pairs = all_pairs[rng.choice(len(all_pairs), min(cfg["pairs"], len(all_pairs)),
                                      replace=False)]
         t0 = time.perf_counter()
-        d = pair_distances(cmp, minima, pairs, progress=progress)
+        pop_data = Population(setup, params)
+        d = pair_distances(setup, pop_data, pairs, progress=progress)
         timings[f"pairs_{name}"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        g = global_distances(cmp, minima, glob, gsym, progress=progress)
+        g = global_distances(setup, pop_data, glob, gsym, progress=progress)
         timings[f"global_{name}"] = time.perf_counter() - t0
         dead = [dead_units(setup, p) for p in unstack(minima)]
         pop = {
@@ -652,13 +647,14 @@ def run(cfg: dict[str, Any], *, out: str | None = None, progress: bool = True
     picks = quantile_picks(np.asarray(res["populations"][first]["final_loss"]), cfg["neb"])
     t0 = time.perf_counter()
     runs = neb_runs(setup, [jax.tree.map(lambda x, i=i: x[i], pops[first]) for i in picks],
-                    glob, cfg["images"], cfg["neb_steps"], progress=progress)
+                    glob, cfg["images"], cfg["neb_steps"], tuple(cfg["neb_modes"]),
+                    progress=progress)
     for i, r in zip(picks, runs):
         r["index"] = i
         r["loss"] = float(res["populations"][first]["final_loss"][i])
     timings["neb"] = time.perf_counter() - t0
     res["neb"] = {"optimizer": first, "images": cfg["images"], "steps": cfg["neb_steps"],
-                  "runs": runs}
+                  "modes": list(cfg["neb_modes"]), "runs": runs}
 
     # Hessians at the global minimum and at minima of each optimizer
     t0 = time.perf_counter()
@@ -683,9 +679,9 @@ def summary(res: dict[str, Any]) -> str:
         (f"Sawtooth net, {cfg['nets']} nets per optimizer, {cfg['steps']} full-batch steps; "
          f"{cfg['pairs']} random pairs; global minimum = the hand-built fit."),
         "",
-        "| optimizer | median MSE | dead units | pair raw | pair symmetrized | pair permutation "
+        ("| optimizer | median MSE | dead units | pair raw | pair symmetrized | pair permutation "
         "| pair quotient | quotient / symmetrized | to global: symmetrized | to global: quotient "
-        "| min dot: symmetrized | min dot: quotient |",
+        "| min dot: symmetrized | min dot: quotient |"),
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, p in res["populations"].items():
@@ -698,14 +694,15 @@ def summary(res: dict[str, Any]) -> str:
             f"| {g['quotient']:.2f} | {p['min_dot']['symmetrized']:.2f} "
             f"| {p['min_dot']['quotient']:.2f} |"
         )
+    modes = res["neb"]["modes"]
     lines += ["", "| NEB from minimum | its MSE | barrier seen from it: "
-              + " | ".join(NEB_MODES) + " | path length: " + " | ".join(NEB_MODES)
-              + " | max force: " + " | ".join(NEB_MODES) + " |",
-              "|---|---|" + "---|" * (3 * len(NEB_MODES))]
+              + " | ".join(modes) + " | path length: " + " | ".join(modes)
+              + " | max force: " + " | ".join(modes) + " |",
+              "|---|---|" + "---|" * (3 * len(modes))]
     for r in res["neb"]["runs"]:
-        cells = [f"{r[m]['barrier_from_local']:.2e}" for m in NEB_MODES]
-        cells += [f"{r[m]['length']:.2f}" for m in NEB_MODES]
-        cells += [f"{r[m]['max_force']:.1e}" for m in NEB_MODES]
+        cells = [f"{r[m]['barrier_from_local']:.2e}" for m in modes]
+        cells += [f"{r[m]['length']:.2f}" for m in modes]
+        cells += [f"{r[m]['max_force']:.1e}" for m in modes]
         lines.append(f"| {r['index']} | {r['loss']:.2e} | " + " | ".join(cells) + " |")
     lines += ["", f"Hessian zero modes: |λ| <= {ZERO_REL:g} λmax; negative: λ < -{ZERO_REL:g} λmax.",
               "", ("| Hessian at | MSE | ReLU: zero | negative | zero, orbit out | orbit dim "
@@ -717,10 +714,10 @@ def summary(res: dict[str, Any]) -> str:
                      f"| {r['zero_modes_quotient']} | {r['orbit_dimension']} "
                      f"| {m['zero_modes']} | {m['negative']} | {m['zero_modes_quotient']} |")
     tr = res["trajectory"]
-    lines += ["", f"Trajectory PCA ({tr['snapshots']} snapshots, {tr['parameters']} params): "
+    lines += ["", (f"Trajectory PCA ({tr['snapshots']} snapshots, {tr['parameters']} params): "
               f"PC1 explains {tr['raw'][0]:.3f} (balanced {tr['balanced'][0]:.3f}), "
               f"random walk {tr['random_walk'][0]:.3f}; first 3: {sum(tr['raw'][:3]):.3f} "
-              f"vs {sum(tr['random_walk'][:3]):.3f}."]
+              f"vs {sum(tr['random_walk'][:3]):.3f}.")]
     return "\n".join(lines)
 
 

@@ -23,7 +23,11 @@ import jax.numpy as jnp
 from quotient_opt.landscape._assignment import auction_assignment, exact_assignment
 from quotient_opt.landscape._common import PyTree, check_floating, check_same_tree
 from quotient_opt.symmetry import _views as views
-from quotient_opt.symmetry._canonical import canonicalize, sort_permutation
+from quotient_opt.symmetry._canonical import (
+    canonical_log_scales,
+    canonicalize,
+    sort_permutation,
+)
 from quotient_opt.symmetry._gram import structure
 from quotient_opt.symmetry._paths import map_with_path
 from quotient_opt.symmetry._spec import Element, GroupElement, Symmetry, UnitGroup, solve_dtype
@@ -68,8 +72,8 @@ def symmetrize(sym: Symmetry, params: PyTree, **canonicalize_kwargs: Any) -> PyT
     Args:
       sym: the symmetry.
       params: parameters.
-      **canonicalize_kwargs: ``tol``, ``max_iter``, ``max_log_scale`` of
-        :func:`~quotient_opt.canonicalize`.
+      **canonicalize_kwargs: ``tol``, ``max_iter``, ``max_log_scale`` (and
+        ``cg_iter``) of :func:`~quotient_opt.canonicalize`.
 
     Returns:
       The symmetrized parameters (same function). The group element reaching
@@ -79,7 +83,15 @@ def symmetrize(sym: Symmetry, params: PyTree, **canonicalize_kwargs: Any) -> PyT
       *The energy landscape of a simple neural network*, §3 (symmetrization),
       see ``shared/references/energy-landscape-sawtooth-paper.txt``.
     """
-    return canonicalize(sym, params, permutations=True, **canonicalize_kwargs)[0]
+    s, _ = canonical_log_scales(sym, params, **canonicalize_kwargs)
+    return _rescale_and_sort(sym, params, s)
+
+
+@functools.partial(jax.jit, static_argnames=("sym",))
+def _rescale_and_sort(sym: Symmetry, params: PyTree, s: tuple[jax.Array, ...]) -> PyTree:
+    """``canonicalize(permutations=True)`` after its solve, compiled once (eager calls)."""
+    out = sym.rescale(params, s)
+    return sym.act(out, sort_permutation(sym, out), power=0)
 
 
 # --------------------------------------------------------------------------- distance
