@@ -179,7 +179,7 @@ def train_population(
     for i in range(0, nets, chunk):
         p, s = init(keys[i : i + chunk])
         for n in spans:
-            p, s = run(p, s, n)
+            p, s = jax.block_until_ready(run(p, s, n))  # an honest progress bar
             bar.update()
         out.append(p)
     bar.close()
@@ -204,6 +204,8 @@ class Population:
         self.sym_flat = np.stack([flat(p) for p in self.symmetrized])
         out = jax.jit(jax.vmap(lambda p: setup.apply(p, setup.grid)[:, 0]))(to64(params))
         self.outputs = np.asarray(out)
+        # every unit dead on [0, 1]: the network is a constant (MSE = the target's variance)
+        self.constant = self.outputs.std(axis=1) < 1e-9
 
 
 def _quotient(sym: qo.Symmetry, a: Any, b: Any, **kw: Any) -> Any:
@@ -349,6 +351,7 @@ def spectra(setup: Setup, points: dict[str, Any]) -> dict[str, Any]:
                 "negative": int(np.sum(full < -ZERO_REL * top)),
                 "orbit_dimension": int(full.size - quot.size),
                 "max": top,
+                "min_over_max": float(full.min() / top),
             }
         out[name] = row
     return out
@@ -417,6 +420,11 @@ def quantile_picks(values: np.ndarray, k: int, lo: float = 0.1, hi: float = 0.6)
     qs = np.linspace(lo, hi, k) if k > 1 else [lo]
     picks = [int(order[round(q * (len(order) - 1))]) for q in qs]
     return list(dict.fromkeys(picks))
+
+
+def median(v: np.ndarray) -> float:
+    """The median, NaN for no entries (without numpy's warning)."""
+    return float(np.median(v)) if np.size(v) else float("nan")
 
 
 def stats(v: np.ndarray) -> dict[str, float]:
@@ -619,6 +627,7 @@ def run(cfg: dict[str, Any], *, out: str | None = None, progress: bool = True
         timings[f"pairs_{name}"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         g = global_distances(setup, pop_data, glob, gsym, progress=progress)
+        live = ~(pop_data.constant[pairs[:, 0]] | pop_data.constant[pairs[:, 1]])
         timings[f"global_{name}"] = time.perf_counter() - t0
         dead = [dead_units(setup, p) for p in unstack(minima)]
         pop = {
@@ -628,6 +637,10 @@ def run(cfg: dict[str, Any], *, out: str | None = None, progress: bool = True
             "dead_units": stats(np.asarray(dead)),
             "pairs": {k: np.asarray(v).tolist() for k, v in d.items()},
             "pair_medians": {k: float(np.median(v)) for k, v in d.items()},
+            "constant_fits": int(pop_data.constant.sum()),
+            "pair_index": pairs.tolist(),
+            "pair_medians_nonconstant": {k: median(v[live]) for k, v in d.items()},
+            "pairs_nonconstant": int(live.sum()),
             "pair_minima": {k: float(np.min(v)) for k, v in d.items()},
             "asymmetry": stats(np.abs(d["quotient"] - d["quotient_reversed"])
                                / np.maximum(d["quotient"], 1e-300)),
@@ -636,6 +649,8 @@ def run(cfg: dict[str, Any], *, out: str | None = None, progress: bool = True
             "global": {k: np.asarray(v).tolist() for k, v in g.items()},
             "global_medians": {k: float(np.median(v)) for k, v in g.items()
                                if not k.startswith("dot")},
+            "global_medians_nonconstant": {k: median(v[~pop_data.constant])
+                                           for k, v in g.items() if not k.startswith("dot")},
             "min_dot": {k[4:]: float(np.min(v)) for k, v in g.items() if k.startswith("dot")},
             "median_dot": {k[4:]: float(np.median(v)) for k, v in g.items()
                            if k.startswith("dot")},
@@ -694,6 +709,17 @@ def summary(res: dict[str, Any]) -> str:
             f"| {g['quotient']:.2f} | {p['min_dot']['symmetrized']:.2f} "
             f"| {p['min_dot']['quotient']:.2f} |"
         )
+    lines += ["", ("Over pairs of non-constant fits only (a fit whose units all died computes a "
+              "constant; all such fits compute the same function):"), "",
+              ("| optimizer | constant fits | pairs | raw | symmetrized | permutation | quotient "
+              "| to global: raw | symmetrized | quotient |"), "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, p in res["populations"].items():
+        m, g = p["pair_medians_nonconstant"], p["global_medians_nonconstant"]
+        lines.append(
+            f"| {name} | {p['constant_fits']} of {cfg['nets']} | {p['pairs_nonconstant']} "
+            f"| {m['raw']:.2f} | {m['symmetrized']:.2f} | {m['permutation']:.2f} "
+            f"| {m['quotient']:.2f} | {g['raw']:.2f} | {g['symmetrized']:.2f} "
+            f"| {g['quotient']:.2f} |")
     modes = res["neb"]["modes"]
     lines += ["", "| NEB from minimum | its MSE | barrier seen from it: "
               + " | ".join(modes) + " | path length: " + " | ".join(modes)
@@ -706,13 +732,14 @@ def summary(res: dict[str, Any]) -> str:
         lines.append(f"| {r['index']} | {r['loss']:.2e} | " + " | ".join(cells) + " |")
     lines += ["", f"Hessian zero modes: |λ| <= {ZERO_REL:g} λmax; negative: λ < -{ZERO_REL:g} λmax.",
               "", ("| Hessian at | MSE | ReLU: zero | negative | zero, orbit out | orbit dim "
-                   "| smooth: zero | negative | zero, orbit out |"),
-              "|---|---|---|---|---|---|---|---|---|"]
+                   "| λmin/λmax | smooth: zero | negative | zero, orbit out | λmin/λmax |"),
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, h in res["hessian"].items():
         r, m = h["relu"], h["smooth"]
         lines.append(f"| {name} | {h['loss']:.2e} | {r['zero_modes']} | {r['negative']} "
                      f"| {r['zero_modes_quotient']} | {r['orbit_dimension']} "
-                     f"| {m['zero_modes']} | {m['negative']} | {m['zero_modes_quotient']} |")
+                     f"| {r['min_over_max']:.1e} | {m['zero_modes']} | {m['negative']} "
+                     f"| {m['zero_modes_quotient']} | {m['min_over_max']:.1e} |")
     tr = res["trajectory"]
     lines += ["", (f"Trajectory PCA ({tr['snapshots']} snapshots, {tr['parameters']} params): "
               f"PC1 explains {tr['raw'][0]:.3f} (balanced {tr['balanced'][0]:.3f}), "
