@@ -104,7 +104,7 @@ class Setup:
         self.exact = qo.models.with_dense_weights(model, self.task.weights)
         self.x32 = jnp.asarray(self.task.x, jnp.float32)
         self.y32 = jnp.asarray(self.task.y, jnp.float32)
-        self.grid = jnp.linspace(0.0, 1.0, 513)[:, None]
+        self.grid = jnp.linspace(0.0, 1.0, 257)[:, None]
 
     def loss(self, p: Any) -> jax.Array:
         return mse(self.apply(p, self.task.x), self.task.y)
@@ -425,6 +425,17 @@ def quantile_picks(values: np.ndarray, k: int, lo: float = 0.1, hi: float = 0.6)
 def median(v: np.ndarray) -> float:
     """The median, NaN for no entries (without numpy's warning)."""
     return float(np.median(v)) if np.size(v) else float("nan")
+
+
+def rounded(tree: Any, digits: int = 7) -> Any:
+    """``tree`` with every float rounded to ``digits`` significant digits (a smaller JSON)."""
+    if isinstance(tree, dict):
+        return {k: rounded(v, digits) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return [rounded(v, digits) for v in tree]
+    if isinstance(tree, float) and np.isfinite(tree) and tree != 0:
+        return float(f"{tree:.{digits - 1}e}")
+    return tree
 
 
 def stats(v: np.ndarray) -> dict[str, float]:
@@ -783,7 +794,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print("wrote", f)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(res, f)
+            json.dump(rounded(res), f)
         print("wrote", args.json)
     return res
 

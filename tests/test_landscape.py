@@ -550,6 +550,11 @@ def test_quotient_distance_auction_matches_exact():
     exact = quotient_distance(m.sym, a, b)
     auction = quotient_distance(m.sym, a, b, method="auction")
     assert float(auction.distance) == pytest.approx(float(exact.distance), rel=1e-9)
+    # Git Re-Basin on the raw parameters: measured from a itself, never above |a - b|
+    raw = quotient_distance(m.sym, a, b, balance=False, rescale=False)
+    assert _maxdiff(raw.reference, a) == 0
+    assert float(raw.distance) < 0.9 * _dist(a, b)
+    assert _maxdiff(m.sym.act(b, raw.element), raw.aligned) <= 1e-12
     with pytest.raises(ValueError, match="method"):
         quotient_distance(m.sym, a, b, method="sinkhorn")
     bad = map_with_path(lambda path, x: x[:-1] if path == ("layers", 2, "kernel") else x, b)

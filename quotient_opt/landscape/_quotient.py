@@ -29,7 +29,7 @@ from quotient_opt.symmetry._canonical import (
     sort_permutation,
 )
 from quotient_opt.symmetry._gram import structure
-from quotient_opt.symmetry._paths import map_with_path
+from quotient_opt.symmetry._paths import leaves_by_path, map_with_path
 from quotient_opt.symmetry._spec import Element, GroupElement, Symmetry, UnitGroup, solve_dtype
 from quotient_opt.transforms._projection import _vertical_coefficients
 
@@ -167,10 +167,12 @@ def quotient_distance(
 
        and since permutations preserve norms, the assignment
        :math:`\\max_\\pi \\sum_u S_{u\\pi(u)}` minimizes the distance over
-       :math:`G`'s permutations. Windows of a max-pool group are matched
-       first (pieces held), then pieces inside each window. A group's
-       permutation is kept only if it decreases the distance. Sweeps repeat
-       until no group changes.
+       :math:`G`'s permutations. In a max-pool group two windows are
+       compared through the best matching of their pieces (a small
+       assignment per pair of windows), so the window assignment and the
+       piece assignments inside the chosen pairs solve the group's
+       subproblem exactly. A group's permutation is kept only if it
+       decreases the distance. Sweeps repeat until no group changes.
     3. **Rescaling** (``rescale=True``): Gauss-Newton steps on the log-scales
        from the current point: with :math:`J` the infinitesimal rescaling at
        :math:`b'` (:meth:`~quotient_opt.Symmetry.tangent`), the step solves
@@ -200,9 +202,10 @@ def quotient_distance(
     symmetric (the weight matching is equivariant: with pieces, two windows
     are compared through their best piece matching).
 
-    Works under ``jit`` and ``vmap``; called eagerly, the balancing reuses
-    the compiled canonicalizer and the alignment is one compiled function per
-    symmetry, options and shapes. ``method='exact'`` solves each assignment with
+    Works under ``jit`` and ``vmap``. Called eagerly, the balancing reuses
+    the compiled canonicalizer and the alignment is compiled once per
+    symmetry, ``method`` and shapes (``rescale``, ``max_iter``,
+    ``newton_steps`` and ``tol`` are traced). ``method='exact'`` solves each assignment with
     ``scipy.optimize.linear_sum_assignment`` on the host (through
     ``jax.pure_callback``: it works under ``jit`` and ``vmap``, but each
     call syncs with the host); ``method='auction'`` uses a pure-JAX auction
@@ -216,7 +219,7 @@ def quotient_distance(
       sym: the symmetry (from :func:`~quotient_opt.infer_symmetry`).
       a: the reference parameters.
       b: the parameters whose orbit is searched.
-      rescale: also optimize the rescaling (step 3).
+      rescale: also optimize the rescaling (step 3); may be a traced boolean.
       balance: replace ``a`` and ``b`` by their balanced representatives
         first (``False``: weight matching on the raw parameters, as Git
         Re-Basin; the sorted start then uses raw energies).
@@ -229,7 +232,7 @@ def quotient_distance(
 
     Returns:
       :class:`QuotientDistance` ``(distance, aligned, element, iterations,
-      reference)``.
+      reference, reference_element)``.
 
     Raises:
       ValueError: if ``a`` or ``b`` is not the pytree ``sym`` describes, or
@@ -261,7 +264,7 @@ def quotient_distance(
     a0, ga, b0, gb = _balanced(sym, a, b, bool(balance))
     dt = solve_dtype(a0)
     tol = jnp.sqrt(jnp.finfo(dt).eps) if tol is None else tol
-    return _align(sym, a0, ga, b0, gb, jnp.asarray(tol, dt), jnp.asarray(bool(rescale)),
+    return _align(sym, a0, ga, b0, gb, jnp.asarray(tol, dt), jnp.asarray(rescale, bool),
                   jnp.asarray(max_iter, jnp.int32), jnp.asarray(newton_steps, jnp.int32),
                   method=method)
 
@@ -294,8 +297,7 @@ def _permute_group(grp: UnitGroup, tree: PyTree, wp: jax.Array, pp: jax.Array) -
 
 def _similarity(grp: UnitGroup, ref: PyTree, cur: PyTree, dt: Any):
     """``(S_unit (U, U), S_window (W, W))``: row inner products over the group's refs."""
-    la = dict(_leaves(ref))
-    lb = dict(_leaves(cur))
+    la, lb = leaves_by_path(ref), leaves_by_path(cur)
     su = jnp.zeros((grp.units, grp.units), dt)
     sw = jnp.zeros((grp.windows, grp.windows), dt)
     for r in grp.refs:
@@ -307,12 +309,6 @@ def _similarity(grp: UnitGroup, ref: PyTree, cur: PyTree, dt: Any):
         else:
             sw = sw + ra @ rb.T
     return su, sw
-
-
-def _leaves(tree: PyTree):
-    from quotient_opt.symmetry._paths import leaves_by_path
-
-    return leaves_by_path(tree).items()
 
 
 def _match_group(
