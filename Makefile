@@ -2,14 +2,19 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+DOCS_STAMP := $(VENV)/.installed-docs
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test docs clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $(STAMP)
+
+$(DOCS_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e ".[dev,docs]"
+	touch $(DOCS_STAMP)
 
 setup: $(STAMP)
 
@@ -19,5 +24,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -n 2 --durations=15
 
+# The HTML site in docs/_build/html; any Sphinx warning fails the build, and so does
+# a public name missing from the built pages (docs/check_html.py).
+docs: $(DOCS_STAMP)
+	JAX_PLATFORMS=cpu $(PY) -m sphinx -b html -W --keep-going -q docs docs/_build/html
+	JAX_PLATFORMS=cpu $(PY) docs/check_html.py docs/_build/html
+
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache docs/_build docs/api build dist

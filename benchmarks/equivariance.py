@@ -124,23 +124,19 @@ def methods(problem: str) -> dict[str, tuple[Callable[[qo.Symmetry], Any], str]]
             lambda s: optax.chain(qo.scale_by_path_norm(s), optax.adam(1e-3 if saw else 3e-3)),
             "not claimed",
         )
+    lr = 1e-3 if saw else 3e-3
     out.update(
         {
-            "rebalance(sgd)": (lambda s: qo.rebalance(optax.sgd(0.05), s), "canonical"),
-            "rebalance(adam)": (
-                lambda s: qo.rebalance(optax.adam(1e-3 if saw else 3e-3), s),
-                "canonical",
-            ),
+            "rebalance(sgd)": (lambda s: qo.rebalance(optax.sgd(0.05), s), "equivariant"),
+            "rebalance(adam)": (lambda s: qo.rebalance(optax.adam(lr), s), "equivariant"),
             "rebalance(adam, every=10)": (
-                lambda s: qo.rebalance(optax.adam(1e-3 if saw else 3e-3), s, every=10),
-                "canonical",
-            ),
-            "quotient_sgd": (lambda s: qo.quotient_sgd(0.005, s, momentum=0.9), "canonical"),
-            "quotient_adam": (lambda s: qo.quotient_adam(1e-3 if saw else 3e-3, s), "canonical"),
+                lambda s: qo.rebalance(optax.adam(lr), s, every=10), "equivariant"),
+            "rebalance(adam, move_params)": (
+                lambda s: qo.rebalance(optax.adam(lr), s, move_params=True), "canonical"),
+            "quotient_sgd": (lambda s: qo.quotient_sgd(0.005, s, momentum=0.9), "equivariant"),
+            "quotient_adam": (lambda s: qo.quotient_adam(lr, s), "equivariant"),
             "teleport(adam)": (
-                lambda s: qo.teleport(optax.adam(1e-3 if saw else 3e-3), s, every=50, steps=5),
-                "canonical",
-            ),
+                lambda s: qo.teleport(optax.adam(lr), s, every=50, steps=5), "equivariant"),
         }
     )
     return out

@@ -8,7 +8,7 @@ Subpackages:
 
 * :mod:`quotient_opt.symmetry`: the symmetry spec, its group action and canonical forms.
 * :mod:`quotient_opt.transforms`: the Optax gradient transformations.
-* :mod:`quotient_opt.training`: training loops.
+* :mod:`quotient_opt.training`: training loops (one network, or populations).
 * :mod:`quotient_opt.landscape`: loss-landscape tools (NEB paths, Hessian spectra,
   trajectory PCA, interpolation).
 * :mod:`quotient_opt.nn`: layers the symmetry machinery understands.
@@ -32,8 +32,16 @@ from quotient_opt.symmetry import (
     unit_balance,
     unit_energies,
 )
-from quotient_opt.training import fit
+from quotient_opt.training import (
+    PopulationResult,
+    fit,
+    perturbed_init,
+    shared_state_leaves,
+    train_population,
+)
 from quotient_opt.transforms import (
+    ADAMAX_LAWS,
+    ADOPT_LAWS,
     RebalanceState,
     ReviveDeadUnitsState,
     TeleportState,
@@ -56,10 +64,13 @@ from quotient_opt.transforms import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "ADAMAX_LAWS",
+    "ADOPT_LAWS",
     "AxisRef",
     "CanonicalInfo",
     "Dense",
     "GroupElement",
+    "PopulationResult",
     "RebalanceState",
     "ReviveDeadUnitsState",
     "Symmetry",
@@ -77,18 +88,21 @@ __all__ = [
     "nn",
     "path_norm_curvature",
     "path_sgd",
+    "perturbed_init",
     "project_horizontal",
     "quotient_adam",
     "quotient_sgd",
     "rebalance",
     "revive_dead_units",
     "scale_by_path_norm",
+    "shared_state_leaves",
     "sort_permutation",
     "symmetry",
     "symmetry_from_axes",
     "symmetry_from_layers",
     "teleport",
     "teleport_log_scales",
+    "train_population",
     "training",
     "transforms",
     "transport_state",

@@ -13,6 +13,8 @@ from flax import nnx
 
 Array = jax.Array
 
+__all__ = ["MaxOverPieces"]
+
 
 class MaxOverPieces(nnx.Module):
     """Max over consecutive groups of ``pieces`` features (max-pool / maxout).

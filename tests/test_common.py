@@ -34,6 +34,7 @@ import pytest
 from flax import nnx
 
 import quotient_opt as qo
+import zoo
 from quotient_opt.transforms._transport import map_param_like
 from quotient_opt.models import functional
 
@@ -386,3 +387,27 @@ def test_keeps_param_sharding(case, sharding_results):
     """Updates and params-shaped state keep the params' NamedSharding over 4 devices."""
     res = sharding_results[case.name]
     assert res["ok"], res["bad"]
+
+
+# --------------------------------------------------------------------------- the zoo
+
+
+@pytest.mark.parametrize("model", zoo.NAMES)
+def test_every_transformation_runs_on_every_zoo_model(model):
+    """init, jit, a few steps in ``lax.scan``, no NaN: every case on every kind of network."""
+    m = zoo.build(model, jnp.float32)
+    params = m.params(0)
+    x = m.inputs(0)
+    y = jax.random.normal(jax.random.key(0), jax.eval_shape(m.apply, params, x).shape)
+
+    def loss(p):
+        return jnp.mean((m.apply(p, x) - y) ** 2)
+
+    for case in CASES:
+        tx = case.factory(m.sym)
+        run = jax.jit(lambda p, tx=tx: qo.fit(tx, p, loss, 3)[::2],
+                      compiler_options={"xla_backend_optimization_level": 0})
+        p, losses = run(params)
+        assert bool(jnp.all(jnp.isfinite(losses))), (case.name, losses)
+        assert all(bool(jnp.all(jnp.isfinite(v))) for v in jax.tree.leaves(p)), case.name
+        assert jax.tree.structure(p) == jax.tree.structure(params)

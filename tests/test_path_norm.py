@@ -37,10 +37,22 @@ def eqx_net(dtype=jnp.float64, seed=0):
     return m, eqx.filter(m, eqx.is_array)
 
 
-def brute_force_gamma(sym: qo.Symmetry, params) -> dict:
+def chain(which: str) -> list[qo.Dense]:
+    """The dense chain of each test network, written by hand for the brute force."""
+    if which == "nnx_maxpool":
+        sizes, pieces, out_axis, names = [(3, 8), (4, 3), (3, 2)], [2, 1, 1], 1, (0, 2, 4)
+    elif which == "eqx_mlp":
+        sizes, pieces, out_axis, names = [(3, 4), (4, 4), (4, 2)], [1, 1, 1], 0, (0, 1, 2)
+    else:
+        sizes, pieces, out_axis, names = [(1, 2), (2, 2), (2, 2), (2, 1)], [1] * 4, 1, (0, 2, 4, 6)
+    kname = "kernel" if out_axis == 1 else "weight"
+    return [qo.Dense(f"layers/{i}", ("layers", i, kname), ("layers", i, "bias"), a, b, out_axis,
+                     pieces=k) for i, (a, b), k in zip(names, sizes, pieces)]
+
+
+def brute_force_gamma(layers: list[qo.Dense], params) -> dict:
     """Per-weight path sums by enumerating every path (numpy, float64)."""
     leaves = {p: np.asarray(x, np.float64) for p, x in leaves_by_path(params).items()}
-    layers = sym.layers
     ks = [leaves[l.kernel] if l.kernel_out_axis == 1 else leaves[l.kernel].T for l in layers]
     bs = [leaves[l.bias] if l.bias is not None else None for l in layers]
     gk = [np.zeros_like(k) for k in ks]
@@ -96,7 +108,7 @@ def test_matches_brute_force_path_enumeration(which):
         _, params = functional(model)
         params = map_with_path(lambda p, x: x + 0.3 if p[-1] == "bias" else x, params)
     got = leaves_by_path(jax.jit(lambda p: qo.path_norm_curvature(sym, p))(params))
-    want = brute_force_gamma(sym, params)
+    want = brute_force_gamma(chain(which), params)
     assert set(got) == set(want)
     for p in want:
         assert got[p].shape == want[p].shape

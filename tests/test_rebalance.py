@@ -35,45 +35,56 @@ def _setup(dtype=jnp.float64, seed=0):
     return apply, p, sym, loss, x
 
 
-def test_first_step_is_canonical_and_function_preserving():
+def test_first_step_holds_the_canonical_element_and_never_jumps():
+    """At lr 0 the params do not move; the element held reaches the canonical point."""
     apply, p, sym, loss, x = _setup()
     opt = qo.rebalance(optax.sgd(0.0), sym)
-    u, _ = opt.update(jax.grad(loss)(p), opt.init(p), p)
-    new = optax.apply_updates(p, u)
+    u, st = opt.update(jax.grad(loss)(p), opt.init(p), p)
+    assert _maxdiff(optax.apply_updates(p, u), p) == 0.0
     c, _ = qo.canonicalize(sym, p)
+    assert _maxdiff(sym.rescale(p, st.log_scales), c) < 1e-12
+    assert _maxdiff(c, p) > 1e-2  # the canonical point is elsewhere on the orbit
+    # the moving variant jumps there (function unchanged)
+    opt = qo.rebalance(optax.sgd(0.0), sym, move_params=True)
+    u, st = opt.update(jax.grad(loss)(p), opt.init(p), p)
+    new = optax.apply_updates(p, u)
     assert _maxdiff(new, c) < 1e-12
-    assert _maxdiff(new, p) > 1e-2  # it did move
+    assert all(not np.any(np.asarray(z)) for z in st.log_scales)
     np.testing.assert_allclose(apply(new, x), apply(p, x), rtol=1e-12, atol=1e-12)
 
 
-def test_matches_manual_adam_with_gather_based_transport():
-    """Step = canonical + adam(transported grad, transported state), over several steps."""
+@pytest.mark.parametrize("move_params", [False, True])
+def test_matches_manual_adam_with_gather_based_transport(move_params):
+    """Inner coordinates = canonical point; adam's state transported; the user's step is the
+    inner step pulled back (held element) or the inner step from the moved params."""
     _, p, sym, loss, _ = _setup()
     inner = optax.adam(1e-2)
-    opt = qo.rebalance(inner, sym, every=2)
+    opt = qo.rebalance(inner, sym, every=2, move_params=move_params)
     s_opt = opt.init(p)
-    q, s_ref = p, inner.init(p)
+    q, s_ref = p, inner.init(p)  # the reference runs in the inner coordinates
     pr = p
+    g_total = sym.identity(jnp.float64)
     for t in range(5):
         u, s_opt = jax.jit(opt.update)(jax.grad(loss)(pr), s_opt, pr)
         pr = optax.apply_updates(pr, u)
-        # reference
         gr = jax.grad(loss)(q)
         if t % 2 == 0:
             c, g = qo.canonicalize(sym, q)
             s_ref = transport_state(sym, s_ref, q, g)
             gr = sym.act(gr, g, power=-1)
             q = c
+            g_total = sym.compose(g_total, g)
         du, s_ref = inner.update(gr, s_ref, q)
         q = optax.apply_updates(q, du)
-        assert _maxdiff(pr, q) < 1e-10
+        want = q if move_params else sym.act(q, sym.inverse(g_total))
+        assert _maxdiff(pr, want) < 1e-10
     assert int(s_opt.count) == 5
     assert s_opt.count.dtype == jnp.int32
     assert _maxdiff(s_opt.inner_state[0].mu, s_ref[0].mu) < 1e-10
     assert _maxdiff(s_opt.inner_state[0].nu, s_ref[0].nu) < 1e-10
 
 
-def test_off_steps_are_plain_inner():
+def test_off_steps_are_the_inner_step_in_held_coordinates():
     _, p, sym, loss, _ = _setup()
     inner = optax.sgd(0.1, momentum=0.9)
     opt = qo.rebalance(inner, sym, every=3)
@@ -81,9 +92,28 @@ def test_off_steps_are_plain_inner():
     u, s = opt.update(jax.grad(loss)(p), s, p)
     p = optax.apply_updates(p, u)
     gr = jax.grad(loss)(p)
-    u_ref, _ = inner.update(gr, s.inner_state, p)
-    u, s = opt.update(gr, s, p)
-    assert _maxdiff(u, u_ref) < 1e-14
+    here = sym.rescale(p, s.log_scales)
+    u_in, _ = inner.update(sym.rescale(gr, s.log_scales, power=-1), s.inner_state, here)
+    u, s2 = opt.update(gr, s, p)
+    assert _maxdiff(u, sym.rescale(u_in, s.log_scales, power=-1)) < 1e-14
+    assert _maxdiff(s2.log_scales, s.log_scales) == 0.0  # off-step: the element stays
+
+
+def test_chained_after_clipping_preserves_the_function_at_lr_0():
+    """No hidden jump: ``chain(wrapper(lr=0), clip_by_global_norm)`` keeps the function."""
+    apply, p, sym, loss, x = _setup()
+    for wrapper in (qo.quotient_adam(0.0, sym), qo.quotient_sgd(0.0, sym, momentum=0.9),
+                    qo.rebalance(optax.adam(0.0), sym), qo.teleport(optax.adam(0.0), sym, every=1)):
+        tx = optax.chain(wrapper, optax.clip_by_global_norm(1.0))
+        st, q = tx.init(p), p
+        for _ in range(3):
+            u, st = tx.update(jax.grad(loss)(q), st, q, value_fn=loss)
+            q = optax.apply_updates(q, u)
+        np.testing.assert_allclose(apply(q, x), apply(p, x), rtol=1e-9, atol=1e-12)
+    # the moving variant does not survive the clipping (documented)
+    tx = optax.chain(qo.quotient_adam(0.0, sym, move_params=True), optax.clip_by_global_norm(1.0))
+    u, _ = tx.update(jax.grad(loss)(p), tx.init(p), p)
+    assert float(jnp.max(jnp.abs(apply(optax.apply_updates(p, u), x) - apply(p, x)))) > 1e-3
 
 
 def test_scan_converges_and_vmap():
@@ -139,6 +169,9 @@ def test_nan_gradient_does_not_spread():
     u, _ = opt.update(gr, opt.init(p), p)
     n_nan = sum(int(jnp.sum(jnp.isnan(a))) for a in jax.tree.leaves(u))
     assert n_nan == 1
+    # a state field that cannot follow the rescaling is refused at init, naming it
+    with pytest.raises(ValueError, match="v_row"):
+        qo.rebalance(optax.adafactor(1e-2, min_dim_size_to_factor=2), sym).init(p)
 
 
 def test_bad_config_and_structure():

@@ -453,8 +453,7 @@ def test_hand_spec_equals_the_inferred_one():
         "fc3/kernel": ("1/fc2", None),
     })
     assert [(g.name, g.windows, set(g.refs)) for g in hand.groups] == [
-        (g.name, g.windows, {dataclasses.replace(r, level="window") if r.power < 0 else r
-                             for r in g.refs}) for g in m.sym.groups]
+        (g.name, g.windows, set(g.refs)) for g in m.sym.groups]
     hand.check(m.apply, m.params(0), m.inputs(0))
 
 

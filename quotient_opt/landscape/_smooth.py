@@ -54,7 +54,7 @@ def smooth_relu(beta: float) -> Callable[[jax.Array], jax.Array]:
     """The activation :math:`x \\mapsto \\mathrm{softplus}(\\beta x) / \\beta`.
 
     Use it in place of ``jax.nn.relu`` when building a model whose Hessian
-    you want (see the module docstring); it tends to ReLU as
+    you want (the Hessian of a ReLU network is not defined at the kinks); it tends to ReLU as
     :math:`\\beta \\to \\infty`, within :math:`\\log 2 / \\beta`.
 
     Args:

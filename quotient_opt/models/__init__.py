@@ -10,7 +10,8 @@
 
 References:
   The MaxPool stall: a question on training ``max(x + 2y, 3x + y)`` with a
-  Linear + MaxPool network (see ``shared/references/maxpool-stall-question.txt``).
+  Linear + MaxPool network, where Adam ends at the best single plane on most
+  initializations.
 
   *The energy landscape of a simple neural network* (the sawtooth
   construction, §2), building the sawtooth as in Chen, *The upper bound on knots
@@ -32,6 +33,21 @@ from quotient_opt.nn import MaxOverPieces
 from quotient_opt.symmetry._spec import map_with_path
 
 Array = jax.Array
+
+__all__ = [
+    "functional",
+    "max_of_planes_task",
+    "MaxOverPieces",
+    "maxpool_task",
+    "MaxPoolNet",
+    "MaxTask",
+    "mse",
+    "sawtooth_task",
+    "SawtoothNet",
+    "SawtoothTask",
+    "torch_uniform_init",
+    "with_dense_weights",
+]
 
 
 def torch_uniform_init(fan_in: int) -> Callable:
@@ -159,6 +175,7 @@ def with_dense_weights(model: nnx.Sequential, weights: Sequence[tuple[Any, Any]]
 
 
 def mse(pred: Array, y: Array) -> Array:
+    """The mean squared error ``mean((pred - y)^2)``."""
     return jnp.mean((pred - y) ** 2)
 
 

@@ -39,7 +39,7 @@ units are independent given the others; a chain needs two colors; the
 one-unit minimum is :math:`s_w \\mathrel{+}= \\tfrac14 \\log(\\mathrm{out}_w/\\mathrm{in}_w)`,
 which absorbs large imbalances such as log-scales of ±20 in one step).
 Below it, an iteration is a Newton step: the Hessian :math:`4 J^\\top J` is
-the explicit graph-Laplacian Gram matrix of :mod:`quotient_opt.symmetry._gram`
+the explicit graph-Laplacian Gram matrix of the horizontal projection
 (diagonal :math:`\\mathrm{in}_w + \\mathrm{out}_w`, couplings the squared
 kernel entries between adjacent groups), solved by Jacobi-scaled conjugate
 gradients that touch only the small coupling matrices. The full step is
@@ -132,6 +132,13 @@ def unit_energies(sym: Symmetry, params: PyTree) -> tuple[LogScales, LogScales]:
     ``in_w`` is the sum of squares of unit ``w``'s producing parameters
     (incoming weights and bias, over all pieces of a max-pool window; refs
     with ``power > 0``), ``out_w`` of its outgoing weights (``power < 0``).
+
+    Args:
+      sym: the symmetry.
+      params: parameters.
+
+    Returns:
+      ``(ins, outs)``: one ``(windows,)`` array per group each.
     """
     sym.validate(params)
     dt = solve_dtype(params)
@@ -147,6 +154,13 @@ def unit_balance(sym: Symmetry, params: PyTree) -> LogScales:
     It is :math:`\\tfrac12 \\nabla_s E`, zero at the canonical point, and
     conserved by gradient flow on a rescaling-invariant loss (the gradient is
     horizontal: :math:`J^\\top \\nabla L = 0`).
+
+    Args:
+      sym: the symmetry.
+      params: parameters.
+
+    Returns:
+      One ``(windows,)`` array per group.
     """
     ins, outs = unit_energies(sym, params)
     return tuple(i - o for i, o in zip(ins, outs))
@@ -192,7 +206,11 @@ def canonical_log_scales(
 ) -> tuple[LogScales, CanonicalInfo]:
     """Log-scales :math:`s^\\star = \\arg\\min_s \\lVert \\exp(s)\\cdot\\theta \\rVert^2`.
 
-    See the module docstring for the method. jit-, vmap- and scan-safe;
+    :math:`\\lVert \\exp(s)\\cdot\\theta \\rVert^2` is convex in :math:`s`; its
+    minimum is the balanced point (every unit's incoming energy equals its
+    outgoing energy). Solved by coordinate sweeps while far from balance
+    (exact one-unit minima), then damped Newton steps on the explicit Gram
+    matrix (Jacobi-scaled CG), to ``tol``. jit-, vmap- and scan-safe;
     compiled once per symmetry and input shapes (``sym`` is static), so eager
     calls do not recompile the solver loop.
 
@@ -200,7 +218,7 @@ def canonical_log_scales(
       sym: the symmetry.
       params: parameters.
       tol: stop when the relative balance residual is below this, or stalls
-        below ``1000 · tol`` (default :func:`default_tol` of the solve dtype).
+        below ``1000 · tol`` (default: ``10 · eps`` of the solve dtype).
       max_iter: iteration cap (one sweep or one Newton step per iteration).
       max_log_scale: bound on ``|s|`` (default ``0.4 · log(finfo.max)``).
       cg_iter: conjugate-gradient iterations cap per Newton step (the
@@ -354,6 +372,13 @@ def sort_permutation(sym: Symmetry, params: PyTree) -> Element:
     Apply it after rescaling canonicalization so that the key is scale-free.
     Ties (e.g. several dead units) are broken by index, so only the tied
     units' order is arbitrary.
+
+    Args:
+      sym: the symmetry.
+      params: parameters (canonicalized first, for a scale-free key).
+
+    Returns:
+      The sorting element (zero log-scales).
     """
     dt = solve_dtype(params)
     q = _squares(sym, params, dt)
@@ -392,7 +417,7 @@ def canonicalize(
     Rescaling: the minimal-energy (balanced, "equinormalized") point
     :math:`\\theta^\\star = \\exp(s^\\star)\\cdot\\theta`,
     :math:`s^\\star = \\arg\\min_s \\lVert \\exp(s)\\cdot\\theta\\rVert^2`,
-    solved to ``tol`` by red-black sweeps + damped Newton (module docstring). With
+    solved to ``tol`` by coordinate sweeps + damped Newton. With
     ``permutations=True`` the units of every group are then sorted by
     incoming energy (:func:`sort_permutation`), so that two points of one
     orbit of the full group canonicalize to the same parameters.

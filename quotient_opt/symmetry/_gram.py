@@ -22,8 +22,8 @@ converge in a few iterations and touch only the small coupling matrices.
 Used by the horizontal projection and by the Newton steps of the
 canonicalization (whose Hessian is :math:`4 J^\\top J`).
 
-Everything is read through the per-unit views
-(:mod:`quotient_opt.symmetry._views`), so dense, convolution, flattened and
+Everything is read through the per-unit views of the spec, so dense,
+convolution, flattened and
 residual layouts need nothing special here.
 """
 

@@ -2,7 +2,7 @@
 
 Framework adapters turn a model into ``apply_fn(params, x)`` and its
 parameter pytree; the forward computation is traced and analysed
-(:mod:`quotient_opt.symmetry._trace`); the result is checked numerically and
+(a dataflow analysis of its jaxpr, in ``quotient_opt/symmetry/_trace.py``); the result is checked numerically and
 every move that changes the function is removed (and said so in
 :meth:`~quotient_opt.Symmetry.describe`).
 """

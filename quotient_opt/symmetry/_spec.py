@@ -22,8 +22,8 @@ and ``level``: whether the axis indexes the group's units (``windows ×
 pieces``, before a max over pieces) or its windows (after it). Everything
 else, :meth:`Symmetry.act`, the orbit tangents, the Gram system, the canonical
 form, the path norm, teleportation, revival and state transport, is derived
-from this one description through the per-unit views of
-:mod:`quotient_opt.symmetry._views`.
+from this one description through the per-unit views (reshapes, slices
+and one small gather per ref), written once.
 
 Specs come from :func:`~quotient_opt.infer_symmetry`, which traces the
 model, or are written by hand (:func:`symmetry_from_axes`), git-re-basin
@@ -112,6 +112,7 @@ class AxisRef:
     inner: int = 1
 
     def describe(self) -> str:
+        """``path:axis ×law (role, level) [layout]``."""
         law = {1: "c", -1: "1/c", 0: "1"}.get(self.power, f"c^{self.power}")
         lay = []
         if self.outer != 1:
@@ -157,10 +158,12 @@ class UnitGroup:
 
     @property
     def units(self) -> int:
+        """``windows * pieces``."""
         return self.windows * self.pieces
 
     @property
     def windows_permutable(self) -> bool:
+        """Alias of :attr:`permutable`."""
         return self.permutable
 
     def count(self, ref: AxisRef) -> int:
@@ -200,6 +203,7 @@ class UnitGroup:
         return self.permutable or self.rescalable or (self.pieces > 1 and self.pieces_permutable)
 
     def describe(self) -> str:
+        """One line for the group, one per ref, one per note."""
         shape = f"{self.windows} units" if self.pieces == 1 else (
             f"{self.windows} windows × {self.pieces} pieces"
         )
@@ -227,9 +231,12 @@ class GroupElement(NamedTuple):
     times the same factor.
     """
 
-    window_perm: jax.Array  # int32[W]
-    piece_perm: jax.Array  # int32[W, k]
-    log_scale: jax.Array  # float[W]
+    window_perm: jax.Array
+    """int32 ``(W,)``: new window ``w`` takes old window ``window_perm[w]``."""
+    piece_perm: jax.Array
+    """int32 ``(W, k)``: its piece ``j`` takes old piece ``piece_perm[w, j]``."""
+    log_scale: jax.Array
+    """float ``(W,)``: the log of the positive scale of window ``w`` (after the move)."""
 
 
 Element = tuple[GroupElement, ...]
@@ -264,13 +271,16 @@ class Symmetry:
         :meth:`validate`).
       dropped: groups found without any symmetry, kept for :meth:`describe`.
       program: the traced forward computation (inference only), used by the
-        path norm; ``None`` for hand-written specs.
+        path norm; ``None`` for hand-written specs. Not part of equality or
+        hashing: two symmetries with the same groups compare equal, so code
+        compiled for one (``canonical_log_scales`` takes ``sym`` as a static
+        argument) is reused for the other.
     """
 
     groups: tuple[UnitGroup, ...]
     shapes: tuple[tuple[Path, tuple[int, ...]], ...]
     dropped: tuple[UnitGroup, ...] = ()
-    program: Any = None
+    program: Any = dataclasses.field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         shapes = dict(self.shapes)
@@ -316,6 +326,10 @@ class Symmetry:
 
         ``optax.tree.map_params`` calls ``init`` with a leafless placeholder
         pytree; that is accepted (there is nothing to check).
+
+        Args:
+          params: the pytree to check.
+          what: how to call it in the error message.
 
         Raises:
           ValueError: naming the first missing or mis-shaped parameter path.
@@ -387,7 +401,14 @@ class Symmetry:
     # ------------------------------------------------------------ group elements
 
     def identity(self, dtype: Any = None) -> Element:
-        """The identity element."""
+        """The identity element.
+
+        Args:
+          dtype: dtype of its log-scales (default float64 where enabled, else float32).
+
+        Returns:
+          One :class:`GroupElement` per group: identity permutations, zero log-scales.
+        """
         dtype = default_float() if dtype is None else dtype
         return tuple(
             GroupElement(
@@ -435,7 +456,15 @@ class Symmetry:
         return tuple(out)
 
     def compose(self, first: Element, second: Element) -> Element:
-        """The element ``h`` with ``act(θ, h) == act(act(θ, first), second)``."""
+        """The element ``h`` with ``act(θ, h) == act(act(θ, first), second)``.
+
+        Args:
+          first: the element applied first.
+          second: the element applied second.
+
+        Returns:
+          Their composition.
+        """
         out = []
         for a, b in zip(first, second):
             wp = a.window_perm[b.window_perm]
@@ -445,7 +474,14 @@ class Symmetry:
         return tuple(out)
 
     def inverse(self, g: Element) -> Element:
-        """The element ``h`` with ``act(act(θ, g), h) == θ``."""
+        """The element ``h`` with ``act(act(θ, g), h) == θ``.
+
+        Args:
+          g: a group element.
+
+        Returns:
+          Its inverse.
+        """
         out = []
         for a in g:
             wp = jnp.argsort(a.window_perm).astype(jnp.int32)
@@ -455,7 +491,15 @@ class Symmetry:
         return tuple(out)
 
     def scales_only(self, log_scales: LogScales) -> Element:
-        """The pure rescaling with the given per-window log-scales."""
+        """The pure rescaling with the given per-window log-scales.
+
+        Args:
+          log_scales: one ``(windows,)`` array per group (ignored on groups
+            without a rescaling symmetry).
+
+        Returns:
+          The element with identity permutations and these log-scales.
+        """
         return tuple(
             GroupElement(
                 jnp.arange(g.windows, dtype=jnp.int32),
@@ -466,11 +510,25 @@ class Symmetry:
         )
 
     def permutation_only(self, g: Element) -> Element:
-        """``g`` with its log-scales set to zero."""
+        """``g`` with its log-scales set to zero.
+
+        Args:
+          g: a group element.
+
+        Returns:
+          Its permutation part.
+        """
         return tuple(e._replace(log_scale=jnp.zeros_like(e.log_scale)) for e in g)
 
     def zero_log_scales(self, dtype: Any = jnp.float32) -> LogScales:
-        """Zero vector of the log-scale (Lie algebra) space."""
+        """Zero vector of the log-scale (Lie algebra) space.
+
+        Args:
+          dtype: its dtype.
+
+        Returns:
+          One zero ``(windows,)`` array per group.
+        """
         return tuple(jnp.zeros((g.windows,), dtype) for g in self.groups)
 
     # ------------------------------------------------------------ the action
@@ -513,7 +571,16 @@ class Symmetry:
         return map_with_path(apply, params)
 
     def rescale(self, tree: PyTree, log_scales: LogScales, *, power: int = 1) -> PyTree:
-        """The pure rescaling by ``log_scales`` (no gathers): ``act(tree, scales_only(s))``."""
+        """The pure rescaling by ``log_scales`` (no gathers): ``act(tree, scales_only(s))``.
+
+        Args:
+          tree: parameters (or any tree of the same leaves).
+          log_scales: one ``(windows,)`` array per group.
+          power: as in :meth:`act` (``1`` parameters, ``-1`` gradients, ...).
+
+        Returns:
+          The rescaled tree, same structure and dtypes.
+        """
         self.validate(tree)
         ops: dict[Path, list[tuple[AxisRef, int, jax.Array]]] = {}
         for grp, s in zip(self.groups, log_scales):
@@ -542,6 +609,13 @@ class Symmetry:
         Maps per-window log-scale velocities to a parameter-space tangent vector
         along the rescaling orbit (entries ``× power · a``). Entries of
         non-rescalable groups are ignored.
+
+        Args:
+          params: the point :math:`\\theta`.
+          a: one ``(windows,)`` array per group.
+
+        Returns:
+          A params-shaped tangent vector.
         """
         dt = _leaf_dtype(params)
         zero = self.zero_log_scales(dt)
@@ -553,12 +627,20 @@ class Symmetry:
 
         For a gradient ``v = ∇L(θ)`` of a rescaling-invariant loss this is zero
         (the Euclidean gradient has no vertical component).
+
+        Args:
+          params: the point :math:`\\theta`.
+          v: a params-shaped vector.
+
+        Returns:
+          One ``(windows,)`` array per group.
         """
         zero = self.zero_log_scales(_leaf_dtype(params))
         _, vjp = jax.vjp(lambda s: self.rescale(params, s), zero)
         return vjp(v)[0]
 
     def num_parameters(self, params: PyTree) -> int:
+        """The number of scalar parameters in ``params``."""
         return sum(int(np.size(x)) for x in jax.tree.leaves(params))
 
 
@@ -744,6 +826,7 @@ class Dense:
 
     @property
     def kernel_in_axis(self) -> int:
+        """The kernel axis indexing inputs."""
         return 1 - self.kernel_out_axis
 
     @property
@@ -762,6 +845,15 @@ def symmetry_from_layers(layers: Sequence[Dense]) -> Symmetry:
     network: a layer left out makes a wrong symmetry, so check the result
     with :meth:`Symmetry.check` (or use :func:`~quotient_opt.infer_symmetry`,
     which traces the model).
+
+    Args:
+      layers: the :class:`Dense` layers in execution order.
+
+    Returns:
+      The :class:`Symmetry` (without a traced program: no path norm).
+
+    Raises:
+      ValueError: for an empty chain or widths that do not chain.
     """
     layers = tuple(layers)
     if not layers:

@@ -1084,8 +1084,10 @@ class Analysis:
                 if len(lvls) != 1 or len(pows) != 1:
                     self.kill(g, f"parameter '{path_str(self.paths[leaf])}' mixes levels or laws")
                     continue
-                lvl = "unit" if lvls.pop() == 0 else "window"
                 grp = self.groups[g]
+                power = int(pows.pop())
+                # with one piece per window, readers index windows
+                lvl = "unit" if lvls.pop() == 0 and (grp.pieces > 1 or power >= 0) else "window"
                 count = grp.n if lvl == "unit" else grp.n // grp.pieces
                 layout = _layout(np.where(mask, uid_arr, -1), count)
                 if layout is None:
@@ -1094,7 +1096,7 @@ class Analysis:
                     continue
                 outer, offset, inner = layout
                 refs.setdefault(g, []).append(AxisRef(
-                    path=self.paths[leaf], axis=axis, power=int(pows.pop()), level=lvl,
+                    path=self.paths[leaf], axis=axis, power=power, level=lvl,
                     role=role, outer=outer, offset=offset, inner=inner))
         with_sym, without = [], []
         shapes: dict[Path, tuple[int, ...]] = {}

@@ -11,6 +11,31 @@ import optax
 PyTree = Any
 
 
+def prepare(
+    tx: optax.GradientTransformation,
+    loss: Callable[[PyTree], jax.Array],
+    extra_args: dict[str, Any],
+) -> tuple[optax.GradientTransformationExtraArgs, dict[str, Any]]:
+    """``tx`` with extra-args support and the extra args of every update.
+
+    ``value_fn=loss`` (the Optax line-search convention) unless ``extra_args``
+    already holds a ``value_fn``.
+    """
+    return optax.with_extra_args_support(tx), {"value_fn": loss, **extra_args}
+
+
+def apply_step(
+    tx: optax.GradientTransformationExtraArgs,
+    grads: PyTree,
+    state: optax.OptState,
+    params: PyTree,
+    extra_args: dict[str, Any],
+) -> tuple[PyTree, optax.OptState]:
+    """One optimizer step from given gradients: ``tx.update`` then ``optax.apply_updates``."""
+    updates, state = tx.update(grads, state, params, **extra_args)
+    return optax.apply_updates(params, updates), state
+
+
 def fit(
     tx: optax.GradientTransformation,
     params: PyTree,
@@ -28,7 +53,8 @@ def fit(
     :func:`~quotient_opt.teleport` and :func:`~quotient_opt.revive_dead_units`;
     a ``value_fn`` in ``extra_args`` overrides it, and transformations without
     extra-args support ignore both). Not jitted itself, so it composes with
-    ``jax.jit`` and ``jax.vmap`` (over seeds, say).
+    ``jax.jit`` and ``jax.vmap`` (over seeds, say). For many independent
+    networks at once see :func:`~quotient_opt.train_population`.
 
     Args:
       tx: any Optax transformation.
@@ -42,15 +68,13 @@ def fit(
       ``(params, state, losses)``: final params and state, and the loss before
       each step (shape ``(steps,)``).
     """
-    tx = optax.with_extra_args_support(tx)
-    extra_args = {"value_fn": loss, **extra_args}
+    tx, extra_args = prepare(tx, loss, extra_args)
     state = tx.init(params) if state is None else state
 
     def step(carry, _):
         p, s = carry
         value, grads = jax.value_and_grad(loss)(p)
-        updates, s = tx.update(grads, s, p, **extra_args)
-        return (optax.apply_updates(p, updates), s), value
+        return apply_step(tx, grads, s, p, extra_args), value
 
     (params, state), losses = jax.lax.scan(step, (params, state), None, length=steps)
     return params, state, losses

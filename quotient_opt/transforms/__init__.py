@@ -6,24 +6,34 @@ from quotient_opt.transforms._projection import horizontal_component, project_ho
 from quotient_opt.transforms._rebalance import RebalanceState, rebalance
 from quotient_opt.transforms._revive import ReviveDeadUnitsState, revive_dead_units
 from quotient_opt.transforms._teleport import TeleportState, teleport, teleport_log_scales
-from quotient_opt.transforms._transport import check_transportable, map_state, transport_state
+from quotient_opt.transforms._transport import (
+    ADAMAX_LAWS,
+    ADOPT_LAWS,
+    check_transportable,
+    map_state,
+    probe_laws,
+    transport_state,
+)
 
 __all__ = [
-    "RebalanceState",
-    "ReviveDeadUnitsState",
-    "TeleportState",
+    "ADAMAX_LAWS",
+    "ADOPT_LAWS",
     "check_transportable",
     "horizontal_component",
     "map_state",
     "path_norm_curvature",
     "path_sgd",
+    "probe_laws",
     "project_horizontal",
     "quotient_adam",
     "quotient_sgd",
     "rebalance",
+    "RebalanceState",
     "revive_dead_units",
+    "ReviveDeadUnitsState",
     "scale_by_path_norm",
     "teleport",
     "teleport_log_scales",
+    "TeleportState",
     "transport_state",
 ]

@@ -5,30 +5,32 @@ Optax optimizer followed by :func:`~quotient_opt.project_horizontal`:
 
 .. math::
 
-   \\theta^\\star = \\mathrm{canon}(\\theta), \\qquad
-   u = -\\eta\\, P_{\\theta^\\star}\\,\\mathrm{opt}\\big(e^{-s^\\star}\\cdot\\nabla L(\\theta)\\big),
-   \\qquad \\theta_+ = \\theta^\\star + u,
+   \\theta^\\star = e^{s}\\cdot\\theta = \\mathrm{canon}(\\theta), \\qquad
+   u = e^{-s}\\cdot\\Big(-\\eta\\, P_{\\theta^\\star}\\,
+       \\mathrm{opt}\\big(e^{-s}\\cdot\\nabla L(\\theta)\\big)\\Big),
 
 where :math:`P_{\\theta}` removes the component along the rescaling orbit
 (:math:`J(J^\\top J)^{-1}J^\\top`), so the step moves across orbits only and
 keeps every unit's balance :math:`\\lVert w_{in}\\rVert^2 + b^2 -
-\\lVert w_{out}\\rVert^2` to first order.
+\\lVert w_{out}\\rVert^2` to first order, and :math:`u` is the step pulled
+back to the user's coordinates (the parameters never jump).
 
 Which sense of equivariance (tested in ``tests/test_equivariance.py``,
 measured by ``python -m benchmarks.equivariance``):
 
 * ``quotient_sgd``, ``quotient_adam``, ``rebalance(any elementwise optimizer)``
-  and ``teleport(..., from_canonical=True)`` work on the **canonical section**:
-  the first step moves :math:`\\theta` and :math:`g\\cdot\\theta` to the same
-  minimal-energy point up to the permutation :math:`\\pi` of :math:`g`, and
-  every later step is permutation-equivariant, so the runs satisfy
-  :math:`\\theta'_t = \\pi\\cdot\\theta_t` for :math:`t \\ge 1`: the final
-  parameters are **equal after canonicalization** (and compute the same
-  function), but :math:`\\theta'_T \\ne g\\cdot\\theta_T` (the scale part of
-  :math:`g` is forgotten at step one).
+  and ``teleport(..., from_canonical=True)`` are **exactly equivariant**:
+  the inner optimizer runs at the canonical point, which for
+  :math:`g\\cdot\\theta` is :math:`\\pi\\cdot\\mathrm{canon}(\\theta)`
+  (:math:`\\pi` the permutation part of :math:`g`), and the step is pulled
+  back by the element held, so the runs satisfy
+  :math:`\\theta'_t = g\\cdot\\theta_t`. With ``move_params=True`` the
+  parameters themselves move to the canonical point and the runs are equal
+  after canonicalization only (:math:`\\theta'_t = \\pi\\cdot\\theta_t`
+  for :math:`t \\ge 1`).
 * ``path_sgd`` / ``scale_by_path_norm`` (and ``project_horizontal`` chained
-  after them) are **exactly equivariant**: :math:`\\theta'_T = g\\cdot\\theta_T`,
-  because the path-norm metric transforms with the group.
+  after them) are **exactly equivariant** too, because the path-norm metric
+  transforms with the group.
 * Plain ``optax.sgd``/``optax.adam`` are permutation-equivariant only: their
   step at :math:`g\\cdot\\theta` is not :math:`g` applied to their step at
   :math:`\\theta` (a gradient scales by :math:`1/c` where the parameter
@@ -71,6 +73,7 @@ def quotient_sgd(
     project: bool = True,
     tol: jax.typing.ArrayLike | None = None,
     max_iter: int = 50,
+    move_params: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """SGD (optionally with momentum) on the canonical section of the rescaling orbits.
 
@@ -78,8 +81,9 @@ def quotient_sgd(
     project_horizontal(sym)), sym, every=every)``. The momentum buffer is
     transported as a covector at each rebalance. For plain SGD the gradient of
     an invariant loss is already horizontal, so the projection only matters
-    with momentum. Equal after canonicalization from :math:`\\theta` and
-    :math:`g\\cdot\\theta` (module docstring).
+    with momentum. Exactly equivariant: from :math:`g\\cdot\\theta` the run
+    is :math:`g` times the run from :math:`\\theta` (with ``move_params=True``,
+    equal after canonicalization only).
 
     Args:
       learning_rate: scalar or Optax schedule.
@@ -90,6 +94,8 @@ def quotient_sgd(
       project: chain :func:`~quotient_opt.project_horizontal` after the step.
       tol: canonicalization tolerance.
       max_iter: canonicalization iteration cap.
+      move_params: move the parameters to the canonical point (see
+        :func:`~quotient_opt.rebalance`; default: hold the element, no jump).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``.
@@ -100,7 +106,8 @@ def quotient_sgd(
     parts = [optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov)]
     if project:
         parts += _projection(sym)
-    return rebalance(optax.chain(*parts), sym, every=every, tol=tol, max_iter=max_iter)
+    return rebalance(optax.chain(*parts), sym, every=every, tol=tol, max_iter=max_iter,
+                     move_params=move_params)
 
 
 def quotient_adam(
@@ -114,6 +121,7 @@ def quotient_adam(
     project: bool = True,
     tol: jax.typing.ArrayLike | None = None,
     max_iter: int = 50,
+    move_params: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """Adam on the canonical section of the rescaling orbits, with horizontal steps.
 
@@ -121,9 +129,10 @@ def quotient_adam(
     optax.scale_by_learning_rate(learning_rate)), sym, every=every)``. Adam's
     moments are transported at each rebalance (``mu`` like a gradient, ``nu``
     like a squared gradient). Adam's preconditioned step is not horizontal;
-    the projection removes its useless component along the orbit. Equal
-    after canonicalization from :math:`\\theta` and :math:`g\\cdot\\theta`
-    (module docstring).
+    the projection removes its useless component along the orbit. Exactly
+    equivariant: from :math:`g\\cdot\\theta` the run is :math:`g` times the
+    run from :math:`\\theta` (with ``move_params=True``, equal after
+    canonicalization only).
 
     Args:
       learning_rate: scalar or Optax schedule.
@@ -135,6 +144,8 @@ def quotient_adam(
       project: chain :func:`~quotient_opt.project_horizontal`.
       tol: canonicalization tolerance.
       max_iter: canonicalization iteration cap.
+      move_params: move the parameters to the canonical point (see
+        :func:`~quotient_opt.rebalance`; default: hold the element, no jump).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``.
@@ -147,4 +158,5 @@ def quotient_adam(
     if project:
         parts += _projection(sym)
     parts.append(optax.scale_by_learning_rate(learning_rate))
-    return rebalance(optax.chain(*parts), sym, every=every, tol=tol, max_iter=max_iter)
+    return rebalance(optax.chain(*parts), sym, every=every, tol=tol, max_iter=max_iter,
+                     move_params=move_params)

@@ -5,10 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import jax
 import numpy as np
 import optax
 
 from quotient_opt.symmetry._spec import Symmetry
+from quotient_opt.transforms._transport import Laws, check_transportable, probe_laws
 
 PyTree = Any
 
@@ -50,3 +52,12 @@ def stateless_with_params(
         return fn(updates, params), state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def init_inner(inner: optax.GradientTransformation, params: PyTree, laws: Laws | None) -> PyTree:
+    """``inner.init(params)``, refusing at once a state that cannot follow the orbit moves."""
+    state = inner.init(params)
+    if jax.tree.leaves(params):  # (optax.tree.map_params initialises with a placeholder)
+        check_transportable(state, params, laws=laws)
+        probe_laws(inner, state, params, laws=laws)
+    return state

@@ -107,9 +107,11 @@ def scale_by_path_norm(
         \\gamma(w) = \\sum_{\\text{paths } P \\ni w} \\prod_{e \\in P,\\, e \\ne w} e^2,
 
     computed at the current parameters by one forward and one backward pass of
-    the squared linear skeleton (see the module docstring); for max-pool layers
+    the model's squared skeleton (every parameter squared, activations as the
+    identity, maxima as sums, on an all-ones input); for max-pool layers
     the pieces of a window share its paths. Handles flax ``(in, out)`` and
-    equinox ``(out, in)`` kernels. Leaves outside ``sym.layers`` pass through.
+    equinox ``(out, in)`` kernels, convolutions and pooling alike. A leaf on
+    no input-to-output path passes through unchanged.
 
     With an invariant loss, the resulting step is exactly equivariant under
     unit rescalings and permutations (:math:`\\gamma' = \\gamma / c^2` for a

@@ -34,7 +34,7 @@ on the Jacobi-scaled system :math:`D^{-1/2} J^\\top J D^{-1/2}` converge in a
 few iterations. One pass over the parameters gives :math:`J^\\top v`, the
 diagonal and the couplings; one more applies :math:`v - J a`. The CG
 iterations touch only the small hidden-to-hidden coupling matrices. The same
-solve (``_gram_solve``) gives the Newton steps of
+solve gives the Newton steps of
 :func:`~quotient_opt.canonical_log_scales`, whose Hessian is
 :math:`4 J^\\top J`.
 
@@ -159,7 +159,9 @@ def project_horizontal(
     learning rate and sign commute with the linear projection).
 
     The Gram system is solved by Jacobi-preconditioned conjugate gradients on
-    its explicit graph-Laplacian form (see the module docstring), in a
+    its explicit graph-Laplacian form (diagonal: each window's squared
+    entries; couplings: minus the squared kernel entries joining two
+    windows), in a
     ``lax.while_loop`` that stops at ``tol`` or ``max_iter``. Groups without a
     rescaling symmetry contribute nothing; leaves the symmetry does not touch
     pass through unchanged. Dead units are guarded by the ``eps``

@@ -1,38 +1,32 @@
 """Rebalancing: run any Optax optimizer on the canonical section of the rescaling orbits.
 
-On every ``every``-th step (the first included) the parameters are moved to
-the minimal-energy point of their orbit (:func:`~quotient_opt.canonicalize`),
-which computes the same function, and the inner optimizer's step is taken
-there, with the gradient and the inner state carried along:
+The wrapper holds log-scales :math:`s` in its state, and the inner optimizer
+works at :math:`\\theta_{in} = e^{s}\\cdot\\theta`. On every ``every``-th
+step (the first included) :math:`s` moves on to the minimal-energy point of
+the orbit (:func:`~quotient_opt.canonicalize`): :math:`h = s^\\star(\\theta_{in})`,
+:math:`s \\leftarrow s + h`, and the inner state moves along with each
+field's law (:func:`~quotient_opt.map_state`). The inner step is taken there,
+with the gradient carried over, and returned in the user's coordinates:
 
 .. math::
 
-   \\theta^\\star = e^{s^\\star}\\cdot\\theta, \\qquad
-   \\nabla L(\\theta^\\star) = e^{-s^\\star}\\cdot\\nabla L(\\theta), \\qquad
-   u = \\mathrm{inner}(\\nabla L(\\theta^\\star), \\theta^\\star), \\qquad
-   \\theta_{+} = \\theta^\\star + u,
+   \\theta^\\star = e^{s}\\cdot\\theta, \\qquad
+   u^\\star = \\mathrm{inner}\\big(e^{-s}\\cdot\\nabla L(\\theta),\\ \\theta^\\star\\big), \\qquad
+   u = e^{-s}\\cdot u^\\star .
 
-and the returned update is :math:`\\theta_+ - \\theta`. First moments are
-transported like gradients (power -1), second moments like squared gradients
-(power -2), see :func:`quotient_opt.transport_state`.
-
-Equivariance: the canonical point of :math:`g\\cdot\\theta` is
-:math:`\\pi\\cdot\\theta^\\star` where :math:`\\pi` is the permutation part of
-:math:`g` (the minimum is unique, up to dead units). With any
+The user's parameters never jump (the update is a small step, safe to chain
+with clipping, schedules, ``MultiSteps``), and the method is **exactly
+equivariant**: the canonical point of :math:`g\\cdot\\theta` is
+:math:`\\pi\\cdot\\theta^\\star` (:math:`\\pi` the permutation part of
+:math:`g`; the minimum is unique up to dead units), so with any
 permutation-equivariant inner optimizer (every elementwise Optax optimizer)
-the runs from :math:`\\theta` and :math:`g\\cdot\\theta` are then related by
-:math:`\\pi` alone from the first step on: the final parameters are equal after
-canonicalization (this is an optimizer on a canonical section of the quotient
-by rescaling, not an equivariant one in the sense
-:math:`\\theta'_T = g\\cdot\\theta_T`).
+the inner runs from :math:`\\theta` and :math:`g\\cdot\\theta` agree up to
+:math:`\\pi`, and the user's runs satisfy :math:`\\theta'_t = g\\cdot\\theta_t`.
 
-Floating point: the returned update is a difference (Optax's convention), so
-a step that moves parameters by a large factor rounds at the old scale. The
-first step from badly balanced parameters (log-scales of ±3, say) then
-perturbs the run by 10-20x the rounding of the parameters themselves, which
-Adam-type inner optimizers can amplify. Starting from
-``qo.canonicalize(sym, params)[0]`` avoids that jump (``benchmarks/equivariance.py``,
-column ``canon_start``).
+``move_params=True`` gives the older behaviour: the parameters themselves
+move to the canonical point (the update holds that jump, so nothing that
+rescales or clips updates may follow); the runs are then equal after
+canonicalization only.
 
 References:
   Stock, Graham, Gribonval, Jégou. *Equi-normalization of Neural Networks*,
@@ -50,10 +44,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from quotient_opt.symmetry._canonical import canonical_log_scales, rescale
-from quotient_opt.transforms._transport import map_param_like
+from quotient_opt.symmetry._canonical import canonical_log_scales
 from quotient_opt.symmetry._spec import LogScales, Symmetry
-from quotient_opt.transforms._common import check_every, check_params
+from quotient_opt.transforms._common import check_every, check_params, init_inner
+from quotient_opt.transforms._orbit import orbit_step, periodic_move, zero_log_scales
+from quotient_opt.transforms._transport import Laws
 
 PyTree = Any
 
@@ -63,45 +58,14 @@ class RebalanceState(NamedTuple):
 
     Attributes:
       count: steps taken (int32).
-      inner_state: the inner optimizer's state, in the coordinates of the
-        parameters it last saw.
+      log_scales: the element held: the inner optimizer works at
+        ``e^{log_scales} · params`` (one array per group).
+      inner_state: the inner optimizer's state, in those coordinates.
     """
 
     count: jax.Array
+    log_scales: LogScales
     inner_state: optax.OptState
-
-
-def transport(sym: Symmetry, state: PyTree, params: PyTree, s: LogScales) -> PyTree:
-    """Moves an inner state along ``params → exp(s)·params`` (gather-free).
-
-    Same as :func:`quotient_opt.transport_state` for a pure rescaling.
-    """
-    return map_param_like(
-        lambda kind, t: rescale(sym, t, s, power=-1 if kind == "first" else -2), state, params
-    )
-
-
-def step_on_orbit(
-    inner: optax.GradientTransformationExtraArgs,
-    sym: Symmetry,
-    updates: PyTree,
-    inner_state: PyTree,
-    params: PyTree,
-    s: LogScales,
-    extra_args: dict,
-) -> tuple[PyTree, PyTree]:
-    """Moves to ``exp(s)·params`` (gradient and state along) and takes the inner step there.
-
-    Returns ``(updates relative to params, new inner state)``.
-    """
-    moved = rescale(sym, params, s)
-    grads = rescale(sym, updates, s, power=-1)
-    inner_state = transport(sym, inner_state, params, s)
-    u, inner_state = inner.update(grads, inner_state, moved, **extra_args)
-    out = jax.tree.map(
-        lambda m, du, p: None if p is None else ((m + du) - p).astype(p.dtype), moved, u, params
-    )
-    return out, inner_state
 
 
 def rebalance(
@@ -111,31 +75,48 @@ def rebalance(
     every: int = 1,
     tol: jax.typing.ArrayLike | None = None,
     max_iter: int = 50,
+    move_params: bool = False,
+    laws: Laws | None = None,
 ) -> optax.GradientTransformationExtraArgs:
-    """Wraps ``inner`` so that every ``every`` steps it steps from the canonical point.
+    """Wraps ``inner`` so that it steps from the canonical (minimal-energy) point of the orbit.
 
-    On steps with ``count % every == 0`` (the first included) the parameters are
-    moved to the minimal-energy point of their rescaling orbit (solved to
-    ``tol``), the gradient is transported as a covector and the inner state
-    with :func:`~quotient_opt.transport_state` rules, and the inner
-    step is taken there; the returned update is
-    :math:`(\\theta^\\star + u) - \\theta`. On other steps it is the inner
-    step unchanged. See the module docstring for the maths and for which
-    sense of equivariance this gives (equal after canonicalization).
+    On steps with ``count % every == 0`` (the first included) the held
+    element moves on to the minimal-energy point of the current orbit (solved
+    to ``tol``) and the inner state follows each field's law; the inner step is
+    taken there, with the gradient carried over, and returned in the user's
+    coordinates, :math:`u = e^{-s}\\cdot u^\\star`. Exactly
+    equivariant: from :math:`g\\cdot\\theta` the run is :math:`g` times the run
+    from :math:`\\theta`.
+
+    .. warning::
+       With ``move_params=True`` the update holds a jump to the canonical
+       point: chain nothing after it that rescales or clips updates
+       (``clip_by_global_norm``, ``MultiSteps``, a learning-rate scale), or
+       the parameters land off the orbit and the function changes. With the
+       default (``False``) any chain order is safe.
 
     Args:
-      inner: any Optax transformation (e.g. ``optax.adam(1e-3)``).
+      inner: any Optax transformation whose state can follow a rescaling
+        (checked at ``init``, see :func:`~quotient_opt.check_transportable`).
       sym: the network's :class:`~quotient_opt.Symmetry`.
-      every: rebalance period in steps (>= 1).
+      every: rebalance period in steps (>= 1). The solve runs under a
+        ``lax.cond`` on the step count: off-steps skip it, also in a
+        population trained by :func:`~quotient_opt.train_population`, which
+        keeps the count unbatched (under a plain ``vmap`` of a batched count
+        both branches run).
       tol: balance tolerance of the canonicalization (default ``10 · eps``).
       max_iter: iteration cap of the canonicalization.
+      move_params: move the parameters themselves to the canonical point
+        (the update holds the jump) instead of holding the element.
+      laws: transport laws overriding the registry, ``{field: power}``.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``.
 
     Raises:
       ValueError: ``every < 1`` at construction; at ``init``, params that do
-        not match ``sym`` (naming the path); at ``update``, missing params.
+        not match ``sym`` or an inner state field that cannot be transported
+        (naming it); at ``update``, missing params.
 
     References:
       Stock et al. 2019, https://arxiv.org/abs/1902.10416
@@ -145,19 +126,20 @@ def rebalance(
 
     def init_fn(params: PyTree) -> RebalanceState:
         sym.validate(params)
-        return RebalanceState(jnp.zeros([], jnp.int32), inner.init(params))
+        return RebalanceState(jnp.zeros([], jnp.int32), zero_log_scales(sym, params),
+                              init_inner(inner, params, laws))
 
     def update_fn(updates, state, params=None, **extra_args):
         check_params(params, "rebalance")
         sym.validate(params)
-        # off-steps run the solver for zero iterations (log-scales stay 0):
-        # branchless, and cheap under vmap (a batched lax.cond would run both).
-        do = state.count % every == 0
-        iters = jnp.where(do, max_iter, 0)
-        s = canonical_log_scales(sym, params, tol=tol, max_iter=iters)[0]
-        out, inner_state = step_on_orbit(
-            inner, sym, updates, state.inner_state, params, s, extra_args
-        )
-        return out, RebalanceState(optax.safe_increment(state.count), inner_state)
+        here = sym.rescale(params, state.log_scales)
+        h, inner_state = periodic_move(
+            every, state.count,
+            lambda q: canonical_log_scales(sym, q, tol=tol, max_iter=max_iter)[0],
+            sym, state.inner_state, params, here, laws)
+        out, inner_state, s = orbit_step(
+            inner, sym, updates, inner_state, params, here, state.log_scales, h,
+            extra_args, move_params=move_params)
+        return out, RebalanceState(optax.safe_increment(state.count), s, inner_state)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -80,8 +80,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from quotient_opt.transforms._transport import map_param_like
-from quotient_opt.transforms._common import check_params
+from quotient_opt.transforms._transport import Laws, map_state
+from quotient_opt.transforms._common import check_params, init_inner
 from quotient_opt.symmetry import _views as views
 from quotient_opt.symmetry._paths import Path, leaves_by_path, map_with_path
 from quotient_opt.symmetry._spec import AxisRef, Symmetry, UnitGroup
@@ -437,8 +437,20 @@ def revive_dead_units(
     polish_every: int | None = None,
     min_support: float = 0.05,
     seed: jax.typing.ArrayLike = 0,
+    laws: Laws | None = None,
+    axis_name: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Wraps an optimizer so that dead units and max-pool pieces are split back to life.
+
+    .. warning::
+       A split is a move of the parameters that keeps the function but is not
+       a group element, so it travels in the returned update as a jump
+       (``θ' + inner step − θ``): make this wrapper the **outermost**
+       transformation, applied to the parameters unchanged. Anything chained
+       after it that rescales or clips updates (``clip_by_global_norm``,
+       ``scale_by_learning_rate``, ``MultiSteps`` around it) distorts the
+       split and changes the function. Put clipping and schedules *inside*,
+       in ``inner``.
 
     Each step, a unit whose incoming gradient is exactly zero counts one more
     dead step (a unit with any nonzero incoming gradient is reset to zero).
@@ -452,8 +464,9 @@ def revive_dead_units(
         \\leftarrow w^{out}_d / 2 \\qquad
         \\text{pieces:}\\quad \\theta_p = \\theta_d + \\varepsilon\\,(u, -u^\\top m),
 
-    (see the module docstring for the choice of ``u``, ``m`` and
-    :math:`\\varepsilon`), the inner optimizer's statistics of ``p`` are reset
+    (``u`` a random direction, ``m`` the curvature-weighted centroid of the
+    inputs ``d`` wins on, :math:`\\varepsilon` placed by a line search on
+    ``value_fn``), the inner optimizer's statistics of ``p`` are reset
     to zero, and the returned update is
 
     .. math::
@@ -507,6 +520,16 @@ def revive_dead_units(
         without being exactly zero. ``0`` disables.
       seed: seed of the PRNG key kept in the state (may be a traced integer, so
         ``vmap`` over seeds gives independent perturbations).
+      axis_name: the name of a ``vmap`` axis over a population of networks
+        (``qo.training.POPULATION_AXIS`` under :func:`~quotient_opt.train_population`).
+        Under ``vmap`` the branch "some unit is due" is batched, so it becomes a
+        select and every network pays for a revival at every check; with
+        ``axis_name`` the branch is taken on "some network of the population
+        has a unit due" (a ``psum``), so checks where no network needs a
+        revival cost next to nothing.
+      laws: state laws overriding the registry (see :func:`~quotient_opt.map_state`):
+        the statistics of a revived unit are reset by them (fields moving like
+        the gradient to zero, the others copied from the donor).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
@@ -549,7 +572,7 @@ def revive_dead_units(
             dead_steps=tuple(jnp.zeros((g.units,), jnp.int32) for g in groups),
             revivals=jnp.zeros([], jnp.int32),
             key=jax.random.PRNGKey(jnp.asarray(seed, jnp.uint32)),
-            inner_state=inner.init(params),
+            inner_state=init_inner(inner, params, laws),
         )
 
     def update_fn(
@@ -598,6 +621,8 @@ def revive_dead_units(
             due = jnp.asarray(False)
             for d in due_dead:
                 due = due | jnp.any(d >= patience)
+            if axis_name is not None:  # a real branch under vmap: any network due
+                due = jax.lax.psum(due.astype(jnp.int32), axis_name) > 0
             return jax.lax.cond(due, revive, skip, params, due_dead)
 
         moved, picks = jax.lax.cond(state.count % every == 0, maybe, skip, params)
@@ -616,11 +641,13 @@ def revive_dead_units(
             due_polish = (state.count > 0) & (state.count % polish_every == 0)
             moved = jax.lax.cond(due_polish, polish_all, lambda p: p, moved)
 
-        def reset(kind: str, tree: PyTree) -> PyTree:
-            # A revived unit starts with no momentum and its donor's second
-            # moments (a clone inherits the scale of its gradients); every
-            # other unit whose incoming parameters were moved (a polished
-            # window) loses its now stale momentum.
+        def reset(power: int, tree: PyTree) -> PyTree:
+            # A revived unit starts with no momentum (fields moving like the
+            # gradient, power -1) and its donor's other statistics (a clone
+            # inherits the scale of its gradients); every other unit whose
+            # incoming parameters were moved (a polished window) loses its
+            # now stale momentum.
+            kind = "first" if power == -1 else "other"
             for grp, (p, d, do) in zip(groups, picks):
                 specs = [(_producing(grp), grp.units)]
                 if grp.pieces == 1:
@@ -641,7 +668,7 @@ def revive_dead_units(
                     )
             return tree
 
-        inner_state = map_param_like(reset, state.inner_state, params)
+        inner_state = map_state(reset, state.inner_state, params, laws=laws)
         if value_fn is not None:
             extra_args = {**extra_args, "value_fn": value_fn}
         inner_updates, inner_state = inner.update(updates, inner_state, moved, **extra_args)

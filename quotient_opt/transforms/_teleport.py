@@ -11,10 +11,12 @@ log-scales:
    s \\leftarrow \\Pi_{[s_0 - B,\\, s_0 + B]}\\Big(s + \\eta\\,
    \\frac{\\nabla_s F}{\\lVert \\nabla_s F \\rVert}\\Big),
 
-with :math:`L` given by the ``value_fn`` extra argument (Optax's line-search
-convention). Since :math:`L` is invariant, :math:`\\nabla L(e^s\\cdot\\theta)
-= e^{-s}\\cdot\\nabla L(\\theta)`, so :math:`F` is convex in :math:`s` and
-unbounded (shrinking a unit's incoming weights inflates their gradient):
+where :math:`\\nabla L(\\theta_0)` is the gradient the wrapper receives (so
+it must come first in a chain, fed the raw gradient of the invariant loss).
+Since :math:`L` is invariant, :math:`\\nabla L(e^s\\cdot\\theta)
+= e^{-s}\\cdot\\nabla L(\\theta)`: :math:`F` needs no further backward pass
+(each ascent step is one pass over the parameters), and it is convex in
+:math:`s` and unbounded (shrinking a unit's incoming weights inflates their gradient):
 the ascent is normalized (each step moves the log-scales by exactly
 ``learning_rate`` in Euclidean norm, or not at all where the gradient of
 :math:`F` vanishes or is not finite) and the log-scales are clipped to
@@ -22,14 +24,17 @@ the ascent is normalized (each step moves the log-scales by exactly
 
 By default the ascent starts from the canonical (minimal-energy) point of the
 orbit, so the teleported point depends only on the orbit (up to the
-permutation): the optimizer is then equivariant in the "equal after
-canonicalization" sense, like :func:`~quotient_opt.rebalance`. With
-``from_canonical=False`` it starts from the current parameters, as in the
-paper, and is not equivariant.
+permutation). With ``from_canonical=False`` it starts from the current
+parameters, as in the paper, and is not equivariant.
 
-The gradient handed to the inner optimizer is ``updates`` transported as a
-covector (so ``updates`` should be the gradient of the invariant loss), and
-the inner state is transported as in :func:`~quotient_opt.rebalance`.
+Like :func:`~quotient_opt.rebalance`, the wrapper holds the element reached
+in its state: the inner optimizer works at the teleported point, the
+gradient (``updates``, which should be the gradient of the invariant loss)
+and the inner state are carried there, and the inner step is returned in the
+user's coordinates, so the parameters never jump (``move_params=True``
+moves them instead). From the canonical start the method is exactly
+equivariant: from :math:`g\\cdot\\theta` the run is :math:`g` times the
+run from :math:`\\theta`.
 
 References:
   Zhao, Dehmamy, Walters, Yu. *Symmetry Teleportation for Accelerated
@@ -45,10 +50,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from quotient_opt.symmetry._canonical import canonical_log_scales, rescale, solve_dtype
-from quotient_opt.transforms._rebalance import step_on_orbit
-from quotient_opt.transforms._common import check_every, check_params
+from quotient_opt.symmetry._canonical import canonical_log_scales, solve_dtype
 from quotient_opt.symmetry._spec import LogScales, Symmetry
+from quotient_opt.transforms._common import check_every, check_params, init_inner
+from quotient_opt.transforms._orbit import orbit_step, periodic_move, zero_log_scales
+from quotient_opt.transforms._transport import Laws
 
 PyTree = Any
 
@@ -58,18 +64,22 @@ class TeleportState(NamedTuple):
 
     Attributes:
       count: steps taken (int32).
-      inner_state: the inner optimizer's state.
+      log_scales: the element held: the inner optimizer works at
+        ``e^{log_scales} · params``.
+      inner_state: the inner optimizer's state, in those coordinates.
     """
 
     count: jax.Array
+    log_scales: LogScales
     inner_state: optax.OptState
 
 
 def teleport_log_scales(
     sym: Symmetry,
     params: PyTree,
-    value_fn: Callable[[PyTree], jax.Array],
+    value_fn: Callable[[PyTree], jax.Array] | None = None,
     *,
+    grads: PyTree | None = None,
     steps: int = 10,
     learning_rate: jax.typing.ArrayLike = 0.1,
     max_log_scale: jax.typing.ArrayLike = 2.0,
@@ -79,10 +89,19 @@ def teleport_log_scales(
 ) -> LogScales:
     """Log-scales :math:`s` that (locally) increase :math:`\\lVert\\nabla L(e^s\\cdot\\theta)\\rVert^2`.
 
+    For an invariant loss the gradient moves as a covector,
+    :math:`\\nabla L(e^{s}\\cdot\\theta) = e^{-s}\\cdot\\nabla L(\\theta)`, so the
+    objective needs one gradient only:
+    :math:`F(s) = \\lVert e^{-s}\\cdot\\nabla L(\\theta)\\rVert^2`, and each
+    ascent step costs one pass over the parameters (no further backward
+    passes through the model).
+
     Args:
       sym: the symmetry.
       params: parameters.
-      value_fn: the loss, ``value_fn(params) -> scalar``.
+      value_fn: the loss, ``value_fn(params) -> scalar`` (used for its
+        gradient at ``params`` when ``grads`` is not given).
+      grads: the gradient of the (invariant) loss at ``params``.
       steps: ascent steps.
       learning_rate: Euclidean length of each (normalized) ascent step.
       max_log_scale: bound on each log-scale relative to the start.
@@ -92,17 +111,25 @@ def teleport_log_scales(
 
     Returns:
       One log-scale array per group, relative to ``params``.
+
+    Raises:
+      ValueError: if neither ``value_fn`` nor ``grads`` is given.
     """
+    if grads is None:
+        if value_fn is None:
+            raise ValueError("teleport_log_scales: pass grads= or value_fn=")
+        grads = jax.grad(value_fn)(params)
     dt = solve_dtype(params)
     if from_canonical:
         s0 = canonical_log_scales(sym, params, tol=tol, max_iter=max_iter)[0]
     else:
         s0 = sym.zero_log_scales(dt)
     mask = tuple(jnp.full((g.windows,), g.rescalable, bool) for g in sym.groups)
+    g = jax.tree.map(lambda x: x.astype(dt), grads)
 
     def objective(s):
-        grads = jax.grad(value_fn)(rescale(sym, params, s))
-        return sum(jnp.sum(jnp.square(x.astype(dt))) for x in jax.tree.leaves(grads))
+        moved = sym.rescale(g, s, power=-1)
+        return sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(moved))
 
     def body(_, s):
         d = jax.grad(objective)(s)
@@ -129,15 +156,23 @@ def teleport(
     from_canonical: bool = True,
     tol: jax.typing.ArrayLike | None = None,
     max_iter: int = 50,
+    move_params: bool = False,
+    laws: Laws | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Wraps ``inner`` with symmetry teleportation every ``every`` steps.
 
-    ``update(updates, state, params, *, value_fn, **extra_args)``: on steps
-    with ``count % every == 0`` (the first included) the parameters are moved
-    along their rescaling orbit by ``steps`` normalized ascent steps on the
-    squared gradient norm of ``value_fn`` (module docstring), the gradient and
-    the inner state are transported there, and the inner step is taken there;
-    the returned update is :math:`(g\\cdot\\theta + u) - \\theta`.
+    ``update(updates, state, params, **extra_args)``, with ``updates`` the
+    gradient of the invariant loss: on steps with ``count % every == 0`` (the
+    first included) the parameters are moved along their rescaling orbit by
+    ``steps`` normalized ascent steps on the squared gradient norm (module
+    docstring; no extra backward pass), the gradient and
+    the inner state are transported there, and the inner step is taken there
+    and returned in the user's coordinates (no jump; see
+    :func:`~quotient_opt.rebalance`).
+
+    .. warning::
+       With ``move_params=True`` the update holds the teleport's jump: chain
+       nothing after it that rescales or clips updates.
 
     Args:
       inner: any Optax transformation.
@@ -152,13 +187,15 @@ def teleport(
         choice).
       tol: canonicalization tolerance.
       max_iter: canonicalization iteration cap.
+      move_params: move the parameters themselves (the update holds the jump).
+      laws: transport laws overriding the registry, ``{field: power}``.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
 
     Raises:
       ValueError: bad ``every``/``steps`` at construction; params not matching
-        ``sym`` at ``init``; missing ``params`` or ``value_fn`` at ``update``.
+        ``sym`` at ``init``; missing ``params`` at ``update``.
 
     References:
       Zhao et al. 2022, https://arxiv.org/abs/2205.10637
@@ -170,33 +207,23 @@ def teleport(
 
     def init_fn(params: PyTree) -> TeleportState:
         sym.validate(params)
-        return TeleportState(jnp.zeros([], jnp.int32), inner.init(params))
+        return TeleportState(jnp.zeros([], jnp.int32), zero_log_scales(sym, params),
+                             init_inner(inner, params, laws))
 
-    def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
+    def update_fn(updates, state, params=None, **extra_args):
         check_params(params, "teleport")
-        if value_fn is None:
-            raise ValueError(
-                "teleport: pass the loss as update(..., value_fn=lambda params: loss) "
-                "(Optax line-search convention)"
-            )
         sym.validate(params)
-        # off-steps: zero ascent steps and zero solver iterations (branchless)
-        do = state.count % every == 0
-        s = teleport_log_scales(
-            sym,
-            params,
-            value_fn,
-            steps=jnp.where(do, steps, 0),
-            learning_rate=learning_rate,
-            max_log_scale=max_log_scale,
-            from_canonical=from_canonical,
-            tol=tol,
-            max_iter=jnp.where(do, max_iter, 0),
-        )
-        out, inner_state = step_on_orbit(
-            inner, sym, updates, state.inner_state, params, s,
-            dict(extra_args, value_fn=value_fn),
-        )
-        return out, TeleportState(optax.safe_increment(state.count), inner_state)
+        here = sym.rescale(params, state.log_scales)
+        h, inner_state = periodic_move(
+            every, state.count,
+            lambda q: teleport_log_scales(
+                sym, q, grads=sym.rescale(updates, state.log_scales, power=-1), steps=steps,
+                learning_rate=learning_rate, max_log_scale=max_log_scale,
+                from_canonical=from_canonical, tol=tol, max_iter=max_iter),
+            sym, state.inner_state, params, here, laws)
+        out, inner_state, s = orbit_step(
+            inner, sym, updates, inner_state, params, here, state.log_scales, h,
+            extra_args, move_params=move_params)
+        return out, TeleportState(optax.safe_increment(state.count), s, inner_state)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

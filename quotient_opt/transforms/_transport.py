@@ -46,7 +46,7 @@ weight decay, clipping, trust ratios) is assumed to pass :math:`q` through
 unchanged (see *Limits*). The laws below are written for the usual
 :math:`q=-1`; "out" is the power of the transformation's output.
 
-optax (``optax._src.transform``, ``optax.transforms``):
+optax:
 
 * ``EmptyState`` (stateless transformations) and ``ScaleByScheduleState`` (``count``: None):
   nothing to move, out ``q``.
@@ -857,7 +857,8 @@ def map_state(
 ) -> PyTree:
     """Applies ``fn(power, subtree)`` to every params-shaped field of an optimizer state.
 
-    ``power`` is the field's transformation law (see the module docstring): the
+    ``power`` is the field's transformation law (the registry: momentum ``-1``,
+    second moments ``-2``, iterates ``+1``, ...): the
     field moves as ``sym.act(subtree, g, power=power)`` when the parameters
     move as ``sym.act(params, g)``. Wrappers use this to transport by a pure
     rescaling without gathers, or to reset the statistics of some units.
@@ -923,6 +924,73 @@ def check_transportable(
     return list(walker.visits)
 
 
+def probe_laws(
+    inner: Any, state: PyTree, params: PyTree, *, laws: Laws | None = None, rtol: float = 1e-3
+) -> None:
+    """Checks the laws of a state numerically: two updates with gradients ``0``, ``G``, ``2G``.
+
+    A field with law ``p <= 0`` is a homogeneous statistic of the gradients of
+    degree ``-p`` (up to its initial value): two updates from ``state`` with the
+    gradient doubled must multiply its change from the zero-gradient run by
+    ``2^{-p}``. Types shared by optimizers with different laws
+    (optax's adamax and adopt keep an ``ScaleByAdamState``) are caught here
+    instead of being transported silently with the wrong law. Runs only on
+    concrete (not traced) params and state; fields that stay zero or turn
+    non-finite are skipped; fields with ``p > 0`` (iterates) are not checked.
+
+    Args:
+      inner: the optimizer whose ``state`` this is.
+      state: its state (e.g. ``inner.init(params)``).
+      params: the parameters.
+      laws: user laws, as in :func:`map_state`.
+      rtol: relative tolerance of the ratio (``eps`` terms make it inexact).
+
+    Raises:
+      ValueError: naming the field whose measured degree contradicts its law,
+        and the law to pass instead.
+    """
+    leaves = jax.tree.leaves(params) + jax.tree.leaves(state)
+    if not leaves or any(isinstance(x, jax.core.Tracer) for x in leaves):
+        return
+    key = jax.random.key(0)
+    grads = jax.tree.map(
+        lambda p: jax.random.normal(key, jnp.shape(p), jnp.result_type(p, jnp.float32)).astype(
+            jnp.result_type(p)), params)
+    def after_two_steps(c: float) -> list[tuple[int, str, PyTree]]:
+        g = jax.tree.map(lambda x: c * x, grads)
+        st = inner.update(g, inner.update(g, state, params)[1], params)[1]
+        out: list[tuple[int, str, PyTree]] = []
+        _Walker(lambda p, t, where: out.append((p, where, t)) or t, params, laws).walk(
+            st, -1, "state")
+        return out
+
+    try:
+        zero, one, two = (after_two_steps(c) for c in (0.0, 1.0, 2.0))
+    except Exception:  # noqa: BLE001 - an optimizer that needs extra args: nothing to probe
+        return
+
+    def flat(t: PyTree) -> np.ndarray:
+        return np.concatenate([np.asarray(v, np.float64).ravel() for v in jax.tree.leaves(t)])
+
+    for (power, where, a), (_, _, b), (_, _, z) in zip(one, two, zero):
+        if power is None or power > 0:
+            continue
+        # statistics may start from a constant (adagrad's initial accumulator): test f(cG) - f(0)
+        x, y = np.abs(flat(a) - flat(z)), np.abs(flat(b) - flat(z))
+        ok = np.isfinite(x) & np.isfinite(y) & (x > 0)
+        if not ok.any():
+            continue
+        ratio = float(np.median(y[ok] / x[ok]))
+        degree = float(np.log2(ratio)) if ratio > 0 else float("nan")
+        if not abs(degree + power) <= rtol * 10 + 1e-2:
+            raise ValueError(
+                f"{where}: updates with the gradient doubled multiply this field by "
+                f"{ratio:.3g} (degree {degree:.2f} in the gradient), but its registered law is "
+                f"{power} (degree {-power}); pass laws={{...: {-round(degree)}}} for it "
+                "(optax.adamax and adopt share Adam's state type: use ADAMAX_LAWS / ADOPT_LAWS)"
+            )
+
+
 def transport_state(
     sym: Any,
     state: PyTree,
@@ -934,7 +1002,7 @@ def transport_state(
     r"""Moves an optimizer state along with ``params → sym.act(params, g)``.
 
     Every params-shaped field moves as ``sym.act(field, g, power=p)`` with its
-    law ``p`` from the registry (module docstring): for a statistic
+    law ``p`` from the registry: for a statistic
     :math:`s = \phi(g_1, \dots, g_t)` homogeneous of degree :math:`k` in the
     gradients, the moved state equals the state accumulated from the moved
     gradients ``sym.act(g_i, g, power=-1)``,
