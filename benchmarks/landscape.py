@@ -11,9 +11,8 @@ that study and adds the distance on the quotient by the symmetry group
 rescaling), to see how much of those distances is symmetry.
 
 Population: ``--nets`` He-normal inits trained full-batch for ``--steps``
-steps, all nets of a chunk in one ``jax.vmap`` of :func:`quotient_opt.fit`
-inside ``jax.jit``, with SGD + momentum (the paper's gradient descent) and
-Adam. Then, in float64:
+steps by :func:`quotient_opt.train_population`, with SGD + momentum (the
+paper's gradient descent) and Adam, in float32. Then, in float64:
 
 * pairwise distances between minima (paper Fig. 6): raw, symmetrized as in the
   paper, permutation-only weight matching of the balanced points, and the
@@ -34,8 +33,10 @@ Adam. Then, in float64:
     python -m benchmarks.landscape [--quick] [--nets N] [--steps T] [--pairs P]
         [--json PATH] [--out DIR]
 
-With ``--out DIR`` the trained populations are cached there (the run resumes
-from them) and the figures are written there as PNGs.
+With ``--out DIR`` the populations are checkpointed under ``DIR/checkpoints``
+(an interrupted or repeated run resumes from them) and the figures are
+written there as PNGs, each with a Markdown caption beside it (``.md``, used
+by the documentation).
 """
 
 from __future__ import annotations
@@ -146,49 +147,20 @@ def flat(tree: Any) -> np.ndarray:
 # --------------------------------------------------------------------------- training
 
 
-def train_population(
-    setup: Setup, name: str, nets: int, steps: int, *, seed: int = 0, chunk: int = 64,
-    step_chunk: int = 2000, cache: str | None = None, progress: bool = True,
+def train(
+    setup: Setup, name: str, nets: int, steps: int, *, seed: int = 0,
+    checkpoint: str | None = None, progress: bool = True,
 ) -> tuple[Any, np.ndarray]:
-    """``nets`` fits (float32), vmapped in chunks of nets and of steps; ``(params, final losses)``."""
-    from tqdm.auto import tqdm
+    """``nets`` fits in float32 by :func:`quotient_opt.train_population`; ``(params, losses)``.
 
-    if cache and os.path.exists(cache):
-        data = np.load(cache)
-        leaves, treedef = jax.tree.flatten(setup.abstract)
-        params = jax.tree.unflatten(treedef, [jnp.asarray(data[f"p{i}"]) for i in
-                                              range(len(leaves))])
-        return params, data["loss"]
+    With ``checkpoint`` (a directory) an interrupted run resumes, and a
+    finished one is read back.
+    """
     make, lr = OPTIMIZERS[name]
-    tx = make(lr)
-    keys = jax.random.split(jax.random.key(seed), nets)
-
-    @jax.jit
-    def init(keys):
-        p = jax.vmap(setup.init)(keys)
-        return p, jax.vmap(tx.init)(p)
-
-    def run(p, s, n):
-        return jax.vmap(lambda p, s: qo.fit(tx, p, setup.loss32, n, state=s)[:2])(p, s)
-
-    run = jax.jit(run, static_argnums=2)
-    out = []
-    spans = [min(step_chunk, steps - i) for i in range(0, steps, step_chunk)]
-    bar = tqdm(total=len(range(0, nets, chunk)) * len(spans), desc=f"train {name}",
-               disable=not progress, file=sys.stderr)
-    for i in range(0, nets, chunk):
-        p, s = init(keys[i : i + chunk])
-        for n in spans:
-            p, s = jax.block_until_ready(run(p, s, n))  # an honest progress bar
-            bar.update()
-        out.append(p)
-    bar.close()
-    params = jax.tree.map(lambda *xs: jnp.concatenate(xs), *out)
-    final = np.asarray(jax.jit(jax.vmap(setup.loss32))(params))
-    if cache:
-        leaves = jax.tree.leaves(params)
-        np.savez(cache, loss=final, **{f"p{i}": np.asarray(x) for i, x in enumerate(leaves)})
-    return params, final
+    res = qo.train_population(make(lr), setup.init, setup.loss32, nets=nets, steps=steps,
+                              key=jax.random.key(seed), checkpoint=checkpoint,
+                              progress=progress)
+    return res.params, np.asarray(res.losses)
 
 
 # --------------------------------------------------------------------------- distances
@@ -447,6 +419,69 @@ def stats(v: np.ndarray) -> dict[str, float]:
 # --------------------------------------------------------------------------- figures
 
 
+def captions(res: dict[str, Any]) -> dict[str, str]:
+    """One Markdown caption per figure, with this run's numbers."""
+    cfg = res["config"]
+    names = list(res["populations"])
+    src = (f"`python -m benchmarks.landscape{' --quick' if cfg['quick'] else ''}`: "
+           f"{cfg['nets']} nets per optimizer ({', '.join(names)}), {cfg['steps']} full-batch "
+           "steps, float64 analysis.")
+
+    def per(fmt: Callable[[str, dict[str, Any]], str]) -> str:
+        return "; ".join(fmt(n, p) for n, p in res["populations"].items())
+
+    pair = per(lambda n, p: f"{n}: raw {p['pair_medians']['raw']:.2f}, symmetrized "
+               f"{p['pair_medians']['symmetrized']:.2f}, permutation "
+               f"{p['pair_medians']['permutation']:.2f}, quotient "
+               f"{p['pair_medians']['quotient']:.2f} (closest pair "
+               f"{p['pair_minima']['quotient']:.2f})")
+    glob = per(lambda n, p: f"{n}: symmetrized {p['global_medians']['symmetrized']:.2f}, "
+               f"quotient {p['global_medians']['quotient']:.2f}; smallest dot product "
+               f"{p['min_dot']['symmetrized']:.2f} symmetrized, {p['min_dot']['quotient']:.2f} "
+               "aligned")
+    h = res["hessian"].get("global (hand-built)", {}).get("relu", {})
+    tr = res["trajectory"]
+    return {
+        "fits.png": "Mean fit ± one standard deviation of each population against the target "
+                    "(paper Fig. 3), and the final training MSEs (Fig. 5); the spike at the "
+                    "right is networks whose units all died (a constant output). " + src,
+        "fig6_pairwise_distances.png":
+            f"Distances between two minima over {cfg['pairs']} random pairs (paper Fig. 6): "
+            "raw, symmetrized as in the paper (minimal-energy rescaling, units sorted), "
+            "permutation-only weight matching of the balanced points, and the quotient "
+            "distance (weight matching and rescaling, `quotient_distance`). Medians: "
+            + pair + ". " + src,
+        "fig7_distances_to_global.png":
+            "Distance from each minimum to the global one, the hand-built fit (paper Fig. 7), "
+            "and the dot products of the unit directions from the global minimum to pairs of "
+            "minima (§4.5), symmetrized and aligned by `quotient_distance`. Medians: "
+            + glob + ". " + src,
+        "fig8_neb_profiles.png":
+            "NEB energy profiles from the symmetrized global minimum to "
+            f"{len(res['neb']['runs'])} minima (paper Fig. 8), against the distance along "
+            "the path: to the symmetrized minimum, the same with every image kept on the "
+            "balanced section (`project=canonical_section`), and to the minimum aligned with "
+            "the global one (`align=quotient_align`). " + src,
+        "fig9_neb_outputs.png": "The network's output along the first NEB path (paper Fig. 9), "
+                                "purple at the global minimum to yellow at the local one. "
+                                + src,
+        "fig10_neb_angles.png": "Angles between successive steps of the NEB paths (paper "
+                                "Fig. 10). " + src,
+        "fig11_hessian.png":
+            "Sorted |eigenvalues| of the dense Hessian at the global minimum and at minima of "
+            f"each optimizer, with ReLU and with softplus (β = {BETA:g}) as in the paper "
+            "(Fig. 11); dashed: the 25 rescaling-orbit directions projected out "
+            "(`orbit_directions`). Dotted line: the zero-mode threshold. At the hand-built fit "
+            f"{h.get('zero_modes', '?')} of 136 eigenvalues are zero with ReLU, "
+            f"{h.get('zero_modes_quotient', '?')} once the orbit is projected out. " + src,
+        "trajectory_pca.png":
+            f"PCA of one SGD training run ({tr['snapshots']} snapshots): explained variance "
+            f"ratios against a random walk of the same length, PC1 {tr['raw'][0]:.3f} vs "
+            f"{tr['random_walk'][0]:.3f}, and the projection on the first two components. "
+            + src,
+    }
+
+
 def plot_all(res: dict[str, Any], setup: Setup, pops: dict[str, Any], out: str) -> list[str]:
     import matplotlib
 
@@ -455,12 +490,17 @@ def plot_all(res: dict[str, Any], setup: Setup, pops: dict[str, Any], out: str) 
 
     files = []
 
+    caps = captions(res)
+
     def save(fig, name):
         path = os.path.join(out, name)
         fig.tight_layout()
         fig.savefig(path, dpi=110)
         plt.close(fig)
         files.append(path)
+        # the docs' figure list captions each PNG with its sibling .md file
+        with open(os.path.splitext(path)[0] + ".md", "w", encoding="utf-8") as f:
+            f.write(caps[name] + "\n")
 
     grid = np.asarray(setup.grid[:, 0])
     target = np.asarray(jnp.interp(setup.grid[:, 0], setup.task.x[:, 0], setup.task.y[:, 0]))
@@ -619,12 +659,12 @@ def run(cfg: dict[str, Any], *, out: str | None = None, progress: bool = True
     grad_norm = jax.jit(jax.vmap(lambda p: jnp.linalg.norm(ravel_pytree(jax.grad(setup.loss)(p))[0])))
     for name in cfg["optimizers"]:
         t0 = time.perf_counter()
-        cache = None
+        ckpt = None
         if out:
-            cache = os.path.join(out, f"population_{name}_n{cfg['nets']}_t{cfg['steps']}"
-                                 f"_s{cfg['seed']}.npz")
-        params, final = train_population(setup, name, cfg["nets"], cfg["steps"],
-                                         seed=cfg["seed"], cache=cache, progress=progress)
+            ckpt = os.path.join(out, "checkpoints", f"{name}_n{cfg['nets']}_t{cfg['steps']}"
+                                f"_s{cfg['seed']}")
+        params, final = train(setup, name, cfg["nets"], cfg["steps"], seed=cfg["seed"],
+                              checkpoint=ckpt, progress=progress)
         timings[f"train_{name}"] = time.perf_counter() - t0
         minima = to64(params)
         pops[name] = minima
