@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from quotient_opt.landscape._assignment import auction_assignment, exact_assignment
-from quotient_opt.landscape._common import PyTree, check_floating, check_same_tree
+from quotient_opt.landscape._common import PyTree, check_floating, check_same_tree, flatten
 from quotient_opt.symmetry import _views as views
 from quotient_opt.symmetry._canonical import (
     canonical_log_scales,
@@ -481,8 +481,8 @@ def canonical_section(sym: Symmetry, **canonicalize_kwargs: Any) -> Callable[[Py
     (:func:`~quotient_opt.canonicalize` without sorting: sorting jumps
     between units and would tear the band). Keeping every image on this
     section removes the flat orbit directions from the band, so images cannot
-    drift along them. Use it with balanced endpoints (e.g. symmetrized, or
-    one of them and ``quotient_align``), else the band jumps at its ends.
+    drift along them. Use it with balanced endpoints (e.g. both
+    symmetrized), else the band jumps at its ends.
     jit- and vmap-safe.
 
     Args:
@@ -527,10 +527,8 @@ def orbit_directions(sym: Symmetry) -> Callable[[PyTree], PyTree]:
     """
 
     def directions(params: PyTree) -> PyTree:
-        from jax.flatten_util import ravel_pytree
-
         dt = solve_dtype(params)
-        flat, unravel = ravel_pytree(params)
+        flat, unravel = flatten(params)
         sizes = [g.windows for g in sym.groups if g.rescalable]
         if not sizes:
             return jax.tree.map(lambda x: jnp.zeros((0, *jnp.shape(x)), x.dtype), params)
@@ -540,7 +538,7 @@ def orbit_directions(sym: Symmetry) -> Callable[[PyTree], PyTree]:
             parts = iter(jnp.split(e, cuts))
             a = tuple(next(parts) if g.rescalable else jnp.zeros((g.windows,), dt)
                       for g in sym.groups)
-            return ravel_pytree(sym.tangent(params, a))[0].astype(dt)
+            return flatten(sym.tangent(params, a))[0].astype(dt)
 
         j = jax.vmap(column, out_axes=1)(jnp.eye(sum(sizes), dtype=dt))  # (n, m)
         u, s, _ = jnp.linalg.svd(j, full_matrices=False)
