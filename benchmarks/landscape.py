@@ -131,10 +131,6 @@ def to64(tree: Any) -> Any:
     return jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), tree)
 
 
-def stack(trees: list[Any]) -> Any:
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
-
-
 def unstack(tree: Any) -> list[Any]:
     n = jax.tree.leaves(tree)[0].shape[0]
     return [jax.tree.map(lambda x, i=i: x[i], tree) for i in range(n)]
