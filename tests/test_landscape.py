@@ -573,7 +573,7 @@ def test_assignment_solvers_agree():
             assert sorted(p.tolist()) == list(range(n))
     # float32 and integer-valued costs with ties: still a permutation of optimal value
     s = jnp.asarray(rng.integers(0, 3, size=(4, 9, 9)), jnp.float32)
-    val = lambda p: jnp.take_along_axis(s, p[..., None], -1).sum((1, 2))  # noqa: E731
+    val = lambda p: jnp.take_along_axis(s, p[..., None], -1).sum((1, 2))
     np.testing.assert_allclose(val(auction_assignment(s)), val(exact_assignment(s)))
 
 
