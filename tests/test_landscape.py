@@ -1,5 +1,6 @@
 """Tests for quotient_opt.landscape: NEB, Hessian spectra, trajectory PCA, interpolation."""
 
+import json
 import math
 
 import jax
@@ -7,15 +8,25 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import zoo
 from flax import nnx
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import quotient_opt as qo
 from quotient_opt.landscape import (
+    auction_assignment,
+    canonical_section,
+    exact_assignment,
     hessian_spectrum,
     interpolate,
     neb,
+    orbit_directions,
+    quotient_align,
+    quotient_distance,
     random_walk_pca,
     smooth_relu,
+    symmetrize,
     trajectory_pca,
     with_smooth_relu,
 )
@@ -193,6 +204,12 @@ def sawtooth():
     return loss, exact, init
 
 
+@pytest.fixture(scope="module")
+def sawtooth_sym():
+    model = qo.models.SawtoothNet(rngs=nnx.Rngs(0), param_dtype=jnp.float64)
+    return qo.infer_symmetry(model, jnp.zeros((4, 1), jnp.float64))
+
+
 def _rescaling_tangents(params, width=5, depth=5):
     """The 25 orbit tangents (one per hidden unit) of the sawtooth net, by hand.
 
@@ -243,7 +260,7 @@ def test_dense_and_lanczos_extremes_agree(sawtooth):
     assert float(jnp.max(jnp.abs(both - ref)) / jnp.abs(dense).max()) <= 1e-6
 
 
-def test_zero_modes_at_the_exact_sawtooth_fit(sawtooth):
+def test_zero_modes_at_the_exact_sawtooth_fit(sawtooth, sawtooth_sym):
     loss, exact, _ = sawtooth
     ev = hessian_spectrum(loss, exact, method="dense").eigenvalues
     zeros = _zero_count(ev)
@@ -258,6 +275,19 @@ def test_zero_modes_at_the_exact_sawtooth_fit(sawtooth):
     assert rest.eigenvalues.shape == (136 - 25,)
     assert _zero_count(rest.eigenvalues) == zeros - 25
     np.testing.assert_allclose(rest.eigenvalues[-10:], ev[-10:], rtol=1e-9)
+
+    # orbit_directions: an orthonormal basis of the same span, from the symmetry
+    dirs = orbit_directions(sawtooth_sym)(exact)
+    d = qo.landscape._common.flatten_stacked(dirs)
+    assert d.shape == (25, 136)
+    np.testing.assert_allclose(d @ d.T, jnp.eye(25), atol=1e-12)
+    q, _ = jnp.linalg.qr(qo.landscape._common.flatten_stacked(tangents).T)
+    np.testing.assert_allclose(d.T @ d, q @ q.T, atol=1e-10)
+    auto = hessian_spectrum(loss, exact, method="dense",
+                            project_out=orbit_directions(sawtooth_sym)).eigenvalues
+    np.testing.assert_allclose(auto, rest.eigenvalues, atol=1e-12 * float(ev[-1]))
+    under_jit = jax.jit(orbit_directions(sawtooth_sym))(exact)
+    assert jax.tree.leaves(under_jit)[0].shape[0] == 25
 
     # softplus is not homogeneous: smoothing removes the orbit's zero modes
     smooth = hessian_spectrum(loss, exact, method="dense", smooth_relu=100.0).eigenvalues
@@ -439,3 +469,169 @@ def test_interpolate_quadratic():
     np.testing.assert_allclose(res.losses, expected, rtol=1e-6)
     jitted = jax.jit(lambda u, v: interpolate(f, u, v, points=5).losses)(a, b)
     assert jitted.shape == (5,)
+
+
+# --------------------------------------------------------------------------- quotient
+
+#: zoo models for the quotient tests: dense, conv + flatten, residual stream, maxout pieces
+QUOTIENT_ZOO = ("nnx_module", "nnx_cnn", "nnx_residual", "nnx_maxout")
+
+
+def _dist(x, y):
+    return float(jnp.sqrt(sum(jnp.sum((u - v) ** 2)
+                              for u, v in zip(jax.tree.leaves(x), jax.tree.leaves(y)))))
+
+
+def _maxdiff(x, y):
+    return max(float(jnp.max(jnp.abs(u - v))) for u, v in zip(jax.tree.leaves(x), jax.tree.leaves(y)))
+
+
+@settings(max_examples=8)
+@given(seed=st.integers(0, 2**16), log_scale=st.floats(0.0, 2.0),
+       name=st.sampled_from(("nnx_module", "nnx_maxout")))
+def test_symmetrize_is_constant_on_orbits(seed, log_scale, name):
+    """Property test on a dense net and a maxout net (the zoo test covers conv and residual)."""
+    m = zoo.build(name, jnp.float64)
+    p = m.params(seed % 5)
+    g = zoo.random_element(m.sym, np.random.default_rng(seed), log_scale, jnp.float64)
+    s1 = symmetrize(m.sym, p)
+    s2 = symmetrize(m.sym, m.sym.act(p, g))
+    scale = max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(s1))
+    assert _maxdiff(s1, s2) <= 1e-10 * scale  # measured ~1e-15
+    assert _maxdiff(symmetrize(m.sym, s1), s1) <= 1e-12 * scale  # idempotent
+    x = m.inputs(0)
+    np.testing.assert_allclose(m.apply(s1, x), m.apply(p, x), rtol=1e-10, atol=1e-10)
+    # the paper's key: units in increasing order of incoming energy, at a balanced point
+    ins, outs = qo.unit_energies(m.sym, s1)
+    for grp, i, o in zip(m.sym.groups, ins, outs):
+        if grp.permutable:
+            assert bool(jnp.all(jnp.diff(i) >= 0)), grp.name
+        if grp.rescalable:
+            np.testing.assert_allclose(i, o, rtol=1e-10)
+
+
+@pytest.mark.parametrize("name", QUOTIENT_ZOO)
+def test_quotient_distance_on_the_zoo(name):
+    m = zoo.build(name, jnp.float64)
+    sym, x = m.sym, m.inputs(0)
+    a, b = m.params(1), m.params(2)
+    # b in the orbit of a: distance zero, and the element is found
+    g = zoo.random_element(sym, np.random.default_rng(3), 2.0, jnp.float64)
+    same = quotient_distance(sym, a, sym.act(a, g))
+    assert float(same.distance) <= 1e-10 * _dist(a, jax.tree.map(jnp.zeros_like, a))
+    sa = symmetrize(sym, a)
+    scale = max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(sa))
+    assert _maxdiff(symmetrize(sym, sym.act(a, g)), sa) <= 1e-12 * scale
+    # two unrelated points
+    res = quotient_distance(sym, a, b)
+    back = quotient_distance(sym, b, a)
+    perm = quotient_distance(sym, a, b, rescale=False)
+    perm_back = quotient_distance(sym, b, a, rescale=False)
+    assert _maxdiff(sym.act(b, res.element), res.aligned) <= 1e-12
+    assert _maxdiff(sym.act(a, res.reference_element), res.reference) <= 1e-12
+    assert float(res.distance) == pytest.approx(_dist(res.reference, res.aligned), rel=1e-12)
+    np.testing.assert_allclose(m.apply(res.aligned, x), m.apply(b, x), rtol=1e-10, atol=1e-10)
+    # never above the Euclidean distance of the balanced points, nor the paper's symmetrized
+    # distance; rescaling never hurts and here helps (measured 0.5-4%)
+    a0, b0 = qo.canonicalize(sym, a)[0], qo.canonicalize(sym, b)[0]
+    euclid, symd = _dist(a0, b0), _dist(sa, symmetrize(sym, b))
+    d, dp = float(res.distance), float(perm.distance)
+    assert dp <= min(euclid, symd) * (1 + 1e-12)
+    assert d < dp * (1 - 1e-3), (d, dp)
+    assert d < 0.9 * euclid, (d, euclid)  # measured 0.72-0.87
+    # permutation-only is symmetric; with rescaling, approximately (measured <= 2.3%)
+    assert float(perm_back.distance) == pytest.approx(dp, rel=1e-9)
+    assert float(back.distance) == pytest.approx(d, rel=0.05)
+
+
+def test_quotient_distance_auction_matches_exact():
+    m = zoo.build("nnx_maxout", jnp.float64)
+    a, b = m.params(1), m.params(2)
+    exact = quotient_distance(m.sym, a, b)
+    auction = quotient_distance(m.sym, a, b, method="auction")
+    assert float(auction.distance) == pytest.approx(float(exact.distance), rel=1e-9)
+    # Git Re-Basin on the raw parameters: measured from a itself, never above |a - b|
+    raw = quotient_distance(m.sym, a, b, balance=False, rescale=False)
+    assert _maxdiff(raw.reference, a) == 0
+    assert float(raw.distance) < 0.9 * _dist(a, b)
+    assert _maxdiff(m.sym.act(b, raw.element), raw.aligned) <= 1e-12
+    with pytest.raises(ValueError, match="method"):
+        quotient_distance(m.sym, a, b, method="sinkhorn")
+    bad = map_with_path(lambda path, x: x[:-1] if path == ("layers", 2, "kernel") else x, b)
+    with pytest.raises(ValueError, match="layers/2/kernel"):
+        quotient_distance(m.sym, a, bad)
+
+
+def test_assignment_solvers_agree():
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 5, 17):
+        s = jnp.asarray(rng.normal(size=(6, n, n)))
+        pe = jax.jit(exact_assignment)(s)
+        pa = jax.jit(auction_assignment)(s)
+        np.testing.assert_array_equal(pa, pe)
+        for p in np.asarray(pa):
+            assert sorted(p.tolist()) == list(range(n))
+    # float32 and integer-valued costs with ties: still a permutation of optimal value
+    s = jnp.asarray(rng.integers(0, 3, size=(4, 9, 9)), jnp.float32)
+    val = lambda p: jnp.take_along_axis(s, p[..., None], -1).sum((1, 2))
+    np.testing.assert_allclose(val(auction_assignment(s)), val(exact_assignment(s)))
+
+
+def test_neb_between_the_fit_and_a_symmetric_copy(sawtooth, sawtooth_sym):
+    loss, exact, _ = sawtooth
+    sym = sawtooth_sym
+    copy = sym.act(exact, sym.sample(jax.random.key(0), log_scale=2.0, dtype=jnp.float64))
+    assert float(loss(copy)) < 1e-28  # the same function, far away in weight space
+    assert _dist(copy, exact) > 5
+    align = quotient_align(sym)
+    assert _maxdiff(align(exact, copy), exact) < 1e-12
+    res = neb(loss, exact, copy, images=3, steps=10, align=align)
+    assert float(jnp.max(res.energies)) < 1e-28 and float(res.barrier) < 1e-28
+    # without alignment the band crosses a high ridge between the two copies
+    plain = neb(loss, exact, copy, images=3, steps=10)
+    assert float(plain.barrier) > 1e-3, float(plain.barrier)
+
+
+def test_neb_on_the_balanced_section(sawtooth, sawtooth_sym):
+    loss, exact, init = sawtooth
+    sym = sawtooth_sym
+    a, b = symmetrize(sym, exact), qo.canonicalize(sym, init)[0]
+
+    def imbalance(path):
+        ins, outs = jax.vmap(lambda p: qo.unit_energies(sym, p))(path)
+        return max(float(jnp.max(jnp.abs(i - o) / (i + o))) for i, o in zip(ins, outs))
+
+    on = neb(loss, a, b, images=3, steps=10, project=canonical_section(sym))
+    off = neb(loss, a, b, images=3, steps=10)
+    assert imbalance(on.path) < 1e-9
+    assert imbalance(off.path) > 1e-2
+    with pytest.raises(ValueError, match="permutations"):
+        canonical_section(sym, permutations=True)
+
+
+def test_landscape_benchmark_quick(tmp_path):
+    from benchmarks import landscape as bench
+
+    path, out = tmp_path / "landscape.json", tmp_path / "figures"
+    bench.main(["--quick", "--json", str(path), "--out", str(out), "--no-progress"])
+    res = json.loads(path.read_text())
+    pop = res["populations"]["sgd"]
+    med = pop["pair_medians"]
+    kinds = ("raw", "symmetrized", "permutation", "quotient")
+    assert set(kinds) <= set(med) and set(kinds) <= set(pop["global_medians"])
+    assert med["quotient"] <= med["permutation"] <= med["symmetrized"]
+    assert set(pop["min_dot"]) == {"symmetrized", "quotient"}
+    run = res["neb"]["runs"][0]
+    assert res["neb"]["modes"] == ["symmetrized", "quotient"]
+    for mode in res["neb"]["modes"]:
+        assert len(run[mode]["energies"]) == res["config"]["images"] + 2
+    glob = res["hessian"]["global (hand-built)"]
+    assert glob["relu"]["orbit_dimension"] == 25
+    assert glob["relu"]["zero_modes"] - glob["relu"]["zero_modes_quotient"] == 25
+    assert len(res["trajectory"]["random_walk"]) == len(res["trajectory"]["raw"]) == 10
+    pngs = sorted(out.glob("*.png"))
+    assert [p.name for p in pngs] == sorted(
+        ["fits.png", "fig6_pairwise_distances.png", "fig7_distances_to_global.png",
+         "fig8_neb_profiles.png", "fig9_neb_outputs.png", "fig10_neb_angles.png",
+         "fig11_hessian.png", "trajectory_pca.png"])
+    assert all(p.stat().st_size > 10_000 for p in pngs)

@@ -35,7 +35,8 @@ SECTION_ORDER = {
     "transforms": ["_projection", "_path_norm", "_rebalance", "_teleport", "_revive",
                    "_aliases", "_transport"],
     "training": ["_fit", "_population"],
-    "landscape": ["_neb", "_hessian", "_smooth", "_pca", "_interpolate"],
+    "landscape": ["_neb", "_hessian", "_smooth", "_pca", "_interpolate", "_quotient",
+                  "_assignment"],
 }
 #: Subpackages documented, in page order, with their page titles.
 SUBPACKAGES = {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -111,3 +112,14 @@ def flatten_stacked(tree: PyTree) -> jax.Array:
     t = leaves[0].shape[0]
     dtype = jnp.result_type(*leaves)
     return jnp.concatenate([jnp.reshape(x, (t, -1)).astype(dtype) for x in leaves], axis=1)
+
+
+def hashable(fn: Callable | None) -> Callable | None:
+    """``fn`` itself when hashable (compiled code is then reused across calls), else a wrapper."""
+    if fn is None:
+        return None
+    try:
+        hash(fn)
+    except TypeError:  # e.g. an equinox Module holding arrays
+        return lambda *args: fn(*args)
+    return fn

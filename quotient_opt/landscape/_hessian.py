@@ -20,6 +20,7 @@ from quotient_opt.landscape._common import (
     check_stacked,
     flatten,
     flatten_stacked,
+    hashable,
 )
 from quotient_opt.landscape._neb import check_loss_fn
 from quotient_opt.landscape._smooth import _check_beta, with_smooth_relu
@@ -51,17 +52,6 @@ class HessianSpectrum(NamedTuple):
 
 def _rank_tol(s: jax.Array, shape: tuple[int, int]) -> jax.Array:
     return jnp.max(s, initial=0.0) * max(shape) * jnp.finfo(s.dtype).eps
-
-
-def _hashable(fn: Callable | None) -> Callable | None:
-    """``fn`` itself when hashable (compiled code is then reused across calls), else a wrapper."""
-    if fn is None:
-        return None
-    try:
-        hash(fn)
-    except TypeError:  # e.g. an equinox Module holding arrays
-        return lambda *args: fn(*args)
-    return fn
 
 
 def _flat_loss(loss_fn: Callable, beta: float | None, params: PyTree):
@@ -288,7 +278,7 @@ def hessian_spectrum(
     if smooth_relu is not None:
         _check_beta(smooth_relu)
     beta = None if smooth_relu is None else float(smooth_relu)
-    loss_fn = _hashable(loss_fn)
+    loss_fn = hashable(loss_fn)
     flat, unravel = flatten(params)
     n, dtype = flat.shape[0], flat.dtype
     if method == "auto":
@@ -304,7 +294,7 @@ def hessian_spectrum(
     if project_out is not None:
         out = project_out(params)
         if callable(out):
-            projector = _hashable(project_out)
+            projector = hashable(project_out)
             check_same_tree(
                 params,
                 jax.eval_shape(lambda v: out(unravel(v)), flat),

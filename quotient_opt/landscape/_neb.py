@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -14,6 +15,7 @@ from quotient_opt.landscape._common import (
     check_floating,
     check_same_tree,
     flatten_stacked,
+    hashable,
     tree_dtype,
 )
 
@@ -169,8 +171,10 @@ def neb(
     not in Optax. Any Optax optimizer can be passed instead.
 
     Args:
-      loss_fn: ``params -> scalar``; traced once per call (must be jittable
-        and vmappable).
+      loss_fn: ``params -> scalar`` (jittable and vmappable). The relaxation
+        is compiled once per ``loss_fn``, ``optimizer``, ``project``, sizes
+        and options when these are hashable, so repeated calls with the same
+        functions (a band per pair of minima) reuse it.
       a: first endpoint (a params pytree), kept fixed.
       b: second endpoint, same structure and leaf shapes, kept fixed.
       images: number of intermediate (movable) images, at least 1.
@@ -245,14 +249,17 @@ def neb(
         out = jax.eval_shape(project, a)
         check_same_tree(a, out, ("a", "project(image)"))
 
-    def run(a: PyTree, b: PyTree) -> NEBResult:
-        return _relax(
-            loss_fn, a, b, images, steps, optimizer, climbing, climb_after, spring, project
-        )
-
-    return jax.jit(run)(a, b)
+    return _relax(
+        hashable(loss_fn), a, b, images, steps, hashable(optimizer), bool(climbing),
+        int(climb_after), jnp.asarray(spring, tree_dtype(a)), hashable(project),
+    )
 
 
+@functools.partial(
+    jax.jit,
+    static_argnames=("loss_fn", "images", "steps", "optimizer", "climbing", "climb_after",
+                     "project"),
+)
 def _relax(loss_fn, a, b, images, steps, optimizer, climbing, climb_after, spring, project):
     dtype = tree_dtype(a)
 
