@@ -29,7 +29,7 @@ from quotient_opt.symmetry._canonical import (
     sort_permutation,
 )
 from quotient_opt.symmetry._gram import structure
-from quotient_opt.symmetry._paths import leaves_by_path, map_with_path
+from quotient_opt.symmetry._paths import leaves_by_path
 from quotient_opt.symmetry._spec import Element, GroupElement, Symmetry, UnitGroup, solve_dtype
 from quotient_opt.transforms._projection import _vertical_coefficients
 
@@ -280,21 +280,6 @@ def _where_tree(c: jax.Array, x: PyTree, y: PyTree) -> PyTree:
     return jax.tree.map(lambda u, v: jnp.where(c, u, v), x, y)
 
 
-def _permute_group(grp: UnitGroup, tree: PyTree, wp: jax.Array, pp: jax.Array) -> PyTree:
-    """``tree`` with one group's units permuted (new ``(w, j)`` takes old ``(wp[w], pp[w, j])``)."""
-    unit = (wp[:, None] * grp.pieces + pp).reshape(-1)
-    by_path: dict[Any, list] = {}
-    for r in grp.refs:
-        by_path.setdefault(r.path, []).append(r)
-
-    def one(path, x):
-        for r in by_path.get(path, ()):
-            x = views.permute(x, r, grp.count(r), unit if r.level == "unit" else wp)
-        return x
-
-    return map_with_path(one, tree)
-
-
 def _similarity(grp: UnitGroup, ref: PyTree, cur: PyTree, dt: Any):
     """``(S_unit (U, U), S_window (W, W))``: row inner products over the group's refs."""
     la, lb = leaves_by_path(ref), leaves_by_path(cur)
@@ -378,7 +363,8 @@ def _align(sym, a0, ga, b0, gb, tol, rescale, max_iter, newton_steps, *, method)
             if not (grp.permutable or (grp.pieces > 1 and grp.pieces_permutable)):
                 continue
             wp, pp = _match_group(grp, a0, cur, assign, dt)
-            cand = _permute_group(grp, cur, wp, pp)
+            cand = sym.act_group(cur, gi, GroupElement(wp, pp, jnp.zeros((grp.windows,), dt)),
+                                 power=0)
             fc = _sq_dist(a0, cand, dt)
             ok = fc < f * (1 - margin)
             cur = _where_tree(ok, cand, cur)

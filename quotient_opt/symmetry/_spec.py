@@ -549,26 +549,21 @@ class Symmetry:
           The transformed pytree, same structure and dtypes.
         """
         self.validate(params)
-        ops: dict[Path, list[tuple[AxisRef, int, jax.Array, jax.Array | None]]] = {}
-        for grp, e in zip(self.groups, g):
-            unit_perm = (e.window_perm[:, None] * grp.pieces + e.piece_perm).reshape(-1)
-            for ref in grp.refs:
-                unit = ref.level == "unit"
-                perm = unit_perm if unit else e.window_perm
-                logc = None
-                if grp.rescalable and power != 0 and ref.power != 0:
-                    ls = jnp.repeat(e.log_scale, grp.pieces) if unit else e.log_scale
-                    logc = (power * ref.power) * ls
-                ops.setdefault(ref.path, []).append((ref, grp.count(ref), perm, logc))
+        return _apply(params, [(grp, e) for grp, e in zip(self.groups, g)], power)
 
-        def apply(path: Path, x: jax.Array) -> jax.Array:
-            for ref, count, perm, logc in ops.get(path, ()):
-                x = views.permute(x, ref, count, perm)
-                if logc is not None:
-                    x = views.scale(x, ref, count, jnp.exp(logc))
-            return x
+    def act_group(self, params: PyTree, index: int, e: GroupElement, *, power: int = 1) -> PyTree:
+        """Applies one group's element alone: :meth:`act` with the identity elsewhere.
 
-        return map_with_path(apply, params)
+        Args:
+          params: parameters (or any tree of the same leaves).
+          index: the group's index in :attr:`groups`.
+          e: its element.
+          power: as in :meth:`act`.
+
+        Returns:
+          The transformed tree.
+        """
+        return _apply(params, [(self.groups[index], e)], power)
 
     def rescale(self, tree: PyTree, log_scales: LogScales, *, power: int = 1) -> PyTree:
         """The pure rescaling by ``log_scales`` (no gathers): ``act(tree, scales_only(s))``.
@@ -642,6 +637,30 @@ class Symmetry:
     def num_parameters(self, params: PyTree) -> int:
         """The number of scalar parameters in ``params``."""
         return sum(int(np.size(x)) for x in jax.tree.leaves(params))
+
+
+def _apply(params: PyTree, pairs: list[tuple[UnitGroup, GroupElement]], power: int) -> PyTree:
+    """The action of the given ``(group, element)`` pairs (see :meth:`Symmetry.act`)."""
+    ops: dict[Path, list[tuple[AxisRef, int, jax.Array, jax.Array | None]]] = {}
+    for grp, e in pairs:
+        unit_perm = (e.window_perm[:, None] * grp.pieces + e.piece_perm).reshape(-1)
+        for ref in grp.refs:
+            unit = ref.level == "unit"
+            perm = unit_perm if unit else e.window_perm
+            logc = None
+            if grp.rescalable and power != 0 and ref.power != 0:
+                ls = jnp.repeat(e.log_scale, grp.pieces) if unit else e.log_scale
+                logc = (power * ref.power) * ls
+            ops.setdefault(ref.path, []).append((ref, grp.count(ref), perm, logc))
+
+    def apply(path: Path, x: jax.Array) -> jax.Array:
+        for ref, count, perm, logc in ops.get(path, ()):
+            x = views.permute(x, ref, count, perm)
+            if logc is not None:
+                x = views.scale(x, ref, count, jnp.exp(logc))
+        return x
+
+    return map_with_path(apply, params)
 
 
 def _leaf_dtype(params: PyTree) -> Any:
