@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import optax
 
 from quotient_opt.symmetry._spec import LogScales, Symmetry, solve_dtype
+from quotient_opt.transforms._common import check_params, init_inner
 from quotient_opt.transforms._transport import Laws, map_state
 
 PyTree = Any
@@ -123,3 +124,41 @@ def orbit_step(
         return out, inner_state, tuple(jnp.zeros_like(a) for a in s_new)
     out = jax.tree.map(lambda du, p: du.astype(p.dtype), sym.rescale(u, s_new, power=-1), params)
     return out, inner_state, s_new
+
+
+def orbit_wrapper(
+    inner: optax.GradientTransformation,
+    sym: Symmetry,
+    who: str,
+    state_type: Callable[..., Any],
+    find: Callable[[PyTree, PyTree, Any], LogScales],
+    *,
+    every: int,
+    move_params: bool,
+    laws: Laws | None,
+) -> optax.GradientTransformationExtraArgs:
+    """A wrapper holding a rescaling: every ``every`` steps it moves on by ``h = find(here,
+    updates, state)`` (``here = e^s · params``), then steps and pulls back (:func:`orbit_step`).
+
+    ``state_type(count, log_scales, inner_state)`` builds the wrapper's state.
+    """
+    inner = optax.with_extra_args_support(inner)
+
+    def init_fn(params: PyTree) -> Any:
+        sym.validate(params)
+        return state_type(jnp.zeros([], jnp.int32), zero_log_scales(sym, params),
+                          init_inner(inner, params, laws))
+
+    def update_fn(updates, state, params=None, **extra_args):
+        check_params(params, who)
+        sym.validate(params)
+        here = sym.rescale(params, state.log_scales)
+        h, inner_state = periodic_move(
+            every, state.count, lambda q: find(q, updates, state), sym, state.inner_state,
+            params, here, laws)
+        out, inner_state, s = orbit_step(
+            inner, sym, updates, inner_state, params, here, state.log_scales, h, extra_args,
+            move_params=move_params)
+        return out, state_type(optax.safe_increment(state.count), s, inner_state)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -41,13 +41,12 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import optax
 
 from quotient_opt.symmetry._canonical import canonical_log_scales
 from quotient_opt.symmetry._spec import LogScales, Symmetry
-from quotient_opt.transforms._common import check_every, check_params, init_inner
-from quotient_opt.transforms._orbit import orbit_step, periodic_move, zero_log_scales
+from quotient_opt.transforms._common import check_every
+from quotient_opt.transforms._orbit import orbit_wrapper
 from quotient_opt.transforms._transport import Laws
 
 PyTree = Any
@@ -122,24 +121,8 @@ def rebalance(
       Stock et al. 2019, https://arxiv.org/abs/1902.10416
     """
     check_every(every)
-    inner = optax.with_extra_args_support(inner)
-
-    def init_fn(params: PyTree) -> RebalanceState:
-        sym.validate(params)
-        return RebalanceState(jnp.zeros([], jnp.int32), zero_log_scales(sym, params),
-                              init_inner(inner, params, laws))
-
-    def update_fn(updates, state, params=None, **extra_args):
-        check_params(params, "rebalance")
-        sym.validate(params)
-        here = sym.rescale(params, state.log_scales)
-        h, inner_state = periodic_move(
-            every, state.count,
-            lambda q: canonical_log_scales(sym, q, tol=tol, max_iter=max_iter)[0],
-            sym, state.inner_state, params, here, laws)
-        out, inner_state, s = orbit_step(
-            inner, sym, updates, inner_state, params, here, state.log_scales, h,
-            extra_args, move_params=move_params)
-        return out, RebalanceState(optax.safe_increment(state.count), s, inner_state)
-
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return orbit_wrapper(
+        inner, sym, "rebalance", RebalanceState,
+        lambda here, updates, state: canonical_log_scales(
+            sym, here, tol=tol, max_iter=max_iter)[0],
+        every=every, move_params=move_params, laws=laws)

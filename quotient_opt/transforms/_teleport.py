@@ -52,8 +52,8 @@ import optax
 
 from quotient_opt.symmetry._canonical import canonical_log_scales, solve_dtype
 from quotient_opt.symmetry._spec import LogScales, Symmetry
-from quotient_opt.transforms._common import check_every, check_params, init_inner
-from quotient_opt.transforms._orbit import orbit_step, periodic_move, zero_log_scales
+from quotient_opt.transforms._common import check_every
+from quotient_opt.transforms._orbit import orbit_wrapper
 from quotient_opt.transforms._transport import Laws
 
 PyTree = Any
@@ -203,27 +203,10 @@ def teleport(
     check_every(every)
     if isinstance(steps, int) and steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
-    inner = optax.with_extra_args_support(inner)
-
-    def init_fn(params: PyTree) -> TeleportState:
-        sym.validate(params)
-        return TeleportState(jnp.zeros([], jnp.int32), zero_log_scales(sym, params),
-                             init_inner(inner, params, laws))
-
-    def update_fn(updates, state, params=None, **extra_args):
-        check_params(params, "teleport")
-        sym.validate(params)
-        here = sym.rescale(params, state.log_scales)
-        h, inner_state = periodic_move(
-            every, state.count,
-            lambda q: teleport_log_scales(
-                sym, q, grads=sym.rescale(updates, state.log_scales, power=-1), steps=steps,
-                learning_rate=learning_rate, max_log_scale=max_log_scale,
-                from_canonical=from_canonical, tol=tol, max_iter=max_iter),
-            sym, state.inner_state, params, here, laws)
-        out, inner_state, s = orbit_step(
-            inner, sym, updates, inner_state, params, here, state.log_scales, h,
-            extra_args, move_params=move_params)
-        return out, TeleportState(optax.safe_increment(state.count), s, inner_state)
-
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return orbit_wrapper(
+        inner, sym, "teleport", TeleportState,
+        lambda here, updates, state: teleport_log_scales(
+            sym, here, grads=sym.rescale(updates, state.log_scales, power=-1), steps=steps,
+            learning_rate=learning_rate, max_log_scale=max_log_scale,
+            from_canonical=from_canonical, tol=tol, max_iter=max_iter),
+        every=every, move_params=move_params, laws=laws)
