@@ -106,6 +106,20 @@ def _fields(obj: type) -> set[str]:
     return set()
 
 
+def _attr_comment(module: str, name: str) -> list[str]:
+    """The ``#:`` comment lines right above ``name = ...`` in ``module``'s source."""
+    source = inspect.getsource(importlib.import_module(module)).splitlines()
+    for i, line in enumerate(source):
+        if re.match(rf"{re.escape(name)}\s*(:[^=]*)?=", line):
+            doc: list[str] = []
+            j = i - 1
+            while j >= 0 and source[j].lstrip().startswith("#:"):
+                doc.insert(0, source[j].lstrip()[2:].strip())
+                j -= 1
+            return doc
+    return []
+
+
 def _directive(full: str, obj: Any, defmod: str) -> list[str]:
     """The autodoc directive for one public object."""
     if inspect.isclass(obj):
@@ -122,15 +136,8 @@ def _directive(full: str, obj: Any, defmod: str) -> list[str]:
         return lines
     if callable(obj):  # functions, jitted functions
         return [f".. autofunction:: {full}"]
-    # data: the ``#:`` comment in the defining module's source
-    from sphinx.pycode import ModuleAnalyzer
-
-    doc: list[str] = []
-    try:
-        attr_docs = ModuleAnalyzer.for_module(defmod).find_attr_docs()
-        doc = list(attr_docs.get(("", full.rsplit(".", 1)[1]), []))
-    except Exception as err:  # noqa: BLE001  (no source: a description-less entry)
-        doc = [f"(no description: {type(err).__name__})"]
+    # data: the ``#:`` comment above its assignment in the defining module's source
+    doc = _attr_comment(defmod, full.rsplit(".", 1)[1]) or ["(no description)"]
     module, short = full.rsplit(".", 1)
     lines = [f".. py:data:: {short}", f"   :module: {module}"]
     value = repr(dict(obj)) if hasattr(obj, "items") else repr(obj)
