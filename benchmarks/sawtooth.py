@@ -664,7 +664,7 @@ def plot_wide(wide: dict[str, Any], out: str) -> str:
         ax.set_xlabel("log10 final MSE", fontsize=8)
         ax.set_title(f"width {w}: final losses", fontsize=9)
     axes[1, 0].legend(fontsize=7)
-    fig.suptitle("Wider networks, 5 hidden layers (paper §4.10, Fig. 15)")
+    fig.suptitle("Wider networks, 5 hidden layers (paper §4.10, Fig. 15)", fontsize=10)
     fig.tight_layout()
     return _save(fig, out, "sawtooth_wide.png")
 

@@ -478,7 +478,9 @@ def breathe(
     finally:
         if bar is not None:
             bar.close()
-    cat = lambda i: jax.tree.map(lambda *a: np.concatenate(a, 0), *[o[i] for o in outs])  # noqa: E731
+    def cat(i: int) -> Any:
+        return jax.tree.map(lambda *a: np.concatenate(a, 0), *[o[i] for o in outs])
+
     return BreatheResult(
         params=cat(0), losses=cat(1), history=cat(2), evals=cat(3), accepted=cat(4),
         wall_time=time.perf_counter() - t0,

@@ -86,7 +86,7 @@ def dense_relu_chain(
     x0 = np.zeros(x_shape, dtype)
     try:
         out = jax.eval_shape(lambda p: apply_fn(p, x0), p_shape)
-    except Exception as e:  # noqa: BLE001 - report why
+    except Exception as e:  # report why
         raise ValueError(f"apply_fn(params, x) failed: {type(e).__name__}: {e}") from e
     y0 = np.zeros(out.shape, out.dtype)
 
