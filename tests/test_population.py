@@ -463,6 +463,19 @@ def test_bad_arguments_name_the_argument(kw, match):
         run(**kw)
 
 
+def test_continue_from_stacked_params():
+    """Stacked params as init_fn: 30 + 30 steps of stateless SGD equal 60 steps at once."""
+    kw = dict(nets=5, key=KEY, chunk_size=4, progress=False, fast_path=False)
+    tx = optax.sgd(1e-2)
+    first = qo.train_population(tx, init_mlp, loss_relu, steps=30, **kw)
+    second = qo.train_population(tx, first.params, loss_relu, steps=30, **kw)
+    whole = qo.train_population(tx, init_mlp, loss_relu, steps=60, **kw)
+    assert_trees_close(second.params, whole.params)
+    np.testing.assert_allclose(second.history[:, 0], first.losses, rtol=1e-6)
+    with pytest.raises(ValueError, match="leading axis of size nets=6"):
+        qo.train_population(tx, first.params, loss_relu, steps=1, **{**kw, "nets": 6})
+
+
 def test_bad_init_and_tx():
     with pytest.raises(ValueError, match="init_fn"):
         qo.train_population(

@@ -391,7 +391,7 @@ def _agree(vg_a, vg_b, params: PyTree, rtol: float = 1e-4) -> bool:
 
 def train_population(
     tx: optax.GradientTransformation,
-    init_fn: Callable[[jax.Array], PyTree],
+    init_fn: Callable[[jax.Array], PyTree] | PyTree,
     loss_fn: Callable[[PyTree], jax.Array],
     *,
     nets: int,
@@ -411,7 +411,8 @@ def train_population(
 ) -> PopulationResult:
     """Trains ``nets`` independent networks with ``tx`` on the full-batch ``loss_fn``.
 
-    Network ``i`` starts from ``init_fn(jax.random.fold_in(key, i))`` and takes
+    Network ``i`` starts from ``init_fn(jax.random.fold_in(key, i))`` (or from
+    row ``i`` of ``init_fn`` when it is stacked params) and takes
     ``steps`` steps of ``tx.update(grads, state, params, value_fn=loss_fn,
     **extra_args)`` -- the step of :func:`~quotient_opt.fit`, so one network of
     the population follows the same trajectory as ``qo.fit`` from the same
@@ -439,7 +440,10 @@ def train_population(
     Args:
       tx: any Optax transformation (shared by all networks).
       init_fn: ``key -> params`` of one network (random inits, or
-        :func:`perturbed_init` for perturbations of one point).
+        :func:`perturbed_init` for perturbations of one point), or the
+        stacked parameters of every network (each leaf ``(nets, ...)``, e.g.
+        a previous result's ``params``) to continue from, with a fresh
+        optimizer state (a second phase with another optimizer).
       loss_fn: ``params -> scalar`` full-batch loss of one network (data
         closed over).
       nets: number of networks.
@@ -482,8 +486,21 @@ def train_population(
     segment_steps = _positive_int("segment_steps", segment_steps)
     if not (hasattr(tx, "init") and hasattr(tx, "update")):
         raise ValueError(f"tx must be an optax GradientTransformation, got {type(tx).__name__}")
+    stacked = None
     if not callable(init_fn):
-        raise ValueError(f"init_fn must be callable (key -> params), got {type(init_fn).__name__}")
+        stacked = jax.tree.map(np.asarray, init_fn)
+        s_leaves = jax.tree.leaves(stacked)
+        if not s_leaves or any(a.ndim < 1 or a.shape[0] != nets for a in s_leaves):
+            raise ValueError(
+                "init_fn must be callable (key -> params) or stacked params whose every leaf "
+                f"has a leading axis of size nets={nets}, got {type(init_fn).__name__} with "
+                f"leading sizes {sorted({a.shape[0] if a.ndim else None for a in s_leaves}, key=str)}"
+            )
+        first_net = jax.tree.map(lambda a: a[0], stacked)
+
+        def init_fn(key: jax.Array) -> PyTree:
+            del key
+            return jax.tree.map(jnp.asarray, first_net)
     if not callable(loss_fn):
         raise ValueError(
             f"loss_fn must be callable (params -> scalar), got {type(loss_fn).__name__}"
@@ -562,13 +579,19 @@ def train_population(
     def population_init(keys):
         return jax.vmap(init_fn)(keys)
 
-    init_jit = jax.jit(population_init, out_shardings=p_shardings, compiler_options=jit_opts)
+    init_keys_jit = jax.jit(population_init, out_shardings=p_shardings, compiler_options=jit_opts)
+
+    def init_chunk(c: int) -> PyTree:
+        if stacked is None:
+            return init_keys_jit(chunk_keys(c))
+        idx = np.minimum(np.arange(c * chunk, (c + 1) * chunk), nets - 1)  # pad with the last
+        return jax.device_put(jax.tree.map(lambda a: a[idx], stacked), p_shardings)
     first_chunk = None
 
     want_fast = fast_path is True or (fast_path is None and platform == "cpu")
     check = None
     if want_fast:
-        first_chunk = init_jit(chunk_keys(0))
+        first_chunk = init_chunk(0)
         check = jax.tree.map(lambda a: a[: min(chunk, 4)], first_chunk)
     pop = make_population_step(
         tx,
@@ -666,6 +689,10 @@ def train_population(
             "shared_state": list(shared),
             "loss_at_first_init": repr(loss0),
         }
+        if stacked is not None:
+            fingerprint["stacked_init_sum"] = repr(
+                float(sum(np.sum(np.abs(a), dtype=np.float64) for a in jax.tree.leaves(stacked)))
+            )
         meta = ckpt / "meta.json"
         if meta.exists():
             old = json.loads(meta.read_text())
@@ -723,7 +750,7 @@ def train_population(
                             bp = jax.device_put(_from_host(_unpack(d, "b"), p_shape), p_shardings)
                         hist_parts = [d["history"]]
             if p is None:
-                p = first_chunk if c == 0 and first_chunk is not None else init_jit(chunk_keys(c))
+                p = first_chunk if c == 0 and first_chunk is not None else init_chunk(c)
                 s = state_init_jit(p)
                 if track_best:
                     bl = jax.device_put(jnp.full((chunk,), jnp.inf, l_shape.dtype), vec_sharding)

@@ -1,6 +1,10 @@
 """Optax gradient transformations on the quotient of weight space by the symmetry."""
 
 from quotient_opt.transforms._aliases import quotient_adam, quotient_sgd
+from quotient_opt.transforms._levenberg_marquardt import (
+    LevenbergMarquardtState,
+    levenberg_marquardt,
+)
 from quotient_opt.transforms._path_norm import path_norm_curvature, path_sgd, scale_by_path_norm
 from quotient_opt.transforms._projection import horizontal_component, project_horizontal
 from quotient_opt.transforms._rebalance import RebalanceState, rebalance
@@ -18,8 +22,10 @@ from quotient_opt.transforms._transport import (
 __all__ = [
     "ADAMAX_LAWS",
     "ADOPT_LAWS",
+    "LevenbergMarquardtState",
     "check_transportable",
     "horizontal_component",
+    "levenberg_marquardt",
     "map_state",
     "path_norm_curvature",
     "path_sgd",
