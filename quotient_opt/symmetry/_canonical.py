@@ -77,7 +77,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from quotient_opt.symmetry import _views as views
-from quotient_opt.symmetry._gram import couplings, gram_solve, structure, window_sums
+from quotient_opt.symmetry._gram import (
+    couplings,
+    gram_solve,
+    squares_model,
+    structure,
+    window_sums,
+)
 from quotient_opt.symmetry._paths import Path, leaves_by_path
 from quotient_opt.symmetry._spec import (
     Element,
@@ -249,7 +255,12 @@ def canonical_log_scales(
         diag = window_sums(st, q.__getitem__, lambda p: p * p, dt)
         return ins, outs, diag
 
-    ins0, outs0, _ = energies(q0)
+    model = squares_model(st, dict(sym.shapes), q0, dt)
+    if model is not None:
+        at0 = model(zero)
+        ins0, outs0 = at0.ins, at0.outs
+    else:
+        ins0, outs0, _ = energies(q0)
     # live units: non-zero energy on both sides (dead units stay at scale 0)
     live = tuple((i > tiny) & (o > tiny) for i, o in zip(ins0, outs0))
     live_f = [lv.astype(dt) for lv in live]
@@ -273,11 +284,18 @@ def canonical_log_scales(
         return r
 
     def stats(s):
-        """One pass at ``s``: energy, per-unit sums, couplings, residual."""
-        q = scaled_q(s)
-        ins, outs, diag = energies(q)
-        coup = [c * live_f[a][:, None] * live_f[b][None, :] for a, b, c in couplings(st, q)]
-        e = sum(jnp.sum(x) for x in q.values())
+        """Energy, per-unit sums, couplings and residual at ``s``: from the squares
+        model where the spec allows one (no pass over the parameters), else one pass."""
+        if model is not None:
+            m = model(s)
+            e, ins, outs, diag = m.total, m.ins, m.outs, m.diag
+            coup = [(c.a, c.b, x) for c, x in zip(st.couplings, m.coupled)]
+        else:
+            q = scaled_q(s)
+            ins, outs, diag = energies(q)
+            coup = couplings(st, q)
+            e = sum(jnp.sum(x) for x in q.values())
+        coup = [c * live_f[a][:, None] * live_f[b][None, :] for a, b, c in coup]
         return (e, tuple(ins), tuple(outs), tuple(diag), coup), residual(ins, outs)
 
     def clip(s):

@@ -32,7 +32,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -145,19 +145,105 @@ def window_sums(
     return out
 
 
+def _pair_window_sums(st: Structure, c: Coupling, sq: jax.Array) -> jax.Array:
+    """``S[u, w]``: the sum of ``sq`` over the entries of window ``u`` of group ``c.a`` and
+    window ``w`` of group ``c.b``."""
+    s = views.pair_sums(sq, c.ref_a, st.count(c.a, c.ref_a), c.ref_b, st.count(c.b, c.ref_b))
+    if c.ref_a.level == "unit" and st.pieces[c.a] > 1:
+        s = s.reshape(st.windows[c.a], st.pieces[c.a], -1).sum(1)
+    if c.ref_b.level == "unit" and st.pieces[c.b] > 1:
+        s = s.reshape(s.shape[0], st.windows[c.b], st.pieces[c.b]).sum(-1)
+    return s
+
+
 def couplings(st: Structure, sq: dict[Path, jax.Array]) -> list[tuple[int, int, jax.Array]]:
     """Off-diagonal Gram blocks ``(a, b, C)``: ``C[u, w] = p_a p_b`` times the sum of the
     squared entries shared by window ``u`` of group ``a`` and window ``w`` of group ``b``."""
-    out = []
-    for c in st.couplings:
-        s = views.pair_sums(sq[c.path], c.ref_a, st.count(c.a, c.ref_a), c.ref_b,
-                            st.count(c.b, c.ref_b))
-        if c.ref_a.level == "unit" and st.pieces[c.a] > 1:
-            s = s.reshape(st.windows[c.a], st.pieces[c.a], -1).sum(1)
-        if c.ref_b.level == "unit" and st.pieces[c.b] > 1:
-            s = s.reshape(s.shape[0], st.windows[c.b], st.pieces[c.b]).sum(-1)
-        out.append((c.a, c.b, (c.ref_a.power * c.ref_b.power) * s))
-    return out
+    return [(c.a, c.b, (c.ref_a.power * c.ref_b.power) * _pair_window_sums(st, c, sq[c.path]))
+            for c in st.couplings]
+
+
+class ScaledSquares(NamedTuple):
+    """Window sums of the squared parameters at ``exp(s)·θ`` (:func:`squares_model`).
+
+    Attributes:
+      total: the sum of all squares of the leaves the groups touch.
+      ins: per rescalable group and window, ``sum_r max(p_r, 0)`` times its squares.
+      outs: the same with ``max(-p_r, 0)``.
+      diag: the same with ``p_r^2`` (the Gram diagonal).
+      coupled: the Gram couplings ``p_a p_b S_ab`` in the order of ``st.couplings``.
+    """
+
+    total: jax.Array
+    ins: list[jax.Array]
+    outs: list[jax.Array]
+    diag: list[jax.Array]
+    coupled: list[jax.Array]
+
+
+def squares_model(
+    st: Structure, shapes: dict[Path, tuple[int, ...]], sq: dict[Path, jax.Array], dtype: Any
+) -> Callable[[tuple[jax.Array, ...]], ScaledSquares] | None:
+    """Window sums of the squares at any log-scales ``s``, from one pass over ``sq`` at 0.
+
+    A leaf held by one ref scales its window sums by :math:`e^{2 p s_u}`; a
+    leaf held by two refs on different axes (a kernel between two layers)
+    scales its pair sums :math:`S_{uw}` by :math:`e^{2 p_a s_u + 2 p_b
+    s_w}`. So after one pass over the parameters, the sums at any ``s`` cost
+    only vector operations and products with the small coupling matrices,
+    instead of a pass over every parameter. ``None`` when some leaf does not
+    have this form (more refs on one leaf, or units not filling their axis).
+    """
+    by_leaf: dict[Path, list[tuple[int, AxisRef]]] = {}
+    for gi, rs in enumerate(st.refs):
+        for r in rs:
+            by_leaf.setdefault(r.path, []).append((gi, r))
+
+    def fills(gi: int, r: AxisRef) -> bool:
+        return r.offset == 0 and r.outer * st.count(gi, r) * r.inner == shapes[r.path][r.axis]
+
+    pair_of = {c.path: k for k, c in enumerate(st.couplings)}
+    singles, pairs = [], []
+    for path, entries in by_leaf.items():
+        if not all(fills(gi, r) for gi, r in entries):
+            return None
+        if len(entries) == 1:
+            (gi, r), = entries
+            singles.append((gi, r.power, _to_windows(views.sums(sq[path], r, st.count(gi, r)),
+                                                     st, gi, r)))
+        elif len(entries) == 2 and path in pair_of:
+            c = st.couplings[pair_of[path]]
+            pairs.append((pair_of[path], c, _pair_window_sums(st, c, sq[path])))
+        else:
+            return None
+    pairs.sort(key=lambda t: t[0])  # the order of st.couplings
+    rest = sum((jnp.sum(x) for p, x in sq.items() if p not in by_leaf), jnp.zeros((), dtype))
+
+    def at(s: tuple[jax.Array, ...]) -> ScaledSquares:
+        zeros = [jnp.zeros((w,), dtype) for w in st.windows]
+        ins, outs, diag = list(zeros), list(zeros), list(zeros)
+        total = rest
+
+        def add(gi: int, p: int, v: jax.Array) -> None:
+            ins[gi] = ins[gi] + max(p, 0) * v
+            outs[gi] = outs[gi] + max(-p, 0) * v
+            diag[gi] = diag[gi] + (p * p) * v
+
+        for gi, p, v in singles:
+            v = v * jnp.exp(2 * p * s[gi])
+            add(gi, p, v)
+            total = total + jnp.sum(v)
+        coupled = []
+        for _, c, m in pairs:
+            pa, pb = c.ref_a.power, c.ref_b.power
+            m = m * jnp.exp(2 * pa * s[c.a])[:, None] * jnp.exp(2 * pb * s[c.b])[None, :]
+            add(c.a, pa, m.sum(1))
+            add(c.b, pb, m.sum(0))
+            total = total + jnp.sum(m)
+            coupled.append((pa * pb) * m)
+        return ScaledSquares(total, ins, outs, diag, coupled)
+
+    return at
 
 
 def tangent(st: Structure, theta: PyTree, a: list[jax.Array], dtype: Any) -> PyTree:
