@@ -209,6 +209,7 @@ def canonical_log_scales(
     max_iter: int = 50,
     max_log_scale: float | None = None,
     cg_iter: int = 50,
+    init: LogScales | None = None,
 ) -> tuple[LogScales, CanonicalInfo]:
     """Log-scales :math:`s^\\star = \\arg\\min_s \\lVert \\exp(s)\\cdot\\theta \\rVert^2`.
 
@@ -229,10 +230,14 @@ def canonical_log_scales(
       max_log_scale: bound on ``|s|`` (default ``0.4 · log(finfo.max)``).
       cg_iter: conjugate-gradient iterations cap per Newton step (the
         CG works on the small coupling matrices only).
+      init: log-scales to start from (a warm start, e.g. the element a
+        wrapper holds; default zeros). The result is still the minimizer
+        for ``params`` itself, and dead units keep their ``init`` value.
 
     Returns:
       ``(log_scales, info)``: one ``(windows,)`` array per group (zeros on
-      groups without a rescaling symmetry) and :class:`CanonicalInfo`.
+      groups without a rescaling symmetry, or ``init``'s values) and
+      :class:`CanonicalInfo`.
     """
     sym.validate(params)
     dt = solve_dtype(params)
@@ -240,6 +245,15 @@ def canonical_log_scales(
     bound = 0.4 * float(np.log(jnp.finfo(dt).max)) if max_log_scale is None else max_log_scale
     st = structure(sym)
     zero_all = tuple(jnp.zeros((grp.windows,), dt) for grp in sym.groups)
+    if init is not None:
+        if len(init) != len(sym.groups) or any(
+            jnp.shape(x) != (g.windows,) for x, g in zip(init, sym.groups)
+        ):
+            raise ValueError(
+                "init: expected one (windows,) array per group, shapes "
+                f"{[(g.windows,) for g in sym.groups]}, got {[jnp.shape(x) for x in init]}"
+            )
+        zero_all = tuple(jnp.asarray(x, dt) for x in init)
     if not st.index:
         info = CanonicalInfo(jnp.zeros((), dt), jnp.zeros((), jnp.int32), jnp.zeros((), dt))
         return zero_all, info
@@ -368,12 +382,13 @@ def canonical_log_scales(
         new = jax.tree.map(lambda a, b_: jnp.where(keep, a, b_), new, (st_s, res))
         return s_new, new[0], new[1], res, it + 1
 
-    st0, res0 = stats(zero)
+    start = clip(tuple(zero_all[gi] for gi in st.index))
+    st0, res0 = stats(start)
     inf = jnp.asarray(jnp.inf, dt)
     s, st_s, res, _, it = jax.lax.while_loop(
-        cond, body, (zero, st0, res0, inf, jnp.zeros((), jnp.int32))
+        cond, body, (start, st0, res0, inf, jnp.zeros((), jnp.int32))
     )
-    s = tuple(jnp.where(jnp.isfinite(x) & lv, x, 0) for x, lv in zip(s, live))
+    s = tuple(jnp.where(jnp.isfinite(x) & lv, x, x0) for x, lv, x0 in zip(s, live, start))
     out = list(zero_all)
     for gi, x in zip(st.index, s):
         out[gi] = x

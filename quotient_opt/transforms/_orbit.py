@@ -55,31 +55,30 @@ def transport(sym: Symmetry, state: PyTree, params: PyTree, h: LogScales,
 def periodic_move(
     every: int,
     count: jax.Array,
-    find: Callable[[PyTree], LogScales],
+    find: Callable[[], LogScales],
     sym: Symmetry,
     inner_state: PyTree,
     params: PyTree,
-    inner_params: PyTree,
     laws: Laws | None,
 ) -> tuple[LogScales, PyTree]:
-    """On steps with ``count % every == 0``: the move ``h = find(inner_params)`` and the inner
-    state carried along it; on other steps: no move, state unchanged.
+    """On steps with ``count % every == 0``: the move ``h = find()`` and the inner state
+    carried along it; on other steps: no move, state unchanged.
 
     A ``lax.cond`` on the step count: a real branch when the count is the same
     for every run of a population (``qo.train_population`` keeps it
-    unbatched), so off-steps cost nothing; under a plain ``vmap`` of a batched
-    count it becomes a select and both branches run.
+    unbatched), so off-steps cost nothing (``find`` computes whatever it needs
+    inside the branch); under a plain ``vmap`` of a batched count it becomes a
+    select and both branches run.
     """
 
-    def move(args: tuple[PyTree, PyTree]) -> tuple[LogScales, PyTree]:
-        here, st = args
-        h = find(here)
+    def move(st: PyTree) -> tuple[LogScales, PyTree]:
+        h = find()
         return h, transport(sym, st, params, h, laws)
 
-    def stay(args: tuple[PyTree, PyTree]) -> tuple[LogScales, PyTree]:
-        return zero_log_scales(sym, params), args[1]
+    def stay(st: PyTree) -> tuple[LogScales, PyTree]:
+        return zero_log_scales(sym, params), st
 
-    return jax.lax.cond(count % every == 0, move, stay, (inner_params, inner_state))
+    return jax.lax.cond(count % every == 0, move, stay, inner_state)
 
 
 def orbit_step(
@@ -88,7 +87,6 @@ def orbit_step(
     updates: PyTree,
     inner_state: PyTree,
     params: PyTree,
-    inner_params: PyTree,
     s: LogScales,
     h: LogScales,
     extra_args: dict,
@@ -104,7 +102,6 @@ def orbit_step(
       inner_state: the inner state, already carried along ``h``
         (:func:`periodic_move`), in the coordinates ``e^{s + h} · params``.
       params: the user's parameters.
-      inner_params: ``e^s · params`` (already computed by the caller).
       s: the element held so far.
       h: the move made now (zeros: none).
       extra_args: passed on to ``inner.update``.
@@ -114,7 +111,7 @@ def orbit_step(
       ``(update in the user's coordinates, new inner state, new s)``.
     """
     s_new = tuple(a + b for a, b in zip(s, h))
-    theta = sym.rescale(inner_params, h)
+    theta = sym.rescale(params, s_new)
     grads = sym.rescale(updates, s_new, power=-1)
     u, inner_state = inner.update(grads, inner_state, theta, **extra_args)
     if move_params:
@@ -131,14 +128,15 @@ def orbit_wrapper(
     sym: Symmetry,
     who: str,
     state_type: Callable[..., Any],
-    find: Callable[[PyTree, PyTree, Any], LogScales],
+    find: Callable[[PyTree, LogScales, PyTree, Any], LogScales],
     *,
     every: int,
     move_params: bool,
     laws: Laws | None,
 ) -> optax.GradientTransformationExtraArgs:
-    """A wrapper holding a rescaling: every ``every`` steps it moves on by ``h = find(here,
-    updates, state)`` (``here = e^s · params``), then steps and pulls back (:func:`orbit_step`).
+    """A wrapper holding a rescaling: every ``every`` steps it moves on by ``h = find(params,
+    s, updates, state)`` (``e^{s + h} · params`` is where the inner step is taken), then
+    steps and pulls back (:func:`orbit_step`).
 
     ``state_type(count, log_scales, inner_state)`` builds the wrapper's state.
     """
@@ -152,12 +150,11 @@ def orbit_wrapper(
     def update_fn(updates, state, params=None, **extra_args):
         check_params(params, who)
         sym.validate(params)
-        here = sym.rescale(params, state.log_scales)
         h, inner_state = periodic_move(
-            every, state.count, lambda q: find(q, updates, state), sym, state.inner_state,
-            params, here, laws)
+            every, state.count, lambda: find(params, state.log_scales, updates, state), sym,
+            state.inner_state, params, laws)
         out, inner_state, s = orbit_step(
-            inner, sym, updates, inner_state, params, here, state.log_scales, h, extra_args,
+            inner, sym, updates, inner_state, params, state.log_scales, h, extra_args,
             move_params=move_params)
         return out, state_type(optax.safe_increment(state.count), s, inner_state)
 

@@ -123,6 +123,6 @@ def rebalance(
     check_every(every)
     return orbit_wrapper(
         inner, sym, "rebalance", RebalanceState,
-        lambda here, updates, state: canonical_log_scales(
-            sym, here, tol=tol, max_iter=max_iter)[0],
+        lambda params, s, updates, state: tuple(a - b for a, b in zip(canonical_log_scales(
+            sym, params, tol=tol, max_iter=max_iter, init=s)[0], s)),
         every=every, move_params=move_params, laws=laws)
