@@ -217,7 +217,11 @@ def canonical_log_scales(
     minimum is the balanced point (every unit's incoming energy equals its
     outgoing energy). Solved by coordinate sweeps while far from balance
     (exact one-unit minima), then damped Newton steps on the explicit Gram
-    matrix (Jacobi-scaled CG), to ``tol``. jit-, vmap- and scan-safe;
+    matrix (Jacobi-scaled CG), to ``tol``. After one pass over the
+    parameters, the iterations work on per-window sums and the small
+    coupling matrices only (where every leaf is held by one ref, or by two on
+    different axes, as in dense, convolutional and residual networks; otherwise
+    each iteration rescales the squares once). jit-, vmap- and scan-safe;
     compiled once per symmetry and input shapes (``sym`` is static), so eager
     calls do not recompile the solver loop.
 
