@@ -236,3 +236,58 @@ def test_eager_calls_compile_the_solver_once():
         g = sym.sample(jax.random.key(k), log_scale=2.0)
         qo.canonicalize(sym, sym.act(params, g))
     assert canonical_log_scales._cache_size() == before
+
+
+# --------------------------------------------------------------------------- the squares model
+
+
+@pytest.mark.parametrize("name", ["nnx_cnn", "nnx_residual", "nnx_maxout", "linen_cnn",
+                                  "sawtooth_net"])
+def test_squares_model_matches_a_pass_over_the_rescaled_squares(name):
+    """Window sums, Gram diagonal, couplings and total energy at random log-scales, from the
+    one-pass model, equal those of an explicit pass over ``exp(s)·θ`` (float64)."""
+    import zoo
+    from quotient_opt.symmetry import _gram
+    from quotient_opt.symmetry._paths import leaves_by_path
+
+    m = zoo.build(name, jnp.float64)
+    sym, params = m.sym, m.params(0)
+    st = _gram.structure(sym)
+    rng = np.random.default_rng(3)
+    s_all = tuple(jnp.asarray(rng.normal(0, 1.0, g.windows) if g.rescalable else np.zeros(
+        g.windows)) for g in sym.groups)
+    s = tuple(s_all[i] for i in st.index)
+    touched = {r.path for g in sym.groups for r in g.refs}
+    sq0 = {p: jnp.square(x) for p, x in leaves_by_path(params).items() if p in touched}
+    model = _gram.squares_model(st, dict(sym.shapes), sq0, jnp.float64)
+    assert model is not None
+    got = model(s)
+    moved = {p: jnp.square(x) for p, x in leaves_by_path(sym.rescale(params, s_all)).items()}
+    want = {
+        "ins": _gram.window_sums(st, moved.__getitem__, lambda p: max(p, 0), jnp.float64),
+        "outs": _gram.window_sums(st, moved.__getitem__, lambda p: max(-p, 0), jnp.float64),
+        "diag": _gram.window_sums(st, moved.__getitem__, lambda p: p * p, jnp.float64),
+        "coupled": [c for _, _, c in _gram.couplings(st, moved)],
+    }
+    for key, ref in want.items():
+        for a, b in zip(getattr(got, key), ref):
+            np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-300, err_msg=f"{name}: {key}")
+    total = sum(jnp.sum(moved[p]) for p in touched)
+    np.testing.assert_allclose(got.total, total, rtol=1e-12)
+
+
+def test_warm_start_reaches_the_same_balance():
+    """``init=`` only changes where the solve starts: same minimizer for the live units."""
+    model = SawtoothNet(rngs=nnx.Rngs(0))
+    sym = qo.infer_symmetry(model)
+    _, params = functional(model)
+    params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), params)
+    s0, _ = qo.canonical_log_scales(sym, params)
+    rng = np.random.default_rng(0)
+    init = tuple(jnp.asarray(rng.normal(0, 2.0, g.windows)) for g in sym.groups)
+    s1, info = qo.canonical_log_scales(sym, params, init=init)
+    for a, b in zip(s0, s1):
+        np.testing.assert_allclose(a, b, atol=1e-9)
+    assert float(info.residual) < 1e-12
+    with pytest.raises(ValueError, match="init: expected one"):
+        qo.canonical_log_scales(sym, params, init=init[:-1])
