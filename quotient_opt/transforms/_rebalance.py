@@ -123,6 +123,8 @@ def rebalance(
     check_every(every)
     return orbit_wrapper(
         inner, sym, "rebalance", RebalanceState,
-        lambda params, s, updates, state: tuple(a - b for a, b in zip(canonical_log_scales(
-            sym, params, tol=tol, max_iter=max_iter, init=s)[0], s)),
+        # solved at the held point itself (not warm-started on params): the two runs of
+        # an equivariance pair then solve the same problem, up to rounding
+        lambda params, s, updates, state: canonical_log_scales(
+            sym, sym.rescale(params, s), tol=tol, max_iter=max_iter)[0],
         every=every, move_params=move_params, laws=laws)
