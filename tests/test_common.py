@@ -17,14 +17,9 @@ and the aliases (and numeric-hyperparameter transforms) must work under
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-import tempfile
 import textwrap
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +29,7 @@ import pytest
 from flax import nnx
 
 import quotient_opt as qo
+import four_devices
 import zoo
 from quotient_opt.transforms._transport import map_param_like
 from quotient_opt.models import functional
@@ -333,25 +329,6 @@ _SHARDING_SCRIPT = textwrap.dedent(
 )
 
 
-def _start_sharding_subprocess(names: list[str]) -> tuple[subprocess.Popen, Any]:
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (
-        env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
-    ).strip()
-    env["JAX_PLATFORMS"] = "cpu"
-    env["JAX_ENABLE_X64"] = "1"
-    here = os.path.dirname(os.path.abspath(__file__))
-    log = tempfile.TemporaryFile("w+")  # a file, not a pipe: no blocking on a full buffer
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _SHARDING_SCRIPT, here, *names],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    return proc, log
-
-
 @pytest.fixture(scope="module", autouse=True)
 def _sharding_proc(request):
     """Starts the 4-device subprocess at the module's first test, so it runs alongside."""
@@ -361,25 +338,14 @@ def _sharding_proc(request):
         for it in request.session.items
         if it.name.startswith(prefix) and it.module is request.module
     ]
-    started = _start_sharding_subprocess(names) if names else None
+    started = four_devices.start(_SHARDING_SCRIPT, *names) if names else None
     yield started
-    if started is not None:
-        if started[0].poll() is None:
-            started[0].kill()
-            started[0].wait()
-        started[1].close()
+    four_devices.stop(started)
 
 
 @pytest.fixture(scope="module")
 def sharding_results(_sharding_proc):
-    assert _sharding_proc is not None
-    proc, log = _sharding_proc
-    proc.wait(timeout=900)
-    log.seek(0)
-    out = log.read()
-    lines = [ln for ln in out.splitlines() if ln.startswith("RESULT")]
-    assert proc.returncode == 0 and lines, out[-3000:]
-    return json.loads(lines[-1][len("RESULT") :])
+    return four_devices.result(_sharding_proc)
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)

@@ -3,11 +3,6 @@ keeps periodic wrappers' branches real under ``vmap``, and rejects bad arguments
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-import tempfile
 import textwrap
 
 import jax
@@ -17,6 +12,7 @@ import optax
 import pytest
 from flax import nnx
 
+import four_devices
 import quotient_opt as qo
 from quotient_opt.training import _population, make_population_step
 from quotient_opt.training._dense_mlp import match_dense_mse, population_value_and_grad
@@ -216,38 +212,14 @@ def _sharded_proc(request):
     ):
         yield None
         return
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (
-        env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
-    ).strip()
-    env["JAX_PLATFORMS"] = "cpu"
-    env["JAX_ENABLE_X64"] = "1"  # as in the test session (conftest)
-    here = os.path.dirname(os.path.abspath(__file__))
-    log = tempfile.TemporaryFile("w+")  # a file, not a pipe: no blocking on a full buffer
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _SHARDED, here],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    yield proc, log
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait()
-    log.close()
+    started = four_devices.start(_SHARDED)
+    yield started
+    four_devices.stop(started)
 
 
 @pytest.fixture(scope="module")
 def sharded_results(_sharded_proc):
-    assert _sharded_proc is not None
-    proc, log = _sharded_proc
-    proc.wait(timeout=900)
-    log.seek(0)
-    out = log.read()
-    lines = [ln for ln in out.splitlines() if ln.startswith("RESULT")]
-    assert proc.returncode == 0 and lines, out[-3000:]
-    return json.loads(lines[-1][len("RESULT") :])
+    return four_devices.result(_sharded_proc)
 
 
 @pytest.mark.parametrize("name", ["relu", "tanh"])
