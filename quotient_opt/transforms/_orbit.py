@@ -128,15 +128,15 @@ def orbit_wrapper(
     sym: Symmetry,
     who: str,
     state_type: Callable[..., Any],
-    find: Callable[[PyTree, LogScales, PyTree, Any], LogScales],
+    find: Callable[[PyTree, PyTree, Any], LogScales],
     *,
     every: int,
     move_params: bool,
     laws: Laws | None,
 ) -> optax.GradientTransformationExtraArgs:
-    """A wrapper holding a rescaling: every ``every`` steps it moves on by ``h = find(params,
-    s, updates, state)`` (``e^{s + h} · params`` is where the inner step is taken), then
-    steps and pulls back (:func:`orbit_step`).
+    """A wrapper holding a rescaling: every ``every`` steps it moves on by ``h = find(here,
+    updates, state)`` (``here = e^s · params``, computed inside the periodic branch only),
+    then steps from ``e^{s + h} · params`` and pulls back (:func:`orbit_step`).
 
     ``state_type(count, log_scales, inner_state)`` builds the wrapper's state.
     """
@@ -151,7 +151,8 @@ def orbit_wrapper(
         check_params(params, who)
         sym.validate(params)
         h, inner_state = periodic_move(
-            every, state.count, lambda: find(params, state.log_scales, updates, state), sym,
+            every, state.count,
+            lambda: find(sym.rescale(params, state.log_scales), updates, state), sym,
             state.inner_state, params, laws)
         out, inner_state, s = orbit_step(
             inner, sym, updates, inner_state, params, state.log_scales, h, extra_args,

@@ -123,8 +123,6 @@ def rebalance(
     check_every(every)
     return orbit_wrapper(
         inner, sym, "rebalance", RebalanceState,
-        # solved at the held point itself (not warm-started on params): the two runs of
-        # an equivariance pair then solve the same problem, up to rounding
-        lambda params, s, updates, state: canonical_log_scales(
-            sym, sym.rescale(params, s), tol=tol, max_iter=max_iter)[0],
+        lambda here, updates, state: canonical_log_scales(
+            sym, here, tol=tol, max_iter=max_iter)[0],
         every=every, move_params=move_params, laws=laws)
