@@ -432,3 +432,94 @@ def test_window_polish_under_vmap_matches_unbatched():
     batched = jax.vmap(polish)(jax.tree.map(lambda *a: jnp.stack(a), *ps))
     assert max(single) < 1e-10, single
     np.testing.assert_allclose(np.asarray(batched), single, rtol=0.5, atol=1e-12)
+
+
+# --------------------------------------------------------------------------- populations
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("pieces,windows", [(3, 1), (2, 3)])
+def test_support_share_is_the_share_of_data_each_piece_wins(dtype, pieces, windows):
+    from quotient_opt.transforms._revive import _support_share
+
+    sym, apply, params = _maxpool(pieces, windows, dtype=dtype)
+    grp = next(g for g in sym.groups if g.pieces > 1)
+    task = max_of_planes_task([[1.0, 1.0], [3.0, 1.0], [1.0, 3.0]], [0.0, -1.0, -1.0], dtype=dtype)
+
+    def loss(p):
+        return mse(apply(p, task.x), task.y)
+
+    share = jax.jit(lambda p: _support_share(sym, grp, p, loss))
+    for seed in range(5):
+        leaves, treedef = jax.tree.flatten(params)
+        keys = jax.random.split(jax.random.key(seed), len(leaves))
+        p = jax.tree.unflatten(treedef, [jax.random.uniform(k, a.shape, a.dtype, -1, 1)
+                                         for k, a in zip(keys, leaves)])
+        kernel, bias = _get(p, ("layers", 0, "kernel")), _get(p, ("layers", 0, "bias"))
+        z = np.asarray(task.x @ kernel + bias).reshape(len(task.x), windows, pieces)
+        won = np.stack([(z.argmax(-1) == j).mean(0) for j in range(pieces)], -1).reshape(-1)
+        tol = 1e-5 if dtype == jnp.float32 else 1e-12
+        np.testing.assert_allclose(share(p), won, atol=tol)
+
+
+def _population(tx, nets, steps, seed=0):
+    """``nets`` 3-piece maxout networks trained together; the state after each chunk of 10 steps."""
+    from quotient_opt.training import make_population_step
+
+    sym, apply, params = _maxpool(3)
+    task = max_of_planes_task([[1.0, 1.0], [3.0, 1.0], [1.0, 3.0]], [0.0, -1.0, -1.0], n=200)
+
+    def loss(p):
+        return mse(apply(p, task.x), task.y)
+
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    p = jax.tree.unflatten(treedef, [jax.random.uniform(k, (nets, *a.shape), a.dtype, -0.7, 0.7)
+                                     for k, a in zip(keys, leaves)])
+    ps = make_population_step(tx(sym), loss, params)
+
+    @jax.jit
+    def chunk(p, s):
+        def body(c, _):
+            p, s, losses = ps.step(*c)
+            return (p, s), losses
+        return jax.lax.scan(body, (p, s), None, length=10)
+
+    s, history = ps.init(p), []
+    for _ in range(steps // 10):
+        (p, s), losses = chunk(p, s)
+        history.append((s, losses))
+    return jax.vmap(loss)(p), history
+
+
+def test_population_revives_only_due_networks_as_if_each_trained_alone():
+    """With ``axis_name``, the due networks are gathered and revived once; each network's run
+    is the one it has under a plain ``vmap`` (where every network computes every revival)."""
+    def tx(axis_name):
+        return lambda sym: qo.revive_dead_units(optax.adam(0.02), sym, every=10, patience=5,
+                                                num_candidates=2, newton_steps=2,
+                                                axis_name=axis_name)
+
+    nets = 24  # gathered sizes: 8, then the whole population
+    final, hist = _population(tx(qo.training.POPULATION_AXIS), nets, 150)
+    final_v, hist_v = _population(tx(None), nets, 150)
+    due_per_check = np.diff([0] + [int(s.attempts.sum()) for s, _ in hist])
+    assert due_per_check.max() > 8 and ((due_per_check >= 1) & (due_per_check <= 8)).any(), (
+        due_per_check)  # both the gathered and the whole-population branch ran
+    for (s, losses), (s_v, losses_v) in zip(hist, hist_v):
+        np.testing.assert_array_equal(s.attempts, s_v.attempts)
+        np.testing.assert_array_equal(s.revivals, s_v.revivals)
+        np.testing.assert_allclose(losses, losses_v, rtol=1e-4, atol=1e-7)
+    assert int(hist[-1][0].revivals.sum()) > 0
+
+
+def test_converged_population_is_not_flagged_starved():
+    """Regression: in the population's compiled scan the support check once found most
+    converged networks starved at every check (a wrong curvature), costing a revival each."""
+    tx = lambda sym: qo.revive_dead_units(optax.adam(0.02), sym, every=50, patience=10,  # noqa: E731
+                                          axis_name=qo.training.POPULATION_AXIS)
+    final, hist = _population(tx, 256, 400)
+    fitted = np.asarray(final) < 1e-6
+    assert fitted.mean() > 0.9
+    late = np.asarray(hist[-1][0].attempts - hist[29][0].attempts)  # checks at steps 300 and 350
+    assert late[fitted].sum() <= 0.02 * fitted.sum(), late[fitted].sum()
