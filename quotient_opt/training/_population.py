@@ -56,7 +56,7 @@ _CHECKPOINT_VERSION = 1
 
 #: The name of the network axis of the population's vmapped optimizer update. A
 #: transformation may use collectives over it: ``revive_dead_units(...,
-#: axis_name=POPULATION_AXIS)`` runs a revival only when some network needs one.
+#: axis_name=POPULATION_AXIS)`` revives only the networks that need it, gathered.
 POPULATION_AXIS = "population"
 
 
