@@ -60,6 +60,33 @@ def run(loss=loss_relu, **kw):
     return qo.train_population(optax.adam(1e-2), init_mlp, loss, **args)
 
 
+def run_revive(revive=True, **kw):
+    """3-piece maxout networks trained by ``revive_dead_units(adam, axis_name=POPULATION_AXIS)``
+    (or by the plain Adam inside it)."""
+    model = qo.models.MaxPoolNet(3, 1, 2, rngs=nnx.Rngs(0))
+    apply, params = qo.models.functional(model)
+    task = qo.models.max_of_planes_task([[1.0, 1.0], [3.0, 1.0], [1.0, 3.0]], [0.0, -1.0, -1.0],
+                                        n=200)
+    leaves, treedef = jax.tree.flatten(params)
+
+    def init(key):
+        keys = jax.random.split(key, len(leaves))
+        return jax.tree.unflatten(treedef, [jax.random.uniform(k, a.shape, a.dtype, -0.7, 0.7)
+                                            for k, a in zip(keys, leaves)])
+
+    def loss(p):
+        return qo.models.mse(apply(p, task.x), task.y)
+
+    tx = qo.revive_dead_units(optax.adam(0.02), qo.infer_symmetry(model), every=10, patience=5,
+                              num_candidates=2, newton_steps=2,
+                              axis_name=qo.training.POPULATION_AXIS)
+    if not revive:
+        tx = optax.adam(0.02)
+    args = dict(nets=12, steps=60, key=KEY, chunk_size=8, segment_steps=30, progress=False)
+    args.update(kw)
+    return qo.train_population(tx, init, loss, **args)
+
+
 def assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
@@ -198,6 +225,13 @@ _SHARDED = textwrap.dedent(
                      "devices_sharded": n_sharded, "devices_plain": list(seen),
                      "fast_path": [a.fast_path, b.fast_path]}
         seen.clear()
+    a, b = T.run_revive(mesh=mesh), T.run_revive()
+    out["revive"] = {
+        "err": max(float(np.max(np.abs(x - y)))
+                   for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params))),
+        "loss_err": float(np.max(np.abs(a.losses - b.losses))),
+        "revived": float(np.max(np.abs(b.losses - T.run_revive(revive=False).losses))),
+    }
     print("RESULT" + json.dumps(out))
     """
 )
@@ -230,6 +264,14 @@ def test_sharded_matches_unsharded(name, sharded_results):
     assert r["devices_sharded"] and set(r["devices_sharded"]) == {4}
     assert set(r["devices_plain"]) == {1}
     assert r["err"] <= 1e-6 and r["loss_err"] <= 1e-7, r
+
+
+def test_sharded_revival_matches_unsharded(sharded_results):
+    """``revive_dead_units(axis_name=POPULATION_AXIS)`` gathers the due networks across the
+    4 devices and gives each its own result back, as on one device."""
+    r = sharded_results["revive"]
+    assert r["revived"] > 1e-3, r  # the revivals changed some network's run
+    assert r["err"] <= 1e-5 and r["loss_err"] <= 1e-6, r
 
 
 # --------------------------------------------------------------------------- shared counters
