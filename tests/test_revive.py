@@ -437,6 +437,17 @@ def test_window_polish_under_vmap_matches_unbatched():
 # --------------------------------------------------------------------------- populations
 
 
+def _uniform(params, seed, bound, nets=None):
+    """Params drawn from ``U[-bound, bound]`` (``nets`` of them stacked, if given)."""
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    lead = () if nets is None else (nets,)
+    return jax.tree.unflatten(treedef, [
+        jax.random.uniform(k, (*lead, *a.shape), a.dtype, -bound, bound)
+        for k, a in zip(keys, leaves)
+    ])
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("pieces,windows", [(3, 1), (2, 3)])
 def test_support_share_is_the_share_of_data_each_piece_wins(dtype, pieces, windows):
@@ -451,10 +462,7 @@ def test_support_share_is_the_share_of_data_each_piece_wins(dtype, pieces, windo
 
     share = jax.jit(lambda p: _support_share(sym, grp, p, loss))
     for seed in range(5):
-        leaves, treedef = jax.tree.flatten(params)
-        keys = jax.random.split(jax.random.key(seed), len(leaves))
-        p = jax.tree.unflatten(treedef, [jax.random.uniform(k, a.shape, a.dtype, -1, 1)
-                                         for k, a in zip(keys, leaves)])
+        p = _uniform(params, seed, 1.0)
         kernel, bias = _get(p, ("layers", 0, "kernel")), _get(p, ("layers", 0, "bias"))
         z = np.asarray(task.x @ kernel + bias).reshape(len(task.x), windows, pieces)
         won = np.stack([(z.argmax(-1) == j).mean(0) for j in range(pieces)], -1).reshape(-1)
@@ -472,10 +480,7 @@ def _population(tx, nets, steps, seed=0):
     def loss(p):
         return mse(apply(p, task.x), task.y)
 
-    leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    p = jax.tree.unflatten(treedef, [jax.random.uniform(k, (nets, *a.shape), a.dtype, -0.7, 0.7)
-                                     for k, a in zip(keys, leaves)])
+    p = _uniform(params, seed, 0.7, nets)
     ps = make_population_step(tx(sym), loss, params)
 
     @jax.jit
