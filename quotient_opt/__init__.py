@@ -4,6 +4,11 @@ Optax gradient transformations that respect the permutation and positive
 rescaling symmetries of neural networks, example flax.nnx models whose
 training is hampered by those symmetries, and tools built on the group action.
 
+flax and equinox are optional (``pip install quotient_opt[flax]``,
+``[equinox]``, or both): ``import quotient_opt`` imports neither, models of
+either framework are recognised once the user has imported it, and other
+model types can be taught with :func:`~quotient_opt.symmetry.register_adapter`.
+
 Subpackages:
 
 * :mod:`quotient_opt.symmetry`: the symmetry spec, its group action and canonical forms.
@@ -26,6 +31,7 @@ from quotient_opt.symmetry import (
     canonical_log_scales,
     canonicalize,
     infer_symmetry,
+    register_adapter,
     sort_permutation,
     symmetry_from_axes,
     symmetry_from_layers,
@@ -101,6 +107,7 @@ __all__ = [
     "quotient_adam",
     "quotient_sgd",
     "rebalance",
+    "register_adapter",
     "revive_dead_units",
     "scale_by_path_norm",
     "shared_state_leaves",

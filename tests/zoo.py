@@ -111,6 +111,46 @@ class NormMLP(nnx.Module):
         return self.fc2(nnx.relu(self.norm(self.fc1(x))))
 
 
+class DropoutMLP(nnx.Module):
+    """A ReLU MLP with Dropout after each hidden layer (train mode: masks drawn)."""
+
+    def __init__(self, dtype: Any, rngs: nnx.Rngs):
+        self.fc1 = nnx.Linear(3, 6, param_dtype=dtype, rngs=rngs)
+        self.fc2 = nnx.Linear(6, 5, param_dtype=dtype, rngs=rngs)
+        self.fc3 = nnx.Linear(5, 2, param_dtype=dtype, rngs=rngs)
+        self.drop = nnx.Dropout(0.3, rngs=rngs)
+
+    def __call__(self, x):
+        h = self.drop(nnx.relu(self.fc1(x)))
+        return self.fc3(self.drop(nnx.relu(self.fc2(h))))
+
+
+class BatchNormCNN(nnx.Module):
+    """Conv-BatchNorm-ReLU-max_pool, flatten, a ReLU layer, Linear (train mode: batch stats)."""
+
+    def __init__(self, dtype: Any, rngs: nnx.Rngs):
+        self.conv = nnx.Conv(1, 4, (3, 3), param_dtype=dtype, rngs=rngs)
+        self.bn = nnx.BatchNorm(4, param_dtype=dtype, rngs=rngs)
+        self.fc = nnx.Linear(4 * 4 * 4, 5, param_dtype=dtype, rngs=rngs)
+        self.head = nnx.Linear(5, 2, param_dtype=dtype, rngs=rngs)
+
+    def __call__(self, x):
+        h = nnx.max_pool(nnx.relu(self.bn(self.conv(x))), (2, 2), (2, 2))
+        return self.head(nnx.relu(self.fc(h.reshape(h.shape[0], -1))))
+
+
+class RNNNet(nnx.Module):
+    """A ReLU layer, an ``nnx.RNN`` over time (a ``SimpleCell``), a head on the last step."""
+
+    def __init__(self, dtype: Any, rngs: nnx.Rngs):
+        self.embed = nnx.Linear(3, 4, param_dtype=dtype, rngs=rngs)
+        self.rnn = nnx.RNN(nnx.SimpleCell(4, 5, dtype=dtype, param_dtype=dtype, rngs=rngs))
+        self.head = nnx.Linear(5, 2, param_dtype=dtype, rngs=rngs)
+
+    def __call__(self, x):
+        return self.head(self.rnn(nnx.relu(self.embed(x)))[:, -1])
+
+
 class EqxCNN(eqx.Module):
     """A custom equinox CNN (channels first, one sample at a time)."""
 
@@ -152,6 +192,23 @@ def _nnx(name: str, ctor: Callable[[], nnx.Module], x_shape, dtype) -> Model:
     return Model(name, sym, apply, abstract, x_shape, dtype)
 
 
+def _nnx_train(name: str, ctor: Callable[[], nnx.Module], x_shape, dtype) -> Model:
+    """A train-mode model, built concretely: its RNG state and batch statistics are real
+    arrays, held fixed by ``functional`` (the same dropout masks at every call)."""
+    model = ctor()
+    apply, params = models.functional(model)
+    abstract = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), params)
+    sym = qo.infer_symmetry(model, jax.ShapeDtypeStruct(x_shape, dtype))
+    return Model(name, sym, apply, abstract, x_shape, dtype)
+
+
+def rbg_rngs(seed: int) -> nnx.Rngs:
+    """``nnx.Rngs`` with RBG keys: initializers and dropout masks drawn with the default
+    threefry keys take seconds to compile on a loaded CPU, with RBG keys a fraction of
+    that; what inference sees is alike (random bits from a fixed key)."""
+    return nnx.Rngs(jax.random.key(seed, impl="rbg"))
+
+
 def _eqx(name: str, ctor: Callable[[], eqx.Module], x_shape, dtype) -> Model:
     model = eqx.filter_eval_shape(ctor)
     is_leaf = lambda v: isinstance(v, (jax.Array, jax.ShapeDtypeStruct))  # noqa: E731
@@ -189,6 +246,18 @@ EXPECT: dict[str, list[tuple[int, int, bool, bool]]] = {
 }
 NAMES = tuple(EXPECT)
 
+#: train-mode nnx models (not in ``NAMES``: the transformation battery needs no more of
+#: them; ``tests/test_adapters.py`` checks them). Dropout keeps the rescalings (a mask
+#: times ``1/keep`` is positively homogeneous) but not the permutations (the mask stays);
+#: the BatchNorm group is permutable only (normalization scale invariance is issue 18);
+#: nothing is followed into the RNN's scan.
+TRAIN_EXPECT: dict[str, list[tuple[int, int, bool, bool]]] = {
+    "nnx_dropout_train": [(6, 1, False, True), (5, 1, False, True)],
+    "nnx_batchnorm_train": [(4, 1, True, False), (5, 1, True, True)],
+    "nnx_rnn": [],
+}
+TRAIN_NAMES = tuple(TRAIN_EXPECT)
+
 
 @functools.lru_cache(maxsize=None)
 def build(name: str, dtype: Any = jnp.float32) -> Model:
@@ -224,6 +293,12 @@ def build(name: str, dtype: Any = jnp.float32) -> Model:
     if name == "sawtooth_net":
         return _nnx(name, lambda: models.SawtoothNet(rngs=nnx.Rngs(0), param_dtype=dtype),
                     (8, 1), dtype)
+    if name == "nnx_dropout_train":
+        return _nnx_train(name, lambda: DropoutMLP(dtype, rbg_rngs(0)), (8, 3), dtype)
+    if name == "nnx_batchnorm_train":
+        return _nnx_train(name, lambda: BatchNormCNN(dtype, rbg_rngs(0)), (4, 8, 8, 1), dtype)
+    if name == "nnx_rnn":
+        return _nnx_train(name, lambda: RNNNet(dtype, rbg_rngs(0)), (2, 5, 3), dtype)
     raise ValueError(name)  # pragma: no cover
 
 

@@ -7,12 +7,12 @@ import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 from matfree import decomp
 
+from quotient_opt._lazy import require
 from quotient_opt.landscape._common import (
     PyTree,
     check_floating,
@@ -105,6 +105,7 @@ def _direction_basis(v: jax.Array) -> tuple[jax.Array, jax.Array, int]:
     mask = s > _rank_tol(s, v.shape)
     if isinstance(s, jax.core.Tracer):
         rank = m
+        eqx = require("equinox", "hessian_spectrum(project_out=...) under jit (its run-time check)")
         u = eqx.error_if(
             u,
             jnp.logical_not(jnp.all(mask)),

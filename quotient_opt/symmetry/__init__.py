@@ -1,5 +1,6 @@
 """The symmetry group of a network: its spec, its action on parameters, canonical forms."""
 
+from quotient_opt.symmetry._adapters import register_adapter
 from quotient_opt.symmetry._canonical import (
     CanonicalInfo,
     canonical_log_scales,
@@ -35,6 +36,7 @@ __all__ = [
     "leaves_by_path",
     "map_with_path",
     "path_str",
+    "register_adapter",
     "sort_permutation",
     "symmetry_from_axes",
     "symmetry_from_layers",

@@ -1,7 +1,8 @@
 """``infer_symmetry``: the symmetry of any nnx, equinox, linen or plain-function model.
 
-Framework adapters turn a model into ``apply_fn(params, x)`` and its
-parameter pytree; the forward computation is traced and analysed
+Framework adapters (a registry, see
+:func:`~quotient_opt.symmetry.register_adapter`) turn a model into
+``apply_fn(params, x)`` and its parameter pytree; the forward computation is traced and analysed
 (a dataflow analysis of its jaxpr, in ``quotient_opt/symmetry/_trace.py``); the result is checked numerically and
 every move that changes the function is removed (and said so in
 :meth:`~quotient_opt.Symmetry.describe`).
@@ -17,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from quotient_opt.symmetry._adapters import adapt
 from quotient_opt.symmetry._check import group_errors, moves, tolerance
 from quotient_opt.symmetry._paths import normalize_path
 from quotient_opt.symmetry._program import Program
@@ -29,56 +31,13 @@ PyTree = Any
 # --------------------------------------------------------------------------- adapters
 
 
-def _nnx_adapter(model: Any) -> tuple[Callable, PyTree, Any]:
-    from flax import nnx
-
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-
-    def apply_fn(p: PyTree, x: Any) -> Any:
-        return nnx.merge(graphdef, p, rest)(x)
-
-    example = None
-    first = model.layers[0] if isinstance(model, nnx.Sequential) and len(model.layers) else None
-    if isinstance(first, nnx.Linear):
-        example = jnp.zeros((1, first.in_features), first.param_dtype)
-    return apply_fn, params, example
-
-
-def _eqx_adapter(model: Any) -> tuple[Callable, PyTree, Any]:
-    import equinox as eqx
-
-    params, static = eqx.partition(
-        model, lambda v: eqx.is_array(v) or isinstance(v, jax.ShapeDtypeStruct))
-
-    def apply_fn(p: PyTree, x: Any) -> Any:
-        return eqx.combine(p, static)(x)
-
-    example = None
-    if isinstance(model, eqx.nn.MLP):
-        dt = model.layers[0].weight.dtype
-        example = jnp.zeros(() if model.in_size == "scalar" else (model.in_size,), dt)
-    elif isinstance(model, eqx.nn.Linear):
-        dt = model.weight.dtype
-        example = jnp.zeros(() if model.in_features == "scalar" else (model.in_features,), dt)
-    return apply_fn, params, example
-
-
 def _adapt(model: Any, params: PyTree | None) -> tuple[Callable, PyTree, Any]:
-    from flax import nnx
-
-    if isinstance(model, nnx.Module):
+    adapted = adapt(model)
+    if adapted is not None:
         if params is not None:
-            raise ValueError("params: not used with an nnx Module (its nnx.Param state is used)")
-        return _nnx_adapter(model)
-    try:
-        import equinox as eqx
-
-        if isinstance(model, eqx.Module) and not callable(getattr(model, "apply", None)):
-            if params is not None:
-                raise ValueError("params: not used with an equinox Module (its arrays are used)")
-            return _eqx_adapter(model)
-    except ImportError:  # pragma: no cover
-        pass
+            raise ValueError(f"params: not used with a {type(model).__name__} (its adapter "
+                             "takes the parameters from the model)")
+        return adapted
     if isinstance(model, dict) or hasattr(model, "keys"):
         raise ValueError(
             "model: got a parameter dict; pass the forward function and the params instead: "
@@ -90,7 +49,9 @@ def _adapt(model: Any, params: PyTree | None) -> tuple[Callable, PyTree, Any]:
             raise ValueError("params: required with a function: "
                              "qo.infer_symmetry(apply_fn, example_input, params=params)")
         return model, params, None
-    raise ValueError(f"model: unsupported model type {type(model).__name__}")
+    raise ValueError(f"model: unsupported model type {type(model).__name__} (a function "
+                     "apply_fn(params, x) with params=..., an nnx or equinox Module, or a type "
+                     "taught with qo.symmetry.register_adapter)")
 
 
 # --------------------------------------------------------------------------- checking
@@ -196,14 +157,20 @@ def infer_symmetry(
 
     Supported models and their parameters (the pytree the symmetry acts on):
 
-    * any ``flax.nnx.Module``: ``nnx.state(model, nnx.Param)``;
+    * any ``flax.nnx.Module``: ``nnx.state(model, nnx.Param)``, in eval or
+      train mode: the other state (``BatchStat``, ``RngState``, ...) is held
+      fixed at its current value while tracing and checking (Dropout draws one
+      mask, the same in every comparison of the check), and is left unchanged;
     * any ``equinox.Module``: ``eqx.filter(model, eqx.is_array)``;
     * ``qo.infer_symmetry(apply_fn, example_input, params=params)`` for
       flax.linen (``apply_fn = module.apply``, ``params`` its variables) and
-      any plain function ``apply_fn(params, x)``.
+      any plain function ``apply_fn(params, x)``;
+    * any other model type taught with
+      :func:`~quotient_opt.symmetry.register_adapter`.
 
     Args:
-      model: an nnx Module, an equinox Module, or a function ``apply_fn(params, x)``.
+      model: an nnx Module, an equinox Module, a function ``apply_fn(params, x)``,
+        or a model with a registered adapter.
       example_input: an input the model accepts (a batch for nnx/linen, one
         sample for equinox). May be omitted for an ``nnx.Sequential`` starting
         with ``nnx.Linear`` and for ``eqx.nn.MLP``/``eqx.nn.Linear``.

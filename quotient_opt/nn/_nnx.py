@@ -1,9 +1,4 @@
-"""Layers that the symmetry machinery understands beyond the usual ones.
-
-* :class:`MaxOverPieces`: the max over consecutive groups of features
-  (max-pool over features, maxout). Its pieces may be permuted within a window
-  and share one positive scale.
-"""
+"""Max over pieces: max-pool over features, maxout (a flax.nnx layer)."""
 
 from __future__ import annotations
 
