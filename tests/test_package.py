@@ -81,8 +81,14 @@ def test_wheel_contents_and_metadata(dists):
     assert "Description-Content-Type: text/markdown" in meta
     for label in ["Homepage", "Documentation", "Repository", "Issues", "Changelog"]:
         assert f"Project-URL: {label}, https://" in meta, label
-    for dep in ["jax", "optax", "flax", "equinox"]:
-        assert re.search(rf"^Requires-Dist: {dep}>=", meta, re.MULTILINE), dep
+    for dep in ["jax", "optax"]:
+        assert re.search(rf"^Requires-Dist: {dep}>=[^;]*$", meta, re.MULTILINE), dep
+    for dep in ["flax", "equinox"]:  # optional: an extra of its own, and in dev
+        assert re.search(rf"^Provides-Extra: {dep}$", meta, re.MULTILINE), dep
+        for extra in [dep, "dev"]:
+            assert re.search(rf'^Requires-Dist: {dep}>=.*; extra == "{extra}"$', meta,
+                             re.MULTILINE), (dep, extra)
+        assert not re.search(rf"^Requires-Dist: {dep}\b[^;]*$", meta, re.MULTILINE), dep
 
 
 def test_sdist_contents(dists):
