@@ -414,12 +414,12 @@ class Analysis:
                                                            for f in d.factors))
                 for a in lab_axes
             ):
-                if name == "mul" or (name == "select_n" and d is pred):
-                    # a fixed gain or mask per position (train-mode dropout): positively
-                    # homogeneous, so rescalings survive; it is not permuted with the units
+                if name == "select_n" and d is pred:
+                    # a fixed mask per position (train-mode dropout): positively homogeneous,
+                    # so rescalings survive; it is not permuted with the units
                     for g in {g for lb in base for g in self.gids(lb)}:
-                        self.kill(g, f"{where}: multiplied or masked by values that vary "
-                                     "along the units", scale=False)
+                        self.kill(g, f"{where}: masked by values that vary along the units",
+                                  scale=False)
                     continue
                 self.poison(Data(shape, base), f"{where}: combined with unlabelled values that "
                                                 "vary along the units")
