@@ -13,10 +13,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import zoo
 from flax import nnx
 
 import quotient_opt as qo
-import zoo
 from quotient_opt.symmetry import _adapters
 
 F32, F64 = jnp.float32, jnp.float64
@@ -27,7 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _leaves(tree):
     """The leaves as numpy arrays (the bits of PRNG keys)."""
-    key = lambda v: jax.dtypes.issubdtype(v.dtype, jax.dtypes.prng_key)  # noqa: E731
+    key = lambda v: jax.dtypes.issubdtype(v.dtype, jax.dtypes.prng_key)
     return [np.asarray(jax.random.key_data(v) if key(v) else v) for v in jax.tree.leaves(tree)]
 
 
@@ -54,7 +54,7 @@ def test_dropout_rescalings_are_exact_for_every_mask(dtype):
     model = zoo.DropoutMLP(dtype, zoo.rbg_rngs(0))
     apply, params, _ = qo.models.functional(model, state=True)
     x = jnp.asarray(np.random.default_rng(0).uniform(-1.5, 1.5, (8, 3)), dtype)
-    fn = lambda p, rest_x: apply(p, *rest_x)[0]  # noqa: E731  (one program for every mask)
+    fn = lambda p, rest_x: apply(p, *rest_x)[0]  # one program for every mask
     outputs = []
     for seed in range(6):
         rest = nnx.split(zoo.DropoutMLP(dtype, zoo.rbg_rngs(seed)), nnx.Param, ...)[2]
@@ -67,6 +67,22 @@ def test_dropout_rescalings_are_exact_for_every_mask(dtype):
         wrong.check(fn, params, (rest, x))
 
 
+def _check_pure(model: nnx.Module, x: jax.Array) -> None:
+    before = _leaves(nnx.state(model))
+    apply, params = qo.models.functional(model)
+    y = np.asarray(apply(params, x))
+    y_jit, grads = jax.jit(lambda p: (
+        apply(p, x), jax.grad(lambda q: jnp.sum(apply(q, x) ** 2))(p)))(params)
+    np.testing.assert_allclose(np.asarray(y_jit), y, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(apply(params, x)), y)
+    assert all(np.all(np.isfinite(v)) for v in _leaves(grads))
+    assert any(np.any(v != 0) for v in _leaves(grads))
+    for a, b in zip(_leaves(nnx.state(model)), before):
+        np.testing.assert_array_equal(a, b)
+    # the model's own (stateful) first call computes the same thing
+    np.testing.assert_allclose(np.asarray(model(x)), y, rtol=1e-6)
+
+
 def test_functional_in_train_mode_is_pure_and_jits():
     """``functional(model)``: the same output eagerly and under jit, at every call (the
     non-Param state is held fixed), the model's own first call, and the model untouched;
@@ -75,20 +91,7 @@ def test_functional_in_train_mode_is_pure_and_jits():
     for model, shape in [(zoo.DropoutMLP(F32, zoo.rbg_rngs(3)), (4, 3)),
                          (zoo.BatchNormCNN(F32, zoo.rbg_rngs(3)), (4, 8, 8, 1)),
                          (zoo.RNNNet(F32, zoo.rbg_rngs(3)), (2, 5, 3))]:
-        x = jnp.asarray(rng.normal(size=shape), F32)
-        before = _leaves(nnx.state(model))
-        apply, params = qo.models.functional(model)
-        y = np.asarray(apply(params, x))
-        y_jit, grads = jax.jit(lambda p: (  # noqa: B023  (called at once)
-            apply(p, x), jax.grad(lambda q: jnp.sum(apply(q, x) ** 2))(p)))(params)
-        np.testing.assert_allclose(np.asarray(y_jit), y, rtol=1e-5, atol=1e-6)
-        np.testing.assert_array_equal(np.asarray(apply(params, x)), y)
-        assert all(np.all(np.isfinite(v)) for v in _leaves(grads))
-        assert any(np.any(v != 0) for v in _leaves(grads))
-        for a, b in zip(_leaves(nnx.state(model)), before):
-            np.testing.assert_array_equal(a, b)
-        # the model's own (stateful) first call computes the same thing
-        np.testing.assert_allclose(np.asarray(model(x)), y, rtol=1e-6)
+        _check_pure(model, jnp.asarray(rng.normal(size=shape), F32))
 
 
 def test_functional_with_state_follows_the_model():
@@ -167,7 +170,7 @@ def test_register_adapter_teaches_a_new_model_type(registry):
 
 def test_later_adapters_take_precedence(registry):
     """A user adapter registered later wins, over an earlier one and over the built-ins."""
-    is_toy = lambda m: isinstance(m, Toy)  # noqa: E731
+    is_toy = lambda m: isinstance(m, Toy)
     qo.register_adapter(is_toy, lambda m: (Toy.forward, m.weights))
     # a later one exposes only w1 to the symmetry (w2 becomes a constant): nothing moves
     qo.register_adapter(is_toy, lambda m: (lambda w1, x: Toy.forward({**m.weights, "w1": w1}, x),

@@ -50,16 +50,16 @@ if TYPE_CHECKING:  # pragma: no cover
 _NNX = ("MaxOverPieces", "MaxPoolNet", "SawtoothNet", "functional", "with_dense_weights")
 
 __all__ = [
-    "functional",
-    "max_of_planes_task",
     "MaxOverPieces",
-    "maxpool_task",
     "MaxPoolNet",
     "MaxTask",
-    "mse",
-    "sawtooth_task",
     "SawtoothNet",
     "SawtoothTask",
+    "functional",
+    "max_of_planes_task",
+    "maxpool_task",
+    "mse",
+    "sawtooth_task",
     "torch_uniform_init",
     "with_dense_weights",
 ]
