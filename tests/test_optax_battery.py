@@ -87,23 +87,28 @@ class Problem(NamedTuple):
 
 
 @functools.cache
-def problem(dtype_name: str = "float32") -> Problem:
-    """A 4-8-8-4 ReLU MLP fitting a teacher of the same shape (32 points)."""
-    dtype = jnp.dtype(dtype_name)
-
+def _mlp() -> tuple[qo.Symmetry, Any, Any, jax.Array, jax.Array]:
+    """A 4-8-8-4 ReLU MLP, its symmetry and params, 32 inputs and a same-shape teacher's
+    outputs (float32)."""
     def mlp(seed):
         rngs = nnx.Rngs(seed)
-        return nnx.Sequential(
-            nnx.Linear(4, 8, param_dtype=dtype, rngs=rngs), nnx.relu,
-            nnx.Linear(8, 8, param_dtype=dtype, rngs=rngs), nnx.relu,
-            nnx.Linear(8, 4, param_dtype=dtype, rngs=rngs),
-        )
+        return nnx.Sequential(nnx.Linear(4, 8, rngs=rngs), nnx.relu,
+                              nnx.Linear(8, 8, rngs=rngs), nnx.relu, nnx.Linear(8, 4, rngs=rngs))
 
     model = mlp(0)
     apply, params = functional(model)
     t_apply, t_params = functional(mlp(7))
-    x = jax.random.normal(jax.random.key(1), (32, 4), dtype)
-    y = t_apply(t_params, x).astype(jnp.float32)
+    x = jax.random.normal(jax.random.key(1), (32, 4), jnp.float32)
+    return qo.infer_symmetry(model), apply, params, x, t_apply(t_params, x)
+
+
+@functools.cache
+def problem(dtype_name: str = "float32") -> Problem:
+    """The MLP's least-squares fit of its teacher, with params and inputs in ``dtype_name``
+    (the residuals in float32)."""
+    sym, apply, params, x, y = _mlp()
+    params = jax.tree.map(lambda v: v.astype(dtype_name), params)
+    x = x.astype(dtype_name)
 
     def residual(p):
         return apply(p, x).astype(jnp.float32) - y
@@ -111,7 +116,7 @@ def problem(dtype_name: str = "float32") -> Problem:
     def loss(p):
         return jnp.mean(residual(p) ** 2)
 
-    return Problem(qo.infer_symmetry(model), apply, params, loss, residual)
+    return Problem(sym, apply, params, loss, residual)
 
 
 def build(case: Case, prob: Problem, **options) -> optax.GradientTransformation:

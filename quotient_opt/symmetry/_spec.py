@@ -55,6 +55,7 @@ from quotient_opt.symmetry._paths import (
     normalize_path,
     parse_path,
     path_str,
+    paths_str,
 )
 from quotient_opt.symmetry._views import broadcast_along
 
@@ -312,8 +313,8 @@ class Symmetry:
         """Every group, its leaves and axes, and why a group is or is not rescalable."""
         lines = [f"Symmetry: {len(self.groups)} group(s) with a symmetry"]
         if self.masked:
-            lines.append(f"restricted to a subtree: {len(self.masked)} leaf/leaves masked out ("
-                         + ", ".join(path_str(p) for p in self.masked) + ")")
+            lines.append(f"restricted to a subtree: {len(self.masked)} leaf/leaves masked out "
+                         f"({paths_str(self.masked)})")
         lines += [g.describe() for g in self.groups]
         if self.dropped:
             lines.append(f"without symmetry: {len(self.dropped)} group(s)")
@@ -756,16 +757,19 @@ def _apply(params: PyTree, pairs: list[tuple[UnitGroup, GroupElement]], power: i
     return map_with_path(apply, params)
 
 
-def _is_masked(x: Any) -> bool:
-    """``None`` or Optax's ``MaskedNode`` (a leaf that ``optax.masked`` left out)."""
-    return x is None or (type(x).__name__ == "MaskedNode"
-                         and type(x).__module__.startswith("optax"))
+def _is_masked_node(x: Any) -> bool:
+    """Optax's ``MaskedNode``: what ``optax.masked`` puts where it leaves a leaf out."""
+    return type(x).__name__ == "MaskedNode" and type(x).__module__.startswith("optax")
 
 
-def masked_paths(tree: PyTree) -> list[Path]:
-    """The paths of ``tree`` that hold a masked-out leaf or subtree."""
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_masked)
-    return [normalize_path(p) for p, x in flat if _is_masked(x)]
+def masked_paths(tree: PyTree, *, none: bool = True) -> list[Path]:
+    """The paths of ``tree`` that hold a masked-out leaf or subtree: an Optax ``MaskedNode``,
+    or (``none``) ``None``, as in the parts ``eqx.partition`` leaves out."""
+    def hole(x: Any) -> bool:
+        return _is_masked_node(x) or (none and x is None)
+
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=hole)
+    return [normalize_path(p) for p, x in flat if hole(x)]
 
 
 def _leaf_dtype(params: PyTree) -> Any:

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import optax
 
-from quotient_opt.symmetry._paths import path_str
+from quotient_opt.symmetry._paths import path_str, paths_str
 from quotient_opt.symmetry._spec import Symmetry, masked_paths
 from quotient_opt.transforms._transport import Laws, check_transportable, probe_laws
 
@@ -48,7 +48,7 @@ def on_subtree(sym: Symmetry, params: PyTree, who: str, *, warn: bool = False) -
         if lost:
             warnings.warn(
                 f"{who}: on the subtree it is given (optax.masked / optax.multi_transform, "
-                f"masking out {', '.join(path_str(p) for p in sub.masked)}), "
+                f"masking out {paths_str(sub.masked)}), "
                 f"{len(lost)} of {len(sym.groups)} symmetry group(s) are no symmetry of that "
                 f"subtree alone and lose their moves: {', '.join(lost)}; "
                 "print(sym.restrict(params)) says why",
@@ -58,9 +58,10 @@ def on_subtree(sym: Symmetry, params: PyTree, who: str, *, warn: bool = False) -
 
 
 def whole_tree(params: PyTree, who: str) -> None:
-    """Raises ValueError if ``params`` is a masked subtree (for computations that read
-    every layer, like the path norm)."""
-    holes = masked_paths(params)
+    """Raises ValueError if ``params`` is a subtree masked by Optax (for computations that
+    read every layer, like the path norm; ``None`` leaves are an equinox model's non-array
+    fields, which the traced forward computation does not read either)."""
+    holes = masked_paths(params, none=False)
     if holes and jax.tree.leaves(params):
         raise ValueError(
             f"{who}: needs the whole params tree (the path norm of a weight multiplies the "

@@ -180,7 +180,7 @@ def levenberg_marquardt(
             )
 
     def whole(params: PyTree) -> None:
-        holes = masked_paths(params)
+        holes = masked_paths(params, none=False)  # (None: an equinox model's static fields)
         if holes:
             raise ValueError(
                 "levenberg_marquardt: residual_fn takes the whole params, but it was given a "
