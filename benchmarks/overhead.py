@@ -21,8 +21,10 @@ Methods (all with Adam, lr 1e-3):
 * ``adam``: ``optax.adam``.
 * ``adam+project_horizontal``: ``optax.chain(optax.adam, qo.project_horizontal)``.
 * ``path_norm+adam``: ``optax.chain(qo.scale_by_path_norm, optax.adam)``.
-* ``rebalance(adam, every=1)`` and ``teleport(adam, every=10)`` (the loss is
-  passed as ``value_fn``).
+* ``rebalance(adam, every=1)`` and ``teleport(adam, every=10)``.
+
+Each is built by the shared registry of transformations
+(:mod:`benchmarks.cases`, which the test suite runs too), with lr 1e-3.
 
 Targets: MLP <= 1.15x for the projection and the path norm, <= 1.3x for
 ``rebalance(every=1)``; CNN <= 1.2x and <= 1.3x.
@@ -63,6 +65,7 @@ import optax
 from flax import nnx
 
 import quotient_opt as qo
+from benchmarks.cases import CASES_BY_NAME
 from quotient_opt.models import functional
 
 TARGETS = {
@@ -219,24 +222,20 @@ def mlp(seed: int = 0) -> nnx.Sequential:
     )
 
 
-def methods(sym: qo.Symmetry, lr: float = 1e-3) -> dict[str, Callable[[], object] | None]:
-    """Name -> factory of the optimizer (``None`` when missing from ``qo``)."""
-    out: dict[str, Callable[[], object] | None] = {
-        "adam": lambda: optax.adam(lr),
-        "adam+project_horizontal": lambda: optax.chain(
-            optax.adam(lr), qo.project_horizontal(sym)
-        ),
-        "path_norm+adam": lambda: optax.chain(qo.scale_by_path_norm(sym), optax.adam(lr)),
+def methods(sym: qo.Symmetry, lr: float = 1e-3) -> dict[str, tuple[Callable[[], object], bool]]:
+    """Name -> (factory of the optimizer, whether it reads the loss as ``value_fn``), built
+    from the shared registry :mod:`benchmarks.cases` with this benchmark's options."""
+    def case(name: str, **options: object) -> tuple[Callable[[], object], bool]:
+        c = CASES_BY_NAME[name]
+        return (lambda: c.build(sym, lr=lr, **options)), c.needs_value_fn
+
+    return {
+        "adam": ((lambda: optax.adam(lr)), False),
+        "adam+project_horizontal": case("project_horizontal"),
+        "path_norm+adam": case("scale_by_path_norm"),
+        "rebalance(adam, every=1)": case("rebalance", every=1),
+        "teleport(adam, every=10)": case("teleport", every=10, steps=10),
     }
-    reb = getattr(qo, "rebalance", None)
-    out["rebalance(adam, every=1)"] = (
-        None if reb is None else (lambda: reb(optax.adam(lr), sym, every=1))
-    )
-    tel = getattr(qo, "teleport", None)
-    out["teleport(adam, every=10)"] = (
-        None if tel is None else (lambda: tel(optax.adam(lr), sym, every=10))
-    )
-    return out
 
 
 def make_step(apply, tx, x, y, needs_value_fn: bool):
@@ -265,12 +264,9 @@ def run(*, quick: bool, seed: int = 0, model_name: str = "mlp") -> dict:
     rounds, per_round, warmup = (20, 3, 3) if quick else (60, 3, 5)
     runners = {}
     status = {}
-    for name, factory in methods(sym).items():
-        if factory is None:
-            status[name] = "missing"
-            continue
+    for name, (factory, needs_value_fn) in methods(sym).items():
         tx = factory()
-        step = make_step(apply, tx, x, y, needs_value_fn=name.startswith("teleport"))
+        step = make_step(apply, tx, x, y, needs_value_fn=needs_value_fn)
         state = tx.init(params0)
         params = params0
         t0 = time.perf_counter()

@@ -43,6 +43,12 @@ def path_str(path: Path) -> str:
     return "/".join(str(p) for p in path)
 
 
+def paths_str(paths: Sequence[Path], limit: int = 6) -> str:
+    """``'a/b, c/d, ... (N in all)'``: the first ``limit`` paths, and how many there are."""
+    shown = ", ".join(path_str(p) for p in paths[:limit])
+    return shown if len(paths) <= limit else f"{shown}, ... ({len(paths)} in all)"
+
+
 def parse_path(path: str | Sequence[str | int]) -> Path:
     """``'layers/0/kernel'`` -> ``('layers', 0, 'kernel')`` (digit-only parts become ints)."""
     if isinstance(path, str):

@@ -52,8 +52,10 @@ from quotient_opt.symmetry._paths import (
     Path,
     leaves_by_path,
     map_with_path,
+    normalize_path,
     parse_path,
     path_str,
+    paths_str,
 )
 from quotient_opt.symmetry._views import broadcast_along
 
@@ -269,7 +271,10 @@ class Symmetry:
       groups: the unit groups that have a symmetry.
       shapes: the shape of every leaf the groups touch (checked by
         :meth:`validate`).
-      dropped: groups found without any symmetry, kept for :meth:`describe`.
+      dropped: groups found without any symmetry, kept for :meth:`describe`
+        (and, after :meth:`restrict`, the groups that are no symmetry of the subtree).
+      masked: the leaves masked out of the tree this symmetry was restricted to
+        (:meth:`restrict`); :meth:`validate` does not ask for them.
       program: the traced forward computation (inference only), used by the
         path norm; ``None`` for hand-written specs. Not part of equality or
         hashing: two symmetries with the same groups compare equal, so code
@@ -280,6 +285,7 @@ class Symmetry:
     groups: tuple[UnitGroup, ...]
     shapes: tuple[tuple[Path, tuple[int, ...]], ...]
     dropped: tuple[UnitGroup, ...] = ()
+    masked: tuple[Path, ...] = ()
     program: Any = dataclasses.field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -306,6 +312,9 @@ class Symmetry:
     def describe(self) -> str:
         """Every group, its leaves and axes, and why a group is or is not rescalable."""
         lines = [f"Symmetry: {len(self.groups)} group(s) with a symmetry"]
+        if self.masked:
+            lines.append(f"restricted to a subtree: {len(self.masked)} leaf/leaves masked out "
+                         f"({paths_str(self.masked)})")
         lines += [g.describe() for g in self.groups]
         if self.dropped:
             lines.append(f"without symmetry: {len(self.dropped)} group(s)")
@@ -338,6 +347,8 @@ class Symmetry:
             return
         leaves = leaves_by_path(params)
         for path, shape in self.shapes:
+            if path in self.masked and path not in leaves:
+                continue
             if path not in leaves:
                 known = ", ".join(path_str(p) for p in list(leaves)[:8])
                 raise ValueError(
@@ -348,8 +359,91 @@ class Symmetry:
             if got != shape:
                 raise ValueError(
                     f"{what}: parameter '{path_str(path)}' has shape {got}, "
-                    f"the Symmetry expects {shape}"
+                    f"the Symmetry expects {shape} (it was built for another model)"
                 )
+
+    def restrict(self, tree: PyTree, *, what: str = "params") -> Symmetry:
+        """This symmetry on the subtree ``tree`` holds: the groups that stay symmetries of it.
+
+        ``optax.masked`` and ``optax.multi_transform`` give the transformation
+        inside them the params with the leaves it does not handle replaced by
+        ``optax.MaskedNode`` (equinox-style filtered trees hold ``None``). The
+        transformation then moves the leaves present only, the others stay
+        where they are or are moved by someone else. A group's moves are
+        therefore kept only where acting on the present leaves alone is still
+        exactly a symmetry of the function, whatever the masked leaves hold:
+
+        * every ref present: the group is kept as it is;
+        * a masked ref with a nonzero power (a kernel column or bias
+          producing the units, a next layer's rows reading them): the group
+          is dropped. Its rescaling multiplies that leaf by :math:`c` or
+          :math:`1/c` and its permutations move it; doing either to the
+          present leaves alone changes the function (frozen or not, the masked
+          leaf is not moved along: ``relu(c·w·x + b) != c·relu(w·x + b)``);
+        * masked refs with power 0 only (per-unit gains, permuted but never
+          rescaled): the rescaling is kept, since it leaves those leaves alone
+          in the whole model too, so it is the model's own rescaling; the
+          permutations (which would have to permute the gains) are dropped.
+
+        What was dropped is listed by :meth:`describe` (``print(sym)``) with
+        the masked leaves that caused it.
+
+        Args:
+          tree: params (or any tree of the same leaves), possibly with masked
+            leaves.
+          what: how to call it in error messages.
+
+        Returns:
+          ``self`` when every leaf is present (or ``tree`` is Optax's leafless
+          placeholder), else the restricted :class:`Symmetry` (no traced
+          program: the path norm needs the whole tree).
+
+        Raises:
+          ValueError: for a present leaf whose shape differs from the
+            symmetry's, or a missing leaf that ``tree`` does not mark as
+            masked, or a subtree holding none of the symmetry's leaves
+            without masked ones: then the symmetry was built for another model.
+        """
+        if not jax.tree.leaves(tree) and type(tree).__name__ == "_ParamsPlaceholder":
+            return self
+        leaves = leaves_by_path(tree)
+        missing = [p for p, _ in self.shapes if p not in leaves]
+        if not missing:
+            self.validate(tree, what=what)
+            return self
+        holes = masked_paths(tree)
+        masked = tuple(p for p in missing if any(p[: len(h)] == h for h in holes))
+        absent = [p for p in missing if p not in masked]
+        if absent:
+            known = ", ".join(path_str(p) for p in list(leaves)[:8])
+            raise ValueError(
+                f"{what}: no parameter at path '{path_str(absent[0])}' (this Symmetry was built "
+                f"for another model; {what} has: {known}; a subtree from optax.masked or "
+                "optax.multi_transform marks the leaves it leaves out, and those are accepted)"
+            )
+        gone = set(masked)
+        kept, dropped = [], []
+        for grp in self.groups:
+            lost = [r for r in grp.refs if r.path in gone]
+            names = ", ".join(sorted({path_str(r.path) for r in lost}))
+            if not lost:
+                kept.append(grp)
+            elif grp.rescalable and all(r.power == 0 for r in lost):
+                kept.append(dataclasses.replace(
+                    grp, refs=tuple(r for r in grp.refs if r.path not in gone),
+                    permutable=False, pieces_permutable=False,
+                    notes=(*grp.notes, (f"on this subtree: rescalable only ({names}, "
+                                        "permuted with the units, is masked out)"))))
+            else:
+                dropped.append(dataclasses.replace(
+                    grp, permutable=False, pieces_permutable=False, rescalable=False,
+                    notes=(*grp.notes, (f"dropped on this subtree: {names} is masked out, "
+                                        "and moving the other leaves alone changes the "
+                                        "function"))))
+        out = Symmetry(groups=tuple(kept), shapes=self.shapes,
+                       dropped=tuple(dropped) + self.dropped, masked=masked)
+        out.validate(tree, what=what)  # the shapes of the leaves present
+        return out
 
     def check(
         self,
@@ -661,6 +755,21 @@ def _apply(params: PyTree, pairs: list[tuple[UnitGroup, GroupElement]], power: i
         return x
 
     return map_with_path(apply, params)
+
+
+def _is_masked_node(x: Any) -> bool:
+    """Optax's ``MaskedNode``: what ``optax.masked`` puts where it leaves a leaf out."""
+    return type(x).__name__ == "MaskedNode" and type(x).__module__.startswith("optax")
+
+
+def masked_paths(tree: PyTree, *, none: bool = True) -> list[Path]:
+    """The paths of ``tree`` that hold a masked-out leaf or subtree: an Optax ``MaskedNode``,
+    or (``none``) ``None``, as in the parts ``eqx.partition`` leaves out."""
+    def hole(x: Any) -> bool:
+        return _is_masked_node(x) or (none and x is None)
+
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=hole)
+    return [normalize_path(p) for p, x in flat if hole(x)]
 
 
 def _leaf_dtype(params: PyTree) -> Any:

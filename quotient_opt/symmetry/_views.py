@@ -27,6 +27,37 @@ if TYPE_CHECKING:  # pragma: no cover
     from quotient_opt.symmetry._spec import AxisRef
 
 
+def explicit_sharding(x: Any) -> Any:
+    """The sharding in ``x``'s type if some axis is sharded on an ``Explicit`` mesh, else
+    ``None`` (unsharded, ``Auto`` meshes and single devices: the type carries no sharding)."""
+    typeof = getattr(jax, "typeof", None)  # jax >= 0.6
+    sharding = getattr(typeof(x), "sharding", None) if typeof is not None else None
+    spec = getattr(sharding, "spec", None)
+    return sharding if spec is not None and any(spec) else None
+
+
+def replicated(x: jax.Array) -> jax.Array:
+    """``x`` unsharded where its type is sharded on an ``Explicit`` mesh (else ``x`` itself).
+
+    Per-unit vectors and matrices (the sums below, a unit's rows) are
+    small: kept replicated, they combine with each other and broadcast
+    against any leaf's sharding without a sharding-type error.
+    """
+    sharding = explicit_sharding(x)
+    if sharding is None:
+        return x
+    return jax.sharding.reshard(
+        x, jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec()))
+
+
+def sharded_like(x: jax.Array, leaf: jax.Array) -> jax.Array:
+    """``x`` resharded to ``leaf``'s ``Explicit`` sharding (``x`` itself if ``leaf`` has none)."""
+    sharding = explicit_sharding(leaf)
+    if sharding is None or explicit_sharding(x) == sharding:
+        return x
+    return jax.sharding.reshard(x, sharding)
+
+
 def block(length: int, ref: AxisRef) -> int:
     """Positions per outer block of an axis of ``length`` positions."""
     return length // ref.outer
@@ -80,7 +111,7 @@ def write_rows(x: jax.Array, ref: AxisRef, count: int, new_rows: jax.Array) -> j
 
 def sums(x: jax.Array, ref: AxisRef, count: int) -> jax.Array:
     """Per unit: the sum of its entries of ``x`` (over every other axis and position)."""
-    v = jnp.sum(x, axis=tuple(a for a in range(x.ndim) if a != ref.axis))
+    v = replicated(jnp.sum(x, axis=tuple(a for a in range(x.ndim) if a != ref.axis)))
     if is_plain(v.shape[0], ref, count):
         return v
     return _segment(v, ref, count).sum(axis=(0, 2))
@@ -92,7 +123,7 @@ def pair_sums(
     """``S[u, w]``: the sum of the entries of ``x`` that belong to unit ``u`` of ``ref_a``
     and unit ``w`` of ``ref_b`` (two different axes of one leaf)."""
     other = tuple(a for a in range(x.ndim) if a not in (ref_a.axis, ref_b.axis))
-    m = jnp.sum(x, axis=other)
+    m = replicated(jnp.sum(x, axis=other))
     if ref_a.axis > ref_b.axis:
         m = m.T
     if not is_plain(m.shape[0], ref_a, count_a):

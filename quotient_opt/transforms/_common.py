@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -9,7 +10,8 @@ import jax
 import numpy as np
 import optax
 
-from quotient_opt.symmetry._spec import Symmetry
+from quotient_opt.symmetry._paths import path_str, paths_str
+from quotient_opt.symmetry._spec import Symmetry, masked_paths
 from quotient_opt.transforms._transport import Laws, check_transportable, probe_laws
 
 PyTree = Any
@@ -33,23 +35,66 @@ def check_params(params: PyTree, who: str) -> None:
         raise ValueError(f"{who}: params are required (pass params= to update)")
 
 
+def on_subtree(sym: Symmetry, params: PyTree, who: str, *, warn: bool = False) -> Symmetry:
+    """``sym.restrict(params)``: the groups that are symmetries of the (sub)tree given.
+
+    Under ``optax.masked`` / ``optax.multi_transform`` the transformation sees
+    a subtree (:meth:`~quotient_opt.Symmetry.restrict` says which groups stay
+    exact); with ``warn`` (at ``init``) a warning names the groups lost.
+    """
+    sub = sym.restrict(params)
+    if warn and sub is not sym:
+        lost = [g.name for g in sym.groups if g not in sub.groups]
+        if lost:
+            warnings.warn(
+                f"{who}: on the subtree it is given (optax.masked / optax.multi_transform, "
+                f"masking out {paths_str(sub.masked)}), "
+                f"{len(lost)} of {len(sym.groups)} symmetry group(s) are no symmetry of that "
+                f"subtree alone and lose their moves: {', '.join(lost)}; "
+                "print(sym.restrict(params)) says why",
+                stacklevel=3,
+            )
+    return sub
+
+
+def whole_tree(params: PyTree, who: str) -> None:
+    """Raises ValueError if ``params`` is a subtree masked by Optax (for computations that
+    read every layer, like the path norm; ``None`` leaves are an equinox model's non-array
+    fields, which the traced forward computation does not read either)."""
+    holes = masked_paths(params, none=False)
+    if holes and jax.tree.leaves(params):
+        raise ValueError(
+            f"{who}: needs the whole params tree (the path norm of a weight multiplies the "
+            "weights of every layer), but it was given a subtree masking out "
+            f"'{path_str(holes[0])}' (optax.masked / optax.multi_transform); chain it outside, "
+            f"e.g. optax.chain(qo.{who}(sym), optax.multi_transform(...))"
+        )
+
+
 def stateless_with_params(
-    sym: Symmetry, who: str, fn: Callable[[PyTree, PyTree], PyTree]
+    sym: Symmetry, who: str, fn: Callable[[Symmetry, PyTree, PyTree], PyTree], *,
+    needs_whole_tree: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
-    """A stateless transformation ``updates -> fn(updates, params)``.
+    """A stateless transformation ``updates -> fn(sym_on_the_tree, updates, params)``.
 
     ``init`` validates the params against ``sym`` (ValueError naming the
-    path); ``update`` requires ``params`` and ignores unknown extra args.
+    path) and restricts it to a masked subtree (:func:`on_subtree`), or with
+    ``needs_whole_tree`` refuses one; ``update`` requires ``params`` and
+    ignores unknown extra args.
     """
 
     def init_fn(params: PyTree) -> optax.EmptyState:
-        sym.validate(params)
+        if needs_whole_tree:
+            whole_tree(params, who)
+        on_subtree(sym, params, who, warn=True)
         return optax.EmptyState()
 
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args
         check_params(params, who)
-        return fn(updates, params), state
+        if needs_whole_tree:
+            whole_tree(params, who)
+        return fn(on_subtree(sym, params, who), updates, params), state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

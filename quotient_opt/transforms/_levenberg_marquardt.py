@@ -27,6 +27,12 @@ steps and converge quadratically, which is what turns "in the basin" into an
 exact fit: first-order methods (Adam, SGD) stall several orders of magnitude
 above it on ill-conditioned problems such as the sawtooth network.
 
+The linear algebra runs in at least float32 (bfloat16 and float16 params
+are solved in float32 and the step cast back), the state's scalars too. The
+update keeps the params' sharding (``Explicit`` meshes: the solve runs on
+replicated copies and the step is resharded; ``Auto``: its leaves are
+sharded alike the params).
+
 The update is branchless (``jnp.where``), so it runs under ``jax.jit``,
 ``jax.vmap`` (a population of networks: :func:`~quotient_opt.train_population`)
 and ``lax.scan``. Each update evaluates the residuals and their Jacobian
@@ -55,7 +61,12 @@ from typing import Any, Literal, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from jax.experimental.shard_alike import shard_alike
 from jax.flatten_util import ravel_pytree
+
+from quotient_opt.symmetry import _views as views
+from quotient_opt.symmetry._paths import path_str
+from quotient_opt.symmetry._spec import masked_paths, solve_dtype
 
 PyTree = Any
 
@@ -69,7 +80,9 @@ class LevenbergMarquardtState(NamedTuple):
       nu: Nielsen's growth factor :math:`\\nu` (2 after a success, doubled after
         each failure).
       value: :math:`\\lVert r\\rVert^2 / N` (the mean squared residual) at the
-        params the last update returned (after its step, if accepted).
+        params the last update returned (after its step, if accepted); ``inf``
+        before the first update (``init`` does not call ``residual_fn``, so it
+        works on ``jax.ShapeDtypeStruct`` params and under ``optax.tree.map_params``).
       accepted: whether the last step was accepted.
     """
 
@@ -166,10 +179,21 @@ def levenberg_marquardt(
                 f"sizes {sorted(map(str, sizes))}"
             )
 
+    def whole(params: PyTree) -> None:
+        holes = masked_paths(params, none=False)  # (None: an equinox model's static fields)
+        if holes:
+            raise ValueError(
+                "levenberg_marquardt: residual_fn takes the whole params, but it was given a "
+                f"subtree masking out '{path_str(holes[0])}' (optax.masked / "
+                "optax.multi_transform); apply it to the whole params tree"
+            )
+
     def flat_residuals(params: PyTree) -> jax.Array:
         if per_example:
-            return jnp.ravel(jax.vmap(residual_fn, in_axes=(None, 0))(params, data))
-        return jnp.ravel(residual_fn(params))
+            r = jax.vmap(residual_fn, in_axes=(None, 0))(params, data)
+        else:
+            r = residual_fn(params)
+        return jnp.ravel(views.replicated(r))  # (Explicit sharding: flattened replicated)
 
     def residuals_and_jacobian(params: PyTree, dtype: Any) -> tuple[jax.Array, jax.Array]:
         """``r (N,)`` and ``J (N, P)`` (columns in ``ravel_pytree`` order)."""
@@ -188,21 +212,20 @@ def levenberg_marquardt(
         flat, unravel = ravel_pytree(params)
 
         def res(v: jax.Array) -> jax.Array:
-            return jnp.ravel(residual_fn(unravel(v))).astype(dtype)
+            return jnp.ravel(views.replicated(residual_fn(unravel(v)))).astype(dtype)
 
         r = res(flat)
         mode = jacobian if jacobian != "auto" else ("fwd" if flat.shape[0] <= r.shape[0] else "rev")
         return r, (jax.jacfwd if mode == "fwd" else jax.jacrev)(res)(flat)
 
     def init_fn(params: PyTree) -> LevenbergMarquardtState:
-        flat, _ = ravel_pytree(params)
-        dtype = flat.dtype if jnp.issubdtype(flat.dtype, jnp.floating) else jnp.float32
-        r = flat_residuals(params)
+        whole(params)
+        dtype = solve_dtype(params)
         return LevenbergMarquardtState(
             count=jnp.zeros([], jnp.int32),
             damping=jnp.asarray(damping, dtype),
             nu=jnp.asarray(2.0, dtype),
-            value=jnp.mean(r.astype(dtype) ** 2),
+            value=jnp.asarray(jnp.inf, dtype),
             accepted=jnp.asarray(True),
         )
 
@@ -210,8 +233,11 @@ def levenberg_marquardt(
         del updates, extra_args
         if params is None:
             raise ValueError("levenberg_marquardt: params are required (pass params= to update)")
+        whole(params)
+        given = params
+        params = jax.tree.map(views.replicated, params)  # Explicit sharding: solve replicated
         flat, unravel = ravel_pytree(params)
-        dtype = flat.dtype
+        dtype = solve_dtype(params)  # bfloat16 / float16: solved in float32
         r, J = residuals_and_jacobian(params, dtype)
         n_res, n_par = J.shape
         g = J.T @ r
@@ -230,7 +256,7 @@ def levenberg_marquardt(
         else:  # parameter space: (J^T J + lam D) delta = -J^T r
             A = J.T @ J + jnp.diag(lam * d)
             delta = -jnp.linalg.solve(A, g)
-        r_new = flat_residuals(unravel(flat + delta)).astype(dtype)
+        r_new = flat_residuals(unravel((flat + delta).astype(flat.dtype))).astype(dtype)
         f0 = jnp.sum(r * r)
         f1 = jnp.sum(r_new * r_new)
         lin = r + J @ delta
@@ -251,6 +277,16 @@ def levenberg_marquardt(
             value=value.astype(state.value.dtype),
             accepted=ok,
         )
-        return unravel(step), new_state
+        out = jax.tree.map(_like, unravel(step.astype(flat.dtype)), given)
+        return out, new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _like(step: jax.Array, param: Any) -> jax.Array:
+    """``step`` in ``param``'s dtype and sharding: resharded on an ``Explicit`` mesh, else
+    sharded alike (the flat solve loses the layout an ``Auto`` mesh gave the params)."""
+    step = views.sharded_like(step.astype(jnp.result_type(param)), param)
+    if views.explicit_sharding(param) is None and isinstance(param, jax.Array):
+        step = shard_alike(step, param)[0]
+    return step

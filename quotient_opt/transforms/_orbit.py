@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import optax
 
 from quotient_opt.symmetry._spec import LogScales, Symmetry, solve_dtype
-from quotient_opt.transforms._common import check_params, init_inner
+from quotient_opt.transforms._common import check_params, init_inner, on_subtree
 from quotient_opt.transforms._transport import Laws, map_state
 
 PyTree = Any
@@ -128,34 +128,35 @@ def orbit_wrapper(
     sym: Symmetry,
     who: str,
     state_type: Callable[..., Any],
-    find: Callable[[PyTree, PyTree, Any], LogScales],
+    find: Callable[[Symmetry, PyTree, PyTree, Any], LogScales],
     *,
     every: int,
     move_params: bool,
     laws: Laws | None,
 ) -> optax.GradientTransformationExtraArgs:
-    """A wrapper holding a rescaling: every ``every`` steps it moves on by ``h = find(here,
-    updates, state)`` (``here = e^s · params``, computed inside the periodic branch only),
-    then steps from ``e^{s + h} · params`` and pulls back (:func:`orbit_step`).
+    """A wrapper holding a rescaling: every ``every`` steps it moves on by ``h = find(sym,
+    here, updates, state)`` (``here = e^s · params``, computed inside the periodic branch
+    only; ``sym`` restricted to the tree given, :func:`on_subtree`), then steps from
+    ``e^{s + h} · params`` and pulls back (:func:`orbit_step`).
 
     ``state_type(count, log_scales, inner_state)`` builds the wrapper's state.
     """
     inner = optax.with_extra_args_support(inner)
 
     def init_fn(params: PyTree) -> Any:
-        sym.validate(params)
-        return state_type(jnp.zeros([], jnp.int32), zero_log_scales(sym, params),
+        sub = on_subtree(sym, params, who, warn=True)
+        return state_type(jnp.zeros([], jnp.int32), zero_log_scales(sub, params),
                           init_inner(inner, params, laws))
 
     def update_fn(updates, state, params=None, **extra_args):
         check_params(params, who)
-        sym.validate(params)
+        sub = on_subtree(sym, params, who)
         h, inner_state = periodic_move(
             every, state.count,
-            lambda: find(sym.rescale(params, state.log_scales), updates, state), sym,
+            lambda: find(sub, sub.rescale(params, state.log_scales), updates, state), sub,
             state.inner_state, params, laws)
         out, inner_state, s = orbit_step(
-            inner, sym, updates, inner_state, params, state.log_scales, h, extra_args,
+            inner, sub, updates, inner_state, params, state.log_scales, h, extra_args,
             move_params=move_params)
         return out, state_type(optax.safe_increment(state.count), s, inner_state)
 

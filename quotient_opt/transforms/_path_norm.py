@@ -139,7 +139,7 @@ def scale_by_path_norm(
     if isinstance(eps, (int, float)) and not eps > 0:
         raise ValueError(f"eps must be > 0, got {eps}")
 
-    def scale(updates: PyTree, params: PyTree) -> PyTree:
+    def scale(_: Symmetry, updates: PyTree, params: PyTree) -> PyTree:
         gamma = path_norm_curvature(sym, params)
 
         def one(u: jax.Array, gm: jax.Array) -> jax.Array:
@@ -148,7 +148,7 @@ def scale_by_path_norm(
 
         return jax.tree.map(one, updates, gamma)
 
-    return stateless_with_params(sym, "scale_by_path_norm", scale)
+    return stateless_with_params(sym, "scale_by_path_norm", scale, needs_whole_tree=True)
 
 
 def path_sgd(

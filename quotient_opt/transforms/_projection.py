@@ -198,7 +198,7 @@ def project_horizontal(
         if isinstance(val, (int, float)) and not val >= 0:
             raise ValueError(f"{name} must be >= 0, got {val}")
 
-    def project(updates: PyTree, params: PyTree) -> PyTree:
-        return horizontal_component(sym, params, updates, eps=eps, tol=tol, max_iter=max_iter)
+    def project(sub: Symmetry, updates: PyTree, params: PyTree) -> PyTree:
+        return horizontal_component(sub, params, updates, eps=eps, tol=tol, max_iter=max_iter)
 
     return stateless_with_params(sym, "project_horizontal", project)

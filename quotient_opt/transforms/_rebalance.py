@@ -123,6 +123,6 @@ def rebalance(
     check_every(every)
     return orbit_wrapper(
         inner, sym, "rebalance", RebalanceState,
-        lambda here, updates, state: canonical_log_scales(
-            sym, here, tol=tol, max_iter=max_iter)[0],
+        lambda sub, here, updates, state: canonical_log_scales(
+            sub, here, tol=tol, max_iter=max_iter)[0],
         every=every, move_params=move_params, laws=laws)

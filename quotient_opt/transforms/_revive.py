@@ -81,7 +81,7 @@ import jax.numpy as jnp
 import optax
 
 from quotient_opt.transforms._transport import Laws, map_state
-from quotient_opt.transforms._common import check_params, init_inner
+from quotient_opt.transforms._common import check_params, init_inner, on_subtree
 from quotient_opt.symmetry import _views as views
 from quotient_opt.symmetry._paths import Path, leaves_by_path, map_with_path
 from quotient_opt.symmetry._spec import AxisRef, Symmetry, UnitGroup
@@ -120,9 +120,10 @@ class ReviveDeadUnitsState(NamedTuple):
 
 
 def _rows(tree: PyTree, specs: Specs, n: int) -> list[jax.Array]:
-    """The ``(n, e)`` blocks holding unit ``i``'s entries in row ``i``, one per ref."""
+    """The ``(n, e)`` blocks holding unit ``i``'s entries in row ``i``, one per ref
+    (replicated: rows of differently sharded leaves are concatenated and indexed)."""
     leaves = leaves_by_path(tree)
-    return [views.rows(leaves[r.path], r, n) for r in specs]
+    return [views.replicated(views.rows(leaves[r.path], r, n)) for r in specs]
 
 
 def _write_rows(tree: PyTree, specs: Specs, n: int, blocks: list[jax.Array]) -> PyTree:
@@ -132,9 +133,10 @@ def _write_rows(tree: PyTree, specs: Specs, n: int, blocks: list[jax.Array]) -> 
         table.setdefault(r.path, []).append((r, b))
 
     def put(path: Path, leaf: jax.Array) -> jax.Array:
+        new = leaf
         for r, b in table.get(path, ()):
-            leaf = views.write_rows(leaf, r, n, b)
-        return leaf
+            new = views.write_rows(new, r, n, b)
+        return views.sharded_like(new, leaf)
 
     return map_with_path(put, tree)
 
@@ -624,10 +626,12 @@ def revive_dead_units(
         if isinstance(v, (int, float)) and v < 0:
             raise ValueError(f"{name} must be >= 0, got {v}")
     inner = optax.with_extra_args_support(inner)
-    groups = tuple(g for g in sym.groups if _revivable(g))
+    def revivable(params: PyTree, warn: bool = False) -> tuple[Symmetry, tuple[UnitGroup, ...]]:
+        on_tree = on_subtree(sym, params, "revive_dead_units", warn=warn)
+        return on_tree, tuple(g for g in on_tree.groups if _revivable(g))
 
     def init_fn(params: PyTree) -> ReviveDeadUnitsState:
-        sym.validate(params)
+        _, groups = revivable(params, warn=True)
         return ReviveDeadUnitsState(
             count=jnp.zeros([], jnp.int32),
             dead_steps=tuple(jnp.zeros((g.units,), jnp.int32) for g in groups),
@@ -646,6 +650,7 @@ def revive_dead_units(
         **extra_args: Any,
     ) -> tuple[PyTree, ReviveDeadUnitsState]:
         check_params(params, "revive_dead_units")
+        sym_t, groups = revivable(params)
         alive, dead = [], []
         for grp, steps in zip(groups, state.dead_steps):
             g = jnp.concatenate(_rows(updates, _producing(grp), grp.units), axis=1)
@@ -661,7 +666,7 @@ def revive_dead_units(
             out = []
             for i, grp in enumerate(groups):
                 params, p, d, do = _revive_group(
-                    sym, grp, params, dead[i], alive[i], keys[i], value_fn,
+                    sym_t, grp, params, dead[i], alive[i], keys[i], value_fn,
                     jnp.asarray(patience), jnp.asarray(perturbation), num_candidates,
                     line_search, newton_steps,
                 )
@@ -678,7 +683,7 @@ def revive_dead_units(
                 # split is applied only if it lowers the loss.
                 for i, grp in enumerate(groups):
                     if grp.pieces > 1:
-                        share = _support_share(sym, grp, params, value_fn)
+                        share = _support_share(sym_t, grp, params, value_fn)
                         starved = (share < min_support) & (state.count >= patience)
                         due_dead[i] = jnp.where(starved, jnp.maximum(dead[i], patience),
                                                 dead[i]).astype(jnp.int32)

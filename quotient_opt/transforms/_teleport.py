@@ -205,8 +205,8 @@ def teleport(
         raise ValueError(f"steps must be >= 0, got {steps}")
     return orbit_wrapper(
         inner, sym, "teleport", TeleportState,
-        lambda here, updates, state: teleport_log_scales(
-            sym, here, grads=sym.rescale(updates, state.log_scales, power=-1), steps=steps,
+        lambda sub, here, updates, state: teleport_log_scales(
+            sub, here, grads=sub.rescale(updates, state.log_scales, power=-1), steps=steps,
             learning_rate=learning_rate, max_log_scale=max_log_scale,
             from_canonical=from_canonical, tol=tol, max_iter=max_iter),
         every=every, move_params=move_params, laws=laws)
