@@ -15,6 +15,7 @@ from quotient_opt.transforms._transport import (
     ADOPT_LAWS,
     check_transportable,
     map_state,
+    measure_laws,
     probe_laws,
     transport_state,
 )
@@ -27,6 +28,7 @@ __all__ = [
     "horizontal_component",
     "levenberg_marquardt",
     "map_state",
+    "measure_laws",
     "path_norm_curvature",
     "path_sgd",
     "probe_laws",

@@ -10,7 +10,7 @@ import numpy as np
 import optax
 
 from quotient_opt.symmetry._spec import Symmetry
-from quotient_opt.transforms._transport import Laws, check_transportable, probe_laws
+from quotient_opt.transforms._transport import Laws, check_transportable
 
 PyTree = Any
 
@@ -54,10 +54,15 @@ def stateless_with_params(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def init_inner(inner: optax.GradientTransformation, params: PyTree, laws: Laws | None) -> PyTree:
-    """``inner.init(params)``, refusing at once a state that cannot follow the orbit moves."""
+def init_inner(inner: optax.GradientTransformation, params: PyTree, laws: Laws | None,
+               *, strict: bool = True) -> PyTree:
+    """``inner.init(params)``, refusing at once a state that cannot follow the orbit moves.
+
+    The laws are measured on ``inner`` (:func:`~quotient_opt.measure_laws`, cached, so
+    the moves at ``update`` reuse them); ``strict=False`` falls back to the registry
+    for fields no measured power describes (see :func:`~quotient_opt.map_state`).
+    """
     state = inner.init(params)
     if jax.tree.leaves(params):  # (optax.tree.map_params initialises with a placeholder)
-        check_transportable(state, params, laws=laws)
-        probe_laws(inner, state, params, laws=laws)
+        check_transportable(state, params, tx=inner, laws=laws, strict=strict)
     return state

@@ -47,9 +47,10 @@ def zero_log_scales(sym: Symmetry, params: PyTree) -> LogScales:
 
 
 def transport(sym: Symmetry, state: PyTree, params: PyTree, h: LogScales,
-              laws: Laws | None) -> PyTree:
-    """Moves an inner state along the rescaling ``h`` (each field by its law, gather-free)."""
-    return map_state(lambda p, t: sym.rescale(t, h, power=p), state, params, laws=laws)
+              laws: Laws | None, tx: optax.GradientTransformation) -> PyTree:
+    """Moves the state of ``tx`` along the rescaling ``h`` (each field by its measured law,
+    gather-free)."""
+    return map_state(lambda p, t: sym.rescale(t, h, power=p), state, params, tx=tx, laws=laws)
 
 
 def periodic_move(
@@ -60,6 +61,7 @@ def periodic_move(
     inner_state: PyTree,
     params: PyTree,
     laws: Laws | None,
+    tx: optax.GradientTransformation,
 ) -> tuple[LogScales, PyTree]:
     """On steps with ``count % every == 0``: the move ``h = find()`` and the inner state
     carried along it; on other steps: no move, state unchanged.
@@ -73,7 +75,7 @@ def periodic_move(
 
     def move(st: PyTree) -> tuple[LogScales, PyTree]:
         h = find()
-        return h, transport(sym, st, params, h, laws)
+        return h, transport(sym, st, params, h, laws, tx)
 
     def stay(st: PyTree) -> tuple[LogScales, PyTree]:
         return zero_log_scales(sym, params), st
@@ -153,7 +155,7 @@ def orbit_wrapper(
         h, inner_state = periodic_move(
             every, state.count,
             lambda: find(sym.rescale(params, state.log_scales), updates, state), sym,
-            state.inner_state, params, laws)
+            state.inner_state, params, laws, inner)
         out, inner_state, s = orbit_step(
             inner, sym, updates, inner_state, params, state.log_scales, h, extra_args,
             move_params=move_params)

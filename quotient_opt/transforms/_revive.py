@@ -634,7 +634,7 @@ def revive_dead_units(
             revivals=jnp.zeros([], jnp.int32),
             attempts=jnp.zeros([], jnp.int32),
             key=jax.random.PRNGKey(jnp.asarray(seed, jnp.uint32)),
-            inner_state=init_inner(inner, params, laws),
+            inner_state=init_inner(inner, params, laws, strict=False),
         )
 
     def update_fn(
@@ -739,7 +739,8 @@ def revive_dead_units(
                     )
             return tree
 
-        inner_state = map_state(reset, state.inner_state, params, laws=laws)
+        inner_state = map_state(reset, state.inner_state, params, tx=inner, laws=laws,
+                                strict=False)
         if value_fn is not None:
             extra_args = {**extra_args, "value_fn": value_fn}
         inner_updates, inner_state = inner.update(updates, inner_state, moved, **extra_args)
