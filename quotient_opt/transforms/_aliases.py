@@ -54,6 +54,11 @@ import optax
 from quotient_opt.transforms._rebalance import rebalance
 from quotient_opt.symmetry._spec import Symmetry
 
+#: The laws of ``optax.scale_by_adam``'s state (first moment -1, second moment -2).
+ADAM_LAWS = {(optax.ScaleByAdamState, "mu"): -1, (optax.ScaleByAdamState, "nu"): -2}
+#: The law of ``optax.trace``'s state fed by raw gradients.
+MOMENTUM_LAWS = {(optax.TraceState, "trace"): -1}
+
 
 def _projection(sym: Symmetry) -> list[optax.GradientTransformation]:
     try:
@@ -106,8 +111,9 @@ def quotient_sgd(
     parts = [optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov)]
     if project:
         parts += _projection(sym)
+    # the law of the momentum it builds (a trace of raw gradients), stated: nothing to probe
     return rebalance(optax.chain(*parts), sym, every=every, tol=tol, max_iter=max_iter,
-                     move_params=move_params)
+                     move_params=move_params, laws=MOMENTUM_LAWS)
 
 
 def quotient_adam(
@@ -158,5 +164,7 @@ def quotient_adam(
     if project:
         parts += _projection(sym)
     parts.append(optax.scale_by_learning_rate(learning_rate))
+    # the laws of the Adam it builds, stated (nothing to probe; under
+    # optax.inject_hyperparams b1 and b2 are traced and could not be measured)
     return rebalance(optax.chain(*parts), sym, every=every, tol=tol, max_iter=max_iter,
-                     move_params=move_params)
+                     move_params=move_params, laws=ADAM_LAWS)

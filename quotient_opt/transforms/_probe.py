@@ -18,8 +18,8 @@ The data has the structure, shapes and (at least float32) dtypes of the real
 parameters, never their values, so a probe can run at ``init`` and at trace
 time alike: it runs eagerly (``jax.ensure_compile_time_eval``), also inside
 ``jit``, on concrete arrays; a transformation whose results depend on traced
-values (a hyperparameter traced by an outer ``jit`` or ``vmap``) cannot be
-probed and :class:`ProbeError` is raised.
+values (a hyperparameter traced by an outer ``jit`` or ``vmap``) gives traced
+results there, which the probes treat as unmeasured.
 """
 
 from __future__ import annotations
@@ -100,9 +100,11 @@ def gradient_like(rng: np.random.Generator, shape: tuple, dtype: np.dtype) -> np
 def run(tx: Any, data: Data, thetas: list | None = None, grads: list | None = None) -> Run:
     """Runs ``tx`` from ``init(thetas[0])`` for ``len(grads)`` updates, eagerly.
 
+    Parts of the states and outputs may be traced (see :func:`traced`).
+
     Raises:
       ProbeError: ``tx`` failed on the data (e.g. it needs extra args such as
-        ``value``), or its state or output holds traced values.
+        ``value``).
     """
     thetas = data.thetas if thetas is None else thetas
     grads = data.grads if grads is None else grads
@@ -117,9 +119,13 @@ def run(tx: Any, data: Data, thetas: list | None = None, grads: list | None = No
                 outputs.append(out)
     except Exception as err:  # noqa: BLE001 - any failure means "cannot probe"
         raise ProbeError(f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
-    if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((states, outputs))):
-        raise ProbeError("its state or update depends on traced values")
     return Run(states, outputs)
+
+
+def traced(tree: PyTree) -> bool:
+    """Whether ``tree`` holds traced values (it depends on a value traced by an outer
+    ``jit`` or ``vmap``, such as a hyperparameter of ``optax.inject_hyperparams``)."""
+    return any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(tree))
 
 
 class Cache:

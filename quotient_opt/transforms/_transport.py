@@ -679,10 +679,12 @@ class _Walker:
         self.n_param_leaves = len(jax.tree.leaves(params))
         self.visits: list[tuple[str, int]] = []
         self.paths: list[str] = []
+        self.given: list[bool] = []  # per visit: the law came from the user
         # measured laws by path (None: no tx, or a tx that could not be probed)
         self.measured = measured
         self.verdicts = None if measured is None else measured.fields
         self.strict = strict
+        self._given_now = False
 
     # ------------------------------------------------------------ params-shaped trees
 
@@ -775,13 +777,17 @@ class _Walker:
         full, restore = got
         self.visits.append((where, power))
         self.paths.append(path)
+        self.given.append(self._given_now)
         return restore(self.fn(power, full, where))
 
     def _verdict(self, path: str) -> Verdict | None:
-        """The probe's verdict on the field at ``path`` (None: not probed)."""
+        """The probe's verdict on the field at ``path`` (None: not probed, or it stayed
+        zero on the probe's data, e.g. a momentum after a learning rate of 0: the
+        registry's law then applies)."""
         if self.verdicts is None:
             return None
-        return self.verdicts.get(path)
+        verdict = self.verdicts.get(path)
+        return None if verdict is not None and verdict.reason in _UNMEASURED else verdict
 
     def _not_probed(self) -> str:
         """Why the table is used: no tx, or a tx the probe could not run."""
@@ -808,6 +814,7 @@ class _Walker:
         if self.holds_params(node):
             verdict = self._verdict(path)
             if verdict is not None and verdict.power is not None:
+                self._given_now = False
                 return self._apply(verdict.power, node, path, path=path), None
             raise ValueError(
                 f"{path}: params-shaped data that is not a field of a registered state "
@@ -851,6 +858,7 @@ class _Walker:
             where = f"{name}.{field} (at {here})"
             law = self._law(typ, field, entry)
             user = (typ, field) in self.user or field in self.user
+            self._given_now = user
             verdict = None if user or isinstance(law, _Refuse) else self._verdict(here)
             if verdict is not None:  # measured on the optimizer: its law, or a refusal
                 if verdict.power is not None:
@@ -879,7 +887,10 @@ class _Walker:
             elif isinstance(law, _Power):
                 if law.shared and self.strict and self.holds_params(value):
                     why = ("" if self.measured is None else
-                           f" (tx could not be probed: {self.measured.error})")
+                           f" (tx could not be probed: {self.measured.error})"
+                           if self.verdicts is None else
+                           f" (tx was probed, but this field "
+                           f"{self.verdicts.get(here, Verdict(None, ZERO)).reason})")
                     raise ValueError(f"cannot transport {where}: {law.shared}{why}.")
                 if law.stream and q is None:
                     raise ValueError(
@@ -1000,6 +1011,8 @@ def _judge(steps0: list[PyTree], steps1: list[PyTree], params_def: Any,
                 zip(_leaf_index(v0, params_def), _leaf_index(v1, params_def))):
             if i is None:
                 continue
+            if _probe.traced((a, b)):
+                return Verdict(None, TRACED)
             a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
             if not (np.isfinite(a).all() and np.isfinite(b).all()):
                 return Verdict(None, "turns non-finite on the probe's data")
@@ -1079,6 +1092,8 @@ def _measure(tx: Any, params: PyTree, steps: int = _probe.STEPS) -> Measured:
 
 _MEASURED = _probe.Cache()
 ZERO = "stays zero on the probe's data, so its law cannot be measured"
+TRACED = "depends on a value traced by an outer jit or vmap, so its law cannot be measured"
+_UNMEASURED = (ZERO, TRACED)  # the registry's law applies to these
 
 
 def measure_laws(tx: Any, params: PyTree) -> Measured:
@@ -1121,9 +1136,23 @@ def measure_laws(tx: Any, params: PyTree) -> Measured:
                          lambda: _measure(tx, params))
 
 
-def _measured_for(tx: Any, state: PyTree, params: PyTree) -> Measured | None:
-    """The measured laws of ``tx`` for ``state`` (None without tx), checking they match."""
-    if tx is None:
+def _given(state: PyTree, params: PyTree, laws: Laws | None) -> bool:
+    """Whether ``laws`` give the law of every params-shaped field (nothing to measure)."""
+    if not laws:
+        return False
+    walker = _Walker(lambda p, t, where: t, params, laws, strict=False)
+    try:
+        walker.walk(state, -1, "state")
+    except ValueError:
+        return False
+    return all(walker.given)
+
+
+def _measured_for(tx: Any, state: PyTree, params: PyTree,
+                  laws: Laws | None = None) -> Measured | None:
+    """The measured laws of ``tx`` for ``state`` (None without tx, or when ``laws`` give
+    every field's), checking they match."""
+    if tx is None or _given(state, params, laws):
         return None
     if not jax.tree.leaves(params):
         return Measured(None, "params have no leaves")
@@ -1201,7 +1230,7 @@ def map_state(
       in Deep Neural Networks*, 2015. https://arxiv.org/abs/1506.02617
     """
     walker = _Walker(lambda p, t, where: fn(p, t), params, laws,
-                     _measured_for(tx, state, params), strict=strict)
+                     _measured_for(tx, state, params, laws), strict=strict)
     return walker.walk(state, -1, "state")[0]
 
 
@@ -1230,8 +1259,8 @@ def check_transportable(
     Raises:
       ValueError: as :func:`map_state`.
     """
-    walker = _Walker(lambda p, t, where: t, params, laws, _measured_for(tx, state, params),
-                     strict=strict)
+    walker = _Walker(lambda p, t, where: t, params, laws,
+                     _measured_for(tx, state, params, laws), strict=strict)
     walker.walk(state, -1, "state")
     return list(walker.visits)
 
