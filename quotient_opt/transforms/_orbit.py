@@ -36,6 +36,7 @@ import optax
 
 from quotient_opt.symmetry._spec import LogScales, Symmetry, solve_dtype
 from quotient_opt.transforms._common import check_params, init_inner
+from quotient_opt.transforms._order import JUMP, mark
 from quotient_opt.transforms._transport import Laws, map_state
 
 PyTree = Any
@@ -135,19 +136,22 @@ def orbit_wrapper(
     every: int,
     move_params: bool,
     laws: Laws | None,
+    roles: tuple[str, ...] = (),
 ) -> optax.GradientTransformationExtraArgs:
     """A wrapper holding a rescaling: every ``every`` steps it moves on by ``h = find(here,
     updates, state)`` (``here = e^s · params``, computed inside the periodic branch only),
     then steps from ``e^{s + h} · params`` and pulls back (:func:`orbit_step`).
 
-    ``state_type(count, log_scales, inner_state)`` builds the wrapper's state.
+    ``state_type(count, log_scales, inner_state)`` builds the wrapper's state; the
+    result is marked (:mod:`~quotient_opt.transforms._order`) with ``roles``, and as a
+    jump with ``move_params``.
     """
     inner = optax.with_extra_args_support(inner)
 
     def init_fn(params: PyTree) -> Any:
         sym.validate(params)
         return state_type(jnp.zeros([], jnp.int32), zero_log_scales(sym, params),
-                          init_inner(inner, params, laws))
+                          init_inner(inner, params, laws, who=f"qo.{who}", sym=sym))
 
     def update_fn(updates, state, params=None, **extra_args):
         check_params(params, who)
@@ -161,4 +165,6 @@ def orbit_wrapper(
             move_params=move_params)
         return out, state_type(optax.safe_increment(state.count), s, inner_state)
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    label = f"qo.{who}(move_params=True)" if move_params else f"qo.{who}"
+    return mark(optax.GradientTransformationExtraArgs(init_fn, update_fn), label,
+                *roles, *((JUMP,) if move_params else ()))

@@ -53,6 +53,7 @@ import optax
 from quotient_opt.symmetry._program import Program
 from quotient_opt.symmetry._spec import Symmetry
 from quotient_opt.transforms._common import check_symmetry, stateless_with_params
+from quotient_opt.transforms._order import PATH_NORM, mark
 
 PyTree = Any
 
@@ -148,7 +149,8 @@ def scale_by_path_norm(
 
         return jax.tree.map(one, updates, gamma)
 
-    return stateless_with_params(sym, "scale_by_path_norm", scale)
+    return mark(stateless_with_params(sym, "scale_by_path_norm", scale),
+                "qo.scale_by_path_norm", PATH_NORM)
 
 
 def path_sgd(

@@ -82,6 +82,7 @@ import optax
 
 from quotient_opt.transforms._transport import Laws, map_state
 from quotient_opt.transforms._common import check_params, init_inner
+from quotient_opt.transforms._order import JUMP, mark
 from quotient_opt.symmetry import _views as views
 from quotient_opt.symmetry._paths import Path, leaves_by_path, map_with_path
 from quotient_opt.symmetry._spec import AxisRef, Symmetry, UnitGroup
@@ -634,7 +635,7 @@ def revive_dead_units(
             revivals=jnp.zeros([], jnp.int32),
             attempts=jnp.zeros([], jnp.int32),
             key=jax.random.PRNGKey(jnp.asarray(seed, jnp.uint32)),
-            inner_state=init_inner(inner, params, laws, strict=False),
+            inner_state=init_inner(inner, params, laws, strict=False, who="qo.revive_dead_units"),
         )
 
     def update_fn(
@@ -761,4 +762,5 @@ def revive_dead_units(
             inner_state=inner_state,
         )
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return mark(optax.GradientTransformationExtraArgs(init_fn, update_fn),
+                "qo.revive_dead_units", JUMP)  # a split is a jump: nothing may follow it
