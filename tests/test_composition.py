@@ -188,6 +188,8 @@ def test_unsafe_inner_states_are_refused_at_init():
         qo.rebalance(optax.adagrad(1e-2), sym).init(p0)  # initial_accumulator_value=0.1
     with pytest.raises(ValueError, match="ScheduleFreeState.z"):
         qo.teleport(optax.contrib.schedule_free_adamw(1e-2), sym).init(p0)
+    with pytest.raises(ValueError, match="ScaleByAdamState.mu.*not homogeneous"):  # README
+        qo.rebalance(optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-2)), sym).init(p0)
 
 
 def test_shared_state_types_get_their_measured_laws():

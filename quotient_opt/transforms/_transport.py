@@ -1372,7 +1372,9 @@ def map_param_like(fn: Callable[[Kind, PyTree], PyTree], state: PyTree, params: 
       fn: the map.
       state: an Optax state (see :func:`map_state`).
       params: parameters, used only for their structure and shapes.
-      tx: the optimizer, as in :func:`map_state`.
+      tx: the optimizer, as in :func:`map_state`: with it the kinds are measured;
+        without it they are the registry's (``strict=False`` of :func:`map_state`: a
+        classification, not a move, so a shared type gets adam's kinds).
 
     Raises:
       ValueError: as :func:`map_state`, and for a field whose law is neither
@@ -1389,5 +1391,5 @@ def map_param_like(fn: Callable[[Kind, PyTree], PyTree], state: PyTree, params: 
             "(-1) nor a second (-2) moment; use quotient_opt.map_state(fn(power, tree), ...)"
         )
 
-    return _Walker(by_kind, params, None, _measured_for(tx, state, params)).walk(
-        state, -1, "state")[0]
+    return _Walker(by_kind, params, None, _measured_for(tx, state, params),
+                   strict=False).walk(state, -1, "state")[0]
