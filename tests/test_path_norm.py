@@ -277,3 +277,33 @@ def test_errors():
         tx.init(other)
     with pytest.raises(ValueError, match="params"):
         tx.update(params, tx.init(params))
+
+
+@pytest.mark.parametrize("make", [
+    lambda sym: qo.path_sgd(0.1, sym),
+    lambda sym: qo.path_sgd(0.1, sym, momentum=0.9),
+    lambda sym: optax.chain(qo.scale_by_path_norm(sym), qo.project_horizontal(sym),
+                            optax.scale(-0.1)),
+], ids=["path_sgd", "path_sgd momentum", "path norm + projection"])
+def test_one_nan_gradient_entry_stays_in_its_entry(make):
+    """Issue 17: one NaN gradient entry made every parameter NaN within 3 steps (the
+    NaN parameter entered every path sum). A non-finite parameter now counts as a zero
+    weight in the path sums, so after 3 steps (gradients finite after the first) only
+    the entry that received the NaN is NaN, as with an elementwise optimizer."""
+    model = maxpool_hidden_net()
+    sym = qo.infer_symmetry(model)
+    _, params = functional(model)
+    tx = make(sym)
+    state = tx.init(params)
+    keys = jax.random.split(jax.random.key(0), 3)
+    for t, k in enumerate(keys):
+        grads = optax.tree.random_like(k, params, jax.random.normal)
+        if t == 0:
+            grads = map_with_path(
+                lambda p, x: x.at[1, 2].set(jnp.nan) if p == ("layers", 0, "kernel") else x,
+                grads)
+        u, state = jax.jit(tx.update)(grads, state, params)
+        params = optax.apply_updates(params, u)
+    bad = {p: np.argwhere(~np.isfinite(np.asarray(x))).tolist()
+           for p, x in leaves_by_path(params).items()}
+    assert {p: b for p, b in bad.items() if b} == {("layers", 0, "kernel"): [[1, 2]]}

@@ -70,7 +70,7 @@ def test_matches_manual_adam_with_gather_based_transport(move_params):
         gr = jax.grad(loss)(q)
         if t % 2 == 0:
             c, g = qo.canonicalize(sym, q)
-            s_ref = transport_state(sym, s_ref, q, g)
+            s_ref = transport_state(sym, s_ref, q, g, tx=inner)
             gr = sym.act(gr, g, power=-1)
             q = c
             g_total = sym.compose(g_total, g)

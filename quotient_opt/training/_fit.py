@@ -8,6 +8,8 @@ from typing import Any
 import jax
 import optax
 
+from quotient_opt.transforms._order import check_chain
+
 PyTree = Any
 
 
@@ -68,6 +70,7 @@ def fit(
       ``(params, state, losses)``: final params and state, and the loss before
       each step (shape ``(steps,)``).
     """
+    check_chain(tx, params, where="the transformation given to qo.fit")  # warns, once
     tx, extra_args = prepare(tx, loss, extra_args)
     state = tx.init(params) if state is None else state
 

@@ -6,6 +6,11 @@ from quotient_opt.transforms._levenberg_marquardt import (
     levenberg_marquardt,
 )
 from quotient_opt.transforms._path_norm import path_norm_curvature, path_sgd, scale_by_path_norm
+from quotient_opt.transforms._order import (
+    ChainOrderWarning,
+    NotEquivariantWarning,
+    check_chain,
+)
 from quotient_opt.transforms._projection import horizontal_component, project_horizontal
 from quotient_opt.transforms._rebalance import RebalanceState, rebalance
 from quotient_opt.transforms._revive import ReviveDeadUnitsState, revive_dead_units
@@ -15,6 +20,7 @@ from quotient_opt.transforms._transport import (
     ADOPT_LAWS,
     check_transportable,
     map_state,
+    measure_laws,
     probe_laws,
     transport_state,
 )
@@ -22,11 +28,15 @@ from quotient_opt.transforms._transport import (
 __all__ = [
     "ADAMAX_LAWS",
     "ADOPT_LAWS",
+    "ChainOrderWarning",
+    "NotEquivariantWarning",
+    "check_chain",
     "LevenbergMarquardtState",
     "check_transportable",
     "horizontal_component",
     "levenberg_marquardt",
     "map_state",
+    "measure_laws",
     "path_norm_curvature",
     "path_sgd",
     "probe_laws",

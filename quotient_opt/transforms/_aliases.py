@@ -51,8 +51,24 @@ from __future__ import annotations
 import jax
 import optax
 
+from quotient_opt.transforms._order import JUMP, KNOWN, mark
 from quotient_opt.transforms._rebalance import rebalance
 from quotient_opt.symmetry._spec import Symmetry
+
+#: The laws of ``optax.scale_by_adam``'s state (first moment -1, second moment -2).
+ADAM_LAWS = {(optax.ScaleByAdamState, "mu"): -1, (optax.ScaleByAdamState, "nu"): -2}
+#: The law of ``optax.trace``'s state fed by raw gradients.
+MOMENTUM_LAWS = {(optax.TraceState, "trace"): -1}
+
+
+def _alias(label: str, parts: list, sym: Symmetry, *, move_params: bool,
+           **kwargs) -> optax.GradientTransformationExtraArgs:
+    """``rebalance`` around the chain of ``parts`` (an order known to be right: not
+    checked), marked with the alias's name."""
+    inner = mark(optax.chain(*parts), f"the inner chain of qo.{label}", KNOWN)
+    tx = rebalance(inner, sym, move_params=move_params, **kwargs)
+    label = f"qo.{label}(move_params=True)" if move_params else f"qo.{label}"
+    return mark(tx, label, *((JUMP,) if move_params else ()))
 
 
 def _projection(sym: Symmetry) -> list[optax.GradientTransformation]:
@@ -106,8 +122,9 @@ def quotient_sgd(
     parts = [optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov)]
     if project:
         parts += _projection(sym)
-    return rebalance(optax.chain(*parts), sym, every=every, tol=tol, max_iter=max_iter,
-                     move_params=move_params)
+    # the law of the momentum it builds (a trace of raw gradients), stated: nothing to probe
+    return _alias("quotient_sgd", parts, sym, every=every, tol=tol, max_iter=max_iter,
+                  move_params=move_params, laws=MOMENTUM_LAWS)
 
 
 def quotient_adam(
@@ -158,5 +175,7 @@ def quotient_adam(
     if project:
         parts += _projection(sym)
     parts.append(optax.scale_by_learning_rate(learning_rate))
-    return rebalance(optax.chain(*parts), sym, every=every, tol=tol, max_iter=max_iter,
-                     move_params=move_params)
+    # the laws of the Adam it builds, stated (nothing to probe; under
+    # optax.inject_hyperparams b1 and b2 are traced and could not be measured)
+    return _alias("quotient_adam", parts, sym, every=every, tol=tol, max_iter=max_iter,
+                  move_params=move_params, laws=ADAM_LAWS)

@@ -12,7 +12,8 @@ import optax
 
 from quotient_opt.symmetry._paths import path_str, paths_str
 from quotient_opt.symmetry._spec import Symmetry, masked_paths
-from quotient_opt.transforms._transport import Laws, check_transportable, probe_laws
+from quotient_opt.transforms._order import check_chain, check_equivariant_inner
+from quotient_opt.transforms._transport import Laws, check_transportable
 
 PyTree = Any
 
@@ -99,10 +100,22 @@ def stateless_with_params(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def init_inner(inner: optax.GradientTransformation, params: PyTree, laws: Laws | None) -> PyTree:
-    """``inner.init(params)``, refusing at once a state that cannot follow the orbit moves."""
+def init_inner(inner: optax.GradientTransformation, params: PyTree, laws: Laws | None,
+               *, strict: bool = True, who: str = "the wrapper",
+               sym: Symmetry | None = None) -> PyTree:
+    """``inner.init(params)``, refusing at once a state that cannot follow the orbit moves.
+
+    The laws are measured on ``inner`` (:func:`~quotient_opt.measure_laws`, cached, so
+    the moves at ``update`` reuse them); ``strict=False`` falls back to the registry
+    for fields no measured power describes (see :func:`~quotient_opt.map_state`).
+    The order of ``inner``'s chain is checked (:func:`~quotient_opt.check_chain`) and,
+    given the ``sym`` of an equivariance claim, whether ``inner`` commutes with its
+    permutations (a :class:`~quotient_opt.NotEquivariantWarning` if not).
+    """
     state = inner.init(params)
     if jax.tree.leaves(params):  # (optax.tree.map_params initialises with a placeholder)
-        check_transportable(state, params, laws=laws)
-        probe_laws(inner, state, params, laws=laws)
+        check_chain(inner, params, where=f"the inner optimizer of {who}")  # warns first
+        check_transportable(state, params, tx=inner, laws=laws, strict=strict)
+        if sym is not None:
+            check_equivariant_inner(inner, sym, params, who)
     return state

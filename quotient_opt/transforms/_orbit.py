@@ -36,6 +36,7 @@ import optax
 
 from quotient_opt.symmetry._spec import LogScales, Symmetry, solve_dtype
 from quotient_opt.transforms._common import check_params, init_inner, on_subtree
+from quotient_opt.transforms._order import JUMP, mark
 from quotient_opt.transforms._transport import Laws, map_state
 
 PyTree = Any
@@ -47,9 +48,10 @@ def zero_log_scales(sym: Symmetry, params: PyTree) -> LogScales:
 
 
 def transport(sym: Symmetry, state: PyTree, params: PyTree, h: LogScales,
-              laws: Laws | None) -> PyTree:
-    """Moves an inner state along the rescaling ``h`` (each field by its law, gather-free)."""
-    return map_state(lambda p, t: sym.rescale(t, h, power=p), state, params, laws=laws)
+              laws: Laws | None, tx: optax.GradientTransformation) -> PyTree:
+    """Moves the state of ``tx`` along the rescaling ``h`` (each field by its measured law,
+    gather-free)."""
+    return map_state(lambda p, t: sym.rescale(t, h, power=p), state, params, tx=tx, laws=laws)
 
 
 def periodic_move(
@@ -60,6 +62,7 @@ def periodic_move(
     inner_state: PyTree,
     params: PyTree,
     laws: Laws | None,
+    tx: optax.GradientTransformation,
 ) -> tuple[LogScales, PyTree]:
     """On steps with ``count % every == 0``: the move ``h = find()`` and the inner state
     carried along it; on other steps: no move, state unchanged.
@@ -73,7 +76,7 @@ def periodic_move(
 
     def move(st: PyTree) -> tuple[LogScales, PyTree]:
         h = find()
-        return h, transport(sym, st, params, h, laws)
+        return h, transport(sym, st, params, h, laws, tx)
 
     def stay(st: PyTree) -> tuple[LogScales, PyTree]:
         return zero_log_scales(sym, params), st
@@ -133,20 +136,23 @@ def orbit_wrapper(
     every: int,
     move_params: bool,
     laws: Laws | None,
+    roles: tuple[str, ...] = (),
 ) -> optax.GradientTransformationExtraArgs:
     """A wrapper holding a rescaling: every ``every`` steps it moves on by ``h = find(sym,
     here, updates, state)`` (``here = e^s · params``, computed inside the periodic branch
     only; ``sym`` restricted to the tree given, :func:`on_subtree`), then steps from
     ``e^{s + h} · params`` and pulls back (:func:`orbit_step`).
 
-    ``state_type(count, log_scales, inner_state)`` builds the wrapper's state.
+    ``state_type(count, log_scales, inner_state)`` builds the wrapper's state; the
+    result is marked (:mod:`~quotient_opt.transforms._order`) with ``roles``, and as a
+    jump with ``move_params``.
     """
     inner = optax.with_extra_args_support(inner)
 
     def init_fn(params: PyTree) -> Any:
         sub = on_subtree(sym, params, who, warn=True)
         return state_type(jnp.zeros([], jnp.int32), zero_log_scales(sub, params),
-                          init_inner(inner, params, laws))
+                          init_inner(inner, params, laws, who=f"qo.{who}", sym=sub))
 
     def update_fn(updates, state, params=None, **extra_args):
         check_params(params, who)
@@ -154,10 +160,12 @@ def orbit_wrapper(
         h, inner_state = periodic_move(
             every, state.count,
             lambda: find(sub, sub.rescale(params, state.log_scales), updates, state), sub,
-            state.inner_state, params, laws)
+            state.inner_state, params, laws, inner)
         out, inner_state, s = orbit_step(
             inner, sub, updates, inner_state, params, state.log_scales, h, extra_args,
             move_params=move_params)
         return out, state_type(optax.safe_increment(state.count), s, inner_state)
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    label = f"qo.{who}(move_params=True)" if move_params else f"qo.{who}"
+    return mark(optax.GradientTransformationExtraArgs(init_fn, update_fn), label,
+                *roles, *((JUMP,) if move_params else ()))

@@ -80,6 +80,7 @@ from quotient_opt.symmetry._gram import Structure, couplings, gram_solve, struct
 from quotient_opt.symmetry._paths import leaves_by_path
 from quotient_opt.symmetry._spec import Symmetry, solve_dtype
 from quotient_opt.transforms._common import check_every, check_symmetry, stateless_with_params
+from quotient_opt.transforms._order import PROJECTION, mark
 
 PyTree = Any
 
@@ -201,4 +202,5 @@ def project_horizontal(
     def project(sub: Symmetry, updates: PyTree, params: PyTree) -> PyTree:
         return horizontal_component(sub, params, updates, eps=eps, tol=tol, max_iter=max_iter)
 
-    return stateless_with_params(sym, "project_horizontal", project)
+    return mark(stateless_with_params(sym, "project_horizontal", project),
+                "qo.project_horizontal", PROJECTION)

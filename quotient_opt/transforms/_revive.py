@@ -82,6 +82,7 @@ import optax
 
 from quotient_opt.transforms._transport import Laws, map_state
 from quotient_opt.transforms._common import check_params, init_inner, on_subtree
+from quotient_opt.transforms._order import JUMP, mark
 from quotient_opt.symmetry import _views as views
 from quotient_opt.symmetry._paths import Path, leaves_by_path, map_with_path
 from quotient_opt.symmetry._spec import AxisRef, Symmetry, UnitGroup
@@ -638,7 +639,7 @@ def revive_dead_units(
             revivals=jnp.zeros([], jnp.int32),
             attempts=jnp.zeros([], jnp.int32),
             key=jax.random.PRNGKey(jnp.asarray(seed, jnp.uint32)),
-            inner_state=init_inner(inner, params, laws),
+            inner_state=init_inner(inner, params, laws, strict=False, who="qo.revive_dead_units"),
         )
 
     def update_fn(
@@ -744,7 +745,8 @@ def revive_dead_units(
                     )
             return tree
 
-        inner_state = map_state(reset, state.inner_state, params, laws=laws)
+        inner_state = map_state(reset, state.inner_state, params, tx=inner, laws=laws,
+                                strict=False)
         if value_fn is not None:
             extra_args = {**extra_args, "value_fn": value_fn}
         inner_updates, inner_state = inner.update(updates, inner_state, moved, **extra_args)
@@ -765,4 +767,5 @@ def revive_dead_units(
             inner_state=inner_state,
         )
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return mark(optax.GradientTransformationExtraArgs(init_fn, update_fn),
+                "qo.revive_dead_units", JUMP)  # a split is a jump: nothing may follow it

@@ -54,6 +54,7 @@ from quotient_opt.symmetry._canonical import canonical_log_scales, solve_dtype
 from quotient_opt.symmetry._spec import LogScales, Symmetry
 from quotient_opt.transforms._common import check_every
 from quotient_opt.transforms._orbit import orbit_wrapper
+from quotient_opt.transforms._order import READS_GRADIENT
 from quotient_opt.transforms._transport import Laws
 
 PyTree = Any
@@ -209,4 +210,4 @@ def teleport(
             sub, here, grads=sub.rescale(updates, state.log_scales, power=-1), steps=steps,
             learning_rate=learning_rate, max_log_scale=max_log_scale,
             from_canonical=from_canonical, tol=tol, max_iter=max_iter),
-        every=every, move_params=move_params, laws=laws)
+        every=every, move_params=move_params, laws=laws, roles=(READS_GRADIENT,))

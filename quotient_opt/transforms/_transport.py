@@ -209,6 +209,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from quotient_opt.transforms import _probe
+
 MaskedNode = optax.MaskedNode
 
 PyTree = Any
@@ -225,13 +227,24 @@ __all__ = [
     "check_transportable",
     "map_param_like",
     "map_state",
+    "measure_laws",
     "transport_state",
 ]
 
 #: Laws for ``optax.adamax`` / ``optax.adamaxw``: ``nu`` holds an EMA-max of :math:`|g|`.
-ADAMAX_LAWS: Laws = types.MappingProxyType({(optax.ScaleByAdamState, "nu"): -1})
+#: Superseded: pass ``tx=`` (the wrappers always do) and the laws are measured.
+ADAMAX_LAWS: Laws = types.MappingProxyType(
+    {(optax.ScaleByAdamState, "mu"): -1, (optax.ScaleByAdamState, "nu"): -1})
 #: Laws for ``optax.contrib.adopt``: ``mu`` holds an EMA of normalized updates.
-ADOPT_LAWS: Laws = types.MappingProxyType({(optax.ScaleByAdamState, "mu"): 0})
+#: Superseded: pass ``tx=`` (the wrappers always do) and the laws are measured.
+ADOPT_LAWS: Laws = types.MappingProxyType(
+    {(optax.ScaleByAdamState, "mu"): 0, (optax.ScaleByAdamState, "nu"): -2})
+
+#: Factor of the probe's uniform rescaling: parameters × c, gradients ÷ c.
+PROBE_SCALE = 1.75
+#: Largest deviation of a field from ``c**p`` times itself (max norm, relative, per
+#: leaf) that still counts as moving by the power ``p``.
+PROBE_RTOL = 1e-3
 
 
 # --------------------------------------------------------------------------- registry
@@ -244,6 +257,7 @@ class _Power:
     stream: int = 0
     fixed: int = 0
     placeholders: bool = False  # shape-(1,) leaves stand for absent entries (Adafactor)
+    shared: str = ""  # the type is shared by optimizers with other laws: why (refused without tx)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -296,10 +310,19 @@ def _same_if_inner_same(q: Q, inner: Q) -> Q:
 class _Entry:
     fields: Mapping[str, _RegLaw]
     out: Callable[[Q, Q], Q] = _same
+    opaque: bool = False  # holds nothing that says what it does to the stream
 
 
 M1, M2 = _Power(1), _Power(2)  # first and second moments of the stream
 KEEP, INNER = _Keep(), _Inner()
+_ADAM_SHARED = (
+    "optax keeps this state type for adam, adamw, nadam, radam, lamb and yogi (mu: -1, "
+    "nu: -2), for adamax (nu: an EMA-max of |g|, -1) and for contrib adopt (mu: an EMA of "
+    "normalized updates, 0), and nothing in the state tells them apart. Pass tx=the "
+    "optimizer so that its laws are measured, or laws=quotient_opt.ADAMAX_LAWS, "
+    "quotient_opt.ADOPT_LAWS or, for adam, {(optax.ScaleByAdamState, 'mu'): -1, "
+    "(optax.ScaleByAdamState, 'nu'): -2}"
+)
 
 
 def _factored(value: PyTree, params: PyTree) -> bool:
@@ -323,14 +346,21 @@ def _registry() -> dict[type, _Entry]:
         contrib = None
 
     table: dict[type | None, _Entry] = {
-        optax.EmptyState: _Entry({}),
+        optax.EmptyState: _Entry({}, opaque=True),
         # ------------------------------------------------------- accumulators
         optax.TraceState: _Entry({"trace": M1}),
         optax.EmaState: _Entry({"count": KEEP, "ema": M1}),
         _optional(tr, "ApplyEvery"): _Entry({"count": KEEP, "grad_acc": M1}),
         optax.ScaleByScheduleState: _Entry({"count": KEEP}),
         # ------------------------------------------------------- adaptive
-        optax.ScaleByAdamState: _Entry({"count": KEEP, "mu": M1, "nu": M2}, _zero),
+        optax.ScaleByAdamState: _Entry(
+            {
+                "count": KEEP,
+                "mu": _Power(1, shared=_ADAM_SHARED),
+                "nu": _Power(2, shared=_ADAM_SHARED),
+            },
+            _zero,
+        ),
         optax.ScaleByAmsgradState: _Entry({"count": KEEP, "mu": M1, "nu": M2, "nu_max": M2}, _zero),
         optax.ScaleByRssState: _Entry({"sum_of_squares": M2}, _zero),
         optax.ScaleByRmsState: _Entry({"nu": M2}, _zero),
@@ -638,6 +668,9 @@ class _Walker:
         fn: Callable[[int, PyTree, str], PyTree],
         params: PyTree,
         laws: Laws | None,
+        measured: Measured | None = None,
+        *,
+        strict: bool = True,
     ) -> None:
         self.fn = fn
         self.params = params
@@ -645,6 +678,13 @@ class _Walker:
         self.table = _registry()
         self.n_param_leaves = len(jax.tree.leaves(params))
         self.visits: list[tuple[str, int]] = []
+        self.paths: list[str] = []
+        self.given: list[bool] = []  # per visit: the law came from the user
+        # measured laws by path (None: no tx, or a tx that could not be probed)
+        self.measured = measured
+        self.verdicts = None if measured is None else measured.fields
+        self.strict = strict
+        self._given_now = False
 
     # ------------------------------------------------------------ params-shaped trees
 
@@ -724,7 +764,8 @@ class _Walker:
             return entry.fields[field]
         return _NO_LAW
 
-    def _apply(self, power: int, value: PyTree, where: str, placeholders: bool = False) -> PyTree:
+    def _apply(self, power: int, value: PyTree, where: str, placeholders: bool = False,
+               path: str = "") -> PyTree:
         if value is None or _is_mask(value):
             return value
         got = self._full(value, placeholders)
@@ -735,7 +776,34 @@ class _Walker:
             )
         full, restore = got
         self.visits.append((where, power))
+        self.paths.append(path)
+        self.given.append(self._given_now)
         return restore(self.fn(power, full, where))
+
+    def _verdict(self, path: str) -> Verdict | None:
+        """The probe's verdict on the field at ``path`` (None: not probed, or it stayed
+        zero on the probe's data, e.g. a momentum after a learning rate of 0: the
+        registry's law then applies)."""
+        if self.verdicts is None:
+            return None
+        verdict = self.verdicts.get(path)
+        return None if verdict is not None and verdict.reason in _UNMEASURED else verdict
+
+    def _not_probed(self) -> str:
+        """Why the table is used: no tx, or a tx the probe could not run."""
+        if self.measured is None:
+            return "pass tx=the optimizer so that its law is measured, or laws="
+        return (f"tx could not be probed ({self.measured.error}); pass "
+                "laws=")
+
+    def _unverified(self, where: str, verdict: Verdict, name: str, field: str) -> ValueError:
+        return ValueError(
+            f"cannot transport {where}: measured on the optimizer (parameters x "
+            f"{PROBE_SCALE} and gradients / {PROBE_SCALE}, a few steps), this field "
+            f"{verdict.reason}. To move it anyway, pass laws={{({name}, {field!r}): power}} "
+            "(+1 params-like, -1 gradient-like, -2 squared gradients, 0 scale-free) or None "
+            "to leave it unchanged."
+        )
 
     # ------------------------------------------------------------ walk
 
@@ -744,10 +812,15 @@ class _Walker:
         if node is None or _is_mask(node):
             return node, q
         if self.holds_params(node):
+            verdict = self._verdict(path)
+            if verdict is not None and verdict.power is not None:
+                self._given_now = False
+                return self._apply(verdict.power, node, path, path=path), None
             raise ValueError(
                 f"{path}: params-shaped data that is not a field of a registered state "
                 f"NamedTuple ({type(node).__name__}); wrap it in a NamedTuple and pass "
                 "laws={(StateType, 'field'): power}"
+                + ("" if verdict is None else f" (measured on tx: it {verdict.reason})")
             )
         if _is_leaf(node):
             return node, q
@@ -781,8 +854,19 @@ class _Walker:
         inner_q: Q = q
         n_visits = len(self.visits)
         for field, value in zip(node._fields, node):
-            where = f"{name}.{field} (at {path}.{field})"
+            here = f"{path}.{field}"
+            where = f"{name}.{field} (at {here})"
             law = self._law(typ, field, entry)
+            user = (typ, field) in self.user or field in self.user
+            self._given_now = user
+            verdict = None if user or isinstance(law, _Refuse) else self._verdict(here)
+            if verdict is not None:  # measured on the optimizer: its law, or a refusal
+                if verdict.power is not None:
+                    placeholders = isinstance(law, _Power) and law.placeholders
+                    values[field] = self._apply(verdict.power, value, where, placeholders, here)
+                    continue
+                if self.strict or law is _NO_LAW:
+                    raise self._unverified(where, verdict, name, field)
             if law is _NO_LAW:
                 if self.holds_params(value):
                     what = (
@@ -790,37 +874,46 @@ class _Walker:
                     )
                     raise ValueError(
                         f"cannot transport {where}: {what} holding params-structured data. "
-                        f"Pass laws={{({name}, {field!r}): power}} (+1 params-like, -1 "
+                        f"Pass tx=the optimizer (its laws are then measured), or "
+                        f"laws={{({name}, {field!r}): power}} (+1 params-like, -1 "
                         "gradient-like, -2 squared gradients, 0 scale-free) or None to "
                         "leave it unchanged."
                     )
-                value, _ = self.walk(value, q, f"{path}.{field}")
+                value, _ = self.walk(value, q, here)
             elif law is None or isinstance(law, _Keep):
                 pass
             elif isinstance(law, int):
-                value = self._apply(law, value, where)
+                value = self._apply(law, value, where, path=here)
             elif isinstance(law, _Power):
+                if law.shared and self.strict and self.holds_params(value):
+                    why = ("" if self.measured is None else
+                           f" (tx could not be probed: {self.measured.error})"
+                           if self.verdicts is None else
+                           f" (tx was probed, but this field "
+                           f"{self.verdicts.get(here, Verdict(None, ZERO)).reason})")
+                    raise ValueError(f"cannot transport {where}: {law.shared}{why}.")
                 if law.stream and q is None:
                     raise ValueError(
                         f"cannot transport {where}: it is a statistic of the updates it "
-                        "receives, and a transformation before it (e.g. schedule_free, "
-                        "muon, a masked or conditional inner optimizer, or an unregistered "
-                        "state) makes their transformation law unknown. Pass "
-                        f"laws={{({name}, {field!r}): power}}."
+                        "receives, and a transformation before it (a stateless one such as "
+                        "clipping or weight decay, whose state does not say what it did; "
+                        "schedule_free, muon, a masked or conditional inner optimizer, or an "
+                        "unregistered state) makes their transformation law unknown; "
+                        f"{self._not_probed()}{{({name}, {field!r}): power}}."
                     )
                 power = law.stream * (q or 0) + law.fixed
-                value = self._apply(power, value, where, law.placeholders)
+                value = self._apply(power, value, where, law.placeholders, here)
             elif isinstance(law, _Inner):
                 if law.parallel and isinstance(value, Mapping):
                     outs = {}
                     qs = []
                     for k, v in value.items():
-                        outs[k], qk = self.walk(v, q, f"{path}.{field}[{k!r}]")
+                        outs[k], qk = self.walk(v, q, f"{here}[{k!r}]")
                         qs.append(qk)
                     value = type(value)(outs) if type(value) is not dict else outs
                     inner_q = qs[0] if len(set(qs)) == 1 else (q if not qs else None)
                 else:
-                    value, inner_q = self.walk(value, q, f"{path}.{field}")
+                    value, inner_q = self.walk(value, q, here)
             elif isinstance(law, _Refuse):
                 if law.when is None or law.when(value, self.params):
                     raise ValueError(
@@ -832,9 +925,14 @@ class _Walker:
                 raise TypeError(f"bad law {law!r} for {where}")
             values[field] = value
         new = typ(**values)
+        # without measured laws, a state that says nothing about what its transformation
+        # does (EmptyState, unregistered types) leaves the stream's law unknown when strict
+        opaque = self.strict and self.verdicts is None
         if entry is None:
-            # unknown: passes the stream through if it moved nothing inside
-            return new, (q if len(self.visits) == n_visits else None)
+            moved_nothing = len(self.visits) == n_visits
+            return new, (q if moved_nothing and not opaque else None)
+        if entry.opaque and opaque:
+            return new, None
         return new, entry.out(q, inner_q)
 
 
@@ -845,6 +943,230 @@ def _describe(x: PyTree) -> str:
     return f"a {type(x).__name__} with leaf shapes {shapes}{more}"
 
 
+# --------------------------------------------------------------------------- measured laws
+
+
+@dataclasses.dataclass(frozen=True)
+class Verdict:
+    """The probe's finding on one params-shaped state field.
+
+    Attributes:
+      power: the law it moves by (``c**power`` when parameters are scaled by
+        ``c``), or ``None`` when no power describes it.
+      reason: why not (a sentence fragment: "is not homogeneous: ...").
+    """
+
+    power: int | None
+    reason: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Measured:
+    """What :func:`measure_laws` found: a :class:`Verdict` per field path (``None``
+    when the optimizer could not be probed, ``error`` saying why) and the
+    structure of the probe's state (to match the state it is applied to)."""
+
+    fields: Mapping[str, Verdict] | None
+    error: str = ""
+    structure: Any = None
+
+
+def _fields(node: PyTree, path: str, holds: Callable[[PyTree], bool]) -> list[tuple[str, PyTree]]:
+    """``(path, value)`` of every params-structured node, with the walk's paths."""
+    if node is None or _is_mask(node) or _is_leaf(node):
+        return []
+    if holds(node):
+        return [(path, node)]
+    if _is_namedtuple(node):
+        items = [(f"{path}.{f}", v) for f, v in zip(node._fields, node)]
+    elif isinstance(node, (tuple, list)):
+        items = [(f"{path}[{i}]", v) for i, v in enumerate(node)]
+    elif isinstance(node, Mapping):
+        items = [(f"{path}[{k!r}]", v) for k, v in node.items()]
+    else:
+        return []
+    return [x for p, v in items for x in _fields(v, p, holds)]
+
+
+def _leaf_index(value: PyTree, params_def: Any) -> list[tuple[Any, int | None]]:
+    """``(leaf of value, index of the params leaf it stands for)``; masked leaves get None."""
+    leaves, vdef = jax.tree.flatten(value, is_leaf=_is_mask)
+    index = jax.tree.unflatten(params_def, list(range(params_def.num_leaves)))
+    subtrees = vdef.flatten_up_to(index)
+    return [(a, None if _is_mask(a) else sub) for a, sub in zip(leaves, subtrees)]
+
+
+def _judge(steps0: list[PyTree], steps1: list[PyTree], params_def: Any,
+           shapes: list[tuple], kept: list[np.ndarray]) -> Verdict:
+    """The law of one field from its values in the two probe runs (one list per run).
+
+    The deviation from ``c**p`` is measured per leaf relative to the leaf's
+    largest entry over the run (as the replay tests do), so a constant start
+    such as cocob's ``eps`` does not count where the statistics dwarf it.
+    """
+    c = PROBE_SCALE
+    leaves: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}  # per leaf, over steps
+    for v0, v1 in zip(steps0, steps1):
+        for k, ((a, i), (b, _)) in enumerate(
+                zip(_leaf_index(v0, params_def), _leaf_index(v1, params_def))):
+            if i is None:
+                continue
+            if _probe.traced((a, b)):
+                return Verdict(None, TRACED)
+            a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+            if not (np.isfinite(a).all() and np.isfinite(b).all()):
+                return Verdict(None, "turns non-finite on the probe's data")
+            if a.shape != shapes[i]:
+                if not np.array_equal(a, b):
+                    return Verdict(None, (
+                        f"holds entries of shape {a.shape} for a parameter of shape "
+                        f"{shapes[i]} that change when the parameters are rescaled: no "
+                        "elementwise law can move them"))
+                continue
+            leaves.setdefault(k, []).append((a[kept[i]], b[kept[i]]))
+    pairs = [ab for steps in leaves.values() for ab in steps]
+    if not pairs:
+        return Verdict(None, "holds no entries of the parameters' shapes that change")
+    big = max(pairs, key=lambda ab: np.abs(ab[0]).max(initial=0.0), default=None)
+    if big is None or not np.abs(big[0]).max(initial=0.0) > 0:
+        if any(np.abs(b).max(initial=0.0) > 0 for _, b in pairs):
+            return Verdict(None, "is zero on the probe's data but not once it is rescaled")
+        return Verdict(None, ZERO)
+    j = int(np.argmax(np.abs(big[0])))
+    ratio = big[1][j] / big[0][j]
+    if not ratio > 0:
+        return Verdict(None, f"changes by a factor {ratio:.3g}: no power c**p is negative")
+    x = float(np.log(ratio) / np.log(c))
+    power = round(x)
+    if abs(x - power) > 0.1:
+        return Verdict(None, f"changes by a factor {ratio:.4g} = c**{x:.2f}: no integer power")
+    err = 0.0
+    for steps in leaves.values():
+        scale = max(np.abs(a).max(initial=0.0) for a, _ in steps)
+        dev = max(np.abs(b - c**power * a).max(initial=0.0) for a, b in steps)
+        err = max(err, dev / (c**power * scale) if scale > 0 else (np.inf if dev > 0 else 0.0))
+    if not err <= PROBE_RTOL:
+        return Verdict(None, (
+            f"is not homogeneous: it moves by c**{power} only up to a relative {err:.2g} "
+            f"(tolerance {PROBE_RTOL:g}), so no law moves it exactly (an eps or an initial "
+            "value inside its update, weight decay or another params-like term mixed into "
+            "the updates it accumulates, or a norm over many entries, such as clipping, "
+            "does that)"))
+    return Verdict(power)
+
+
+def _measure(tx: Any, params: PyTree, steps: int = _probe.STEPS) -> Measured:
+    data = _probe.make_data(params, steps=steps)
+    shapes = [np.shape(x) for x in data.thetas[0]]
+    rng = np.random.default_rng(1)
+    # half the entries get other values in the rescaled run: an elementwise field keeps
+    # c**p times its values on the other half; one that mixes entries does not
+    kept = [rng.random(sh) < 0.5 for sh in shapes]
+
+    def rescaled(leaves: list[np.ndarray], factor: float, fresh: Callable) -> list[np.ndarray]:
+        return [np.where(k, (x * factor).astype(x.dtype), fresh(x.shape, x.dtype))
+                for x, k in zip(leaves, kept)]
+
+    thetas = [rescaled(t, PROBE_SCALE, lambda sh, dt: rng.standard_normal(sh).astype(dt))
+              for t in data.thetas]
+    grads = [rescaled(g, 1 / PROBE_SCALE, lambda sh, dt: _probe.gradient_like(rng, sh, dt))
+             for g in data.grads]
+    try:
+        base = _probe.run(tx, data)
+        moved = _probe.run(tx, data, thetas, grads)
+    except _probe.ProbeError as err:
+        return Measured(None, str(err))
+    probe_params = jax.tree.unflatten(data.treedef, data.thetas[0])
+    holds = _Walker(lambda p, t, w: t, probe_params, None).holds_params
+    runs = [[dict(_fields(st, "state", holds)) for st in r.states] for r in (base, moved)]
+    verdicts = {
+        path: _judge([f[path] for f in runs[0]], [f[path] for f in runs[1]], data.treedef,
+                     shapes, kept)
+        for path in runs[0][0]
+    }
+    if steps < _probe.MAX_STEPS and any(v.reason == ZERO for v in verdicts.values()):
+        # e.g. the inner optimizer of MultiSteps, updated every k steps only
+        return _measure(tx, params, _probe.MAX_STEPS)
+    return Measured(verdicts, structure=jax.tree.structure(base.states[0], is_leaf=_is_mask))
+
+
+_MEASURED = _probe.Cache()
+ZERO = "stays zero on the probe's data, so its law cannot be measured"
+TRACED = "depends on a value traced by an outer jit or vmap, so its law cannot be measured"
+_UNMEASURED = (ZERO, TRACED)  # the registry's law applies to these
+
+
+def measure_laws(tx: Any, params: PyTree) -> Measured:
+    r"""Measures the transport law of every params-shaped state field of ``tx``.
+
+    Runs ``tx`` from ``init`` for a few steps on synthetic data of the
+    parameters' structure and shapes (never their values: parameters
+    :math:`\theta_t \sim \mathcal N(0, 1)`, gradient entries of random sign and
+    magnitude in :math:`[0.5, 1.5]`), twice: as is, and with the parameters
+    multiplied by :math:`c` = :data:`PROBE_SCALE` and the gradients divided by
+    it (the group action of one rescaling applied to every entry) while half of
+    the entries, chosen at random, get unrelated values. A field moves by the
+    power :math:`p` when on the other half it is :math:`c^p` times its first
+    value at every step (to :data:`PROBE_RTOL`, max norm per leaf): a
+    statistic homogeneous of degree :math:`-p` in the gradient history that
+    reads no other entries. An elementwise field that moves by :math:`c^p`
+    under one rescaling of all entries moves by :math:`c_i^p` under any
+    per-entry rescaling :math:`c_i`, and with the parameters
+    (``sym.act(field, g, power=p)``).
+
+    Fields that no power describes (an initial accumulator or an ``eps``
+    inside the update that is not negligible, a momentum of
+    ``gradient + weight_decay * params``, a norm over many entries such as
+    clipping or trust ratios) get a :class:`Verdict` with the reason. Results
+    are cached per transformation and parameter shapes. The probe runs eagerly,
+    also when called under ``jit`` (its data is concrete).
+
+    Args:
+      tx: the optimizer.
+      params: parameters (or abstract ones): only their structure, shapes and
+        dtypes are used.
+
+    Returns:
+      A :class:`Measured`: ``fields`` maps each field's path in the state
+      (``"state[0].nu"``, as in error messages) to its :class:`Verdict`, or is
+      ``None`` when ``tx`` could not be run (``error`` says why: it needs extra
+      args such as ``value``, or depends on traced values).
+    """
+    return _MEASURED.get((_probe.tx_key(tx), _probe.spec_key(params)),
+                         lambda: _measure(tx, params))
+
+
+def _given(state: PyTree, params: PyTree, laws: Laws | None) -> bool:
+    """Whether ``laws`` give the law of every params-shaped field (nothing to measure)."""
+    if not laws:
+        return False
+    walker = _Walker(lambda p, t, where: t, params, laws, strict=False)
+    try:
+        walker.walk(state, -1, "state")
+    except ValueError:
+        return False
+    return all(walker.given)
+
+
+def _measured_for(tx: Any, state: PyTree, params: PyTree,
+                  laws: Laws | None = None) -> Measured | None:
+    """The measured laws of ``tx`` for ``state`` (None without tx, or when ``laws`` give
+    every field's), checking they match."""
+    if tx is None or _given(state, params, laws):
+        return None
+    if not jax.tree.leaves(params):
+        return Measured(None, "params have no leaves")
+    measured = measure_laws(tx, params)
+    if measured.fields is not None:
+        got = jax.tree.structure(state, is_leaf=_is_mask)
+        if got != measured.structure:
+            raise ValueError(
+                "tx: the state does not have the structure of tx.init(params); pass the "
+                f"optimizer that made it (state: {got}; tx.init: {measured.structure})"
+            )
+    return measured
+
+
 # --------------------------------------------------------------------------- public API
 
 
@@ -853,15 +1175,19 @@ def map_state(
     state: PyTree,
     params: PyTree,
     *,
+    tx: Any = None,
     laws: Laws | None = None,
+    strict: bool = True,
 ) -> PyTree:
     """Applies ``fn(power, subtree)`` to every params-shaped field of an optimizer state.
 
-    ``power`` is the field's transformation law (the registry: momentum ``-1``,
-    second moments ``-2``, iterates ``+1``, ...): the
+    ``power`` is the field's transformation law: the
     field moves as ``sym.act(subtree, g, power=power)`` when the parameters
-    move as ``sym.act(params, g)``. Wrappers use this to transport by a pure
-    rescaling without gathers, or to reset the statistics of some units.
+    move as ``sym.act(params, g)``. With ``tx`` (the optimizer that made
+    ``state``) every law is measured (:func:`measure_laws`); without it, laws
+    come from the registry of state types (module docstring), which refuses
+    what it cannot tell from the state alone. Wrappers use this to transport by
+    a pure rescaling without gathers, or to reset the statistics of some units.
     Fields with law ``None`` (counts, scalars, hyperparameters) are returned
     unchanged.
 
@@ -876,41 +1202,55 @@ def map_state(
         ``inject_hyperparams``, ``MultiSteps``, ``masked``, ``partition``,
         ``apply_if_finite`` and the library's wrappers around registered states.
       params: the parameters (for structure and shapes only).
-      laws: user laws overriding the registry: ``{"field": power}`` (any state
+      tx: the optimizer whose state this is: every law is measured on it, and a
+        field no law describes is refused, naming it.
+      laws: user laws overriding both: ``{"field": power}`` (any state
         type with that field) or ``{(StateType, "field"): power}``; a power is
         an ``int``, or ``None`` to leave the field alone. ``(type, field)`` keys
         win over field names.
+      strict: refuse fields whose law is not verified (measured with ``tx``; or,
+        without it, read from the registry for a state type that only one
+        optimizer uses, fed by a known stream). ``False`` falls back to the
+        registry's law for them (for maps that only need a field's kind, such
+        as resetting a unit's statistics, not an exact move).
 
     Returns:
       The mapped state (same structure).
 
     Raises:
       ValueError: a params-shaped field that cannot be transported (refused
-        types, unregistered NamedTuples, params-shaped data outside a NamedTuple
-        field, or a statistic of a stream of unknown law), naming the state type
-        and field; a law whose field is not params-shaped; malformed ``laws``.
+        types, fields no measured power describes, unregistered NamedTuples
+        without ``tx``, types shared by optimizers with other laws without
+        ``tx``, a statistic of a stream of unknown law), naming the state type
+        and field; a law whose field is not params-shaped; malformed ``laws``;
+        a ``tx`` whose state does not have ``state``'s structure.
 
     References:
       Neyshabur, Salakhutdinov, Srebro. *Path-SGD: Path-Normalized Optimization
       in Deep Neural Networks*, 2015. https://arxiv.org/abs/1506.02617
     """
-    walker = _Walker(lambda p, t, where: fn(p, t), params, laws)
+    walker = _Walker(lambda p, t, where: fn(p, t), params, laws,
+                     _measured_for(tx, state, params, laws), strict=strict)
     return walker.walk(state, -1, "state")[0]
 
 
 def check_transportable(
-    state: PyTree, params: PyTree, *, laws: Laws | None = None
+    state: PyTree, params: PyTree, *, tx: Any = None, laws: Laws | None = None,
+    strict: bool = True,
 ) -> list[tuple[str, int]]:
     """Raises now if :func:`transport_state` would refuse ``state``.
 
-    Wrappers call it at ``init`` so that an optimizer whose state cannot be
-    moved along the orbit fails at construction time, not at the first move.
-    Works on abstract states too (``jax.eval_shape(opt.init, params)``).
+    Wrappers call it at ``init`` (with ``tx=`` their inner optimizer) so that
+    an optimizer whose state cannot be moved along the orbit fails at
+    construction time, not at the first move. Works on abstract states too
+    (``jax.eval_shape(opt.init, params)``).
 
     Args:
       state: an Optax state (e.g. ``inner.init(params)``).
       params: the parameters (for structure and shapes only).
+      tx: the optimizer, as in :func:`map_state`.
       laws: user laws, as in :func:`map_state`.
+      strict: as in :func:`map_state`.
 
     Returns:
       ``(field, power)`` for every params-shaped field that would be moved, in
@@ -919,7 +1259,8 @@ def check_transportable(
     Raises:
       ValueError: as :func:`map_state`.
     """
-    walker = _Walker(lambda p, t, where: t, params, laws)
+    walker = _Walker(lambda p, t, where: t, params, laws,
+                     _measured_for(tx, state, params, laws), strict=strict)
     walker.walk(state, -1, "state")
     return list(walker.visits)
 
@@ -927,67 +1268,40 @@ def check_transportable(
 def probe_laws(
     inner: Any, state: PyTree, params: PyTree, *, laws: Laws | None = None, rtol: float = 1e-3
 ) -> None:
-    """Checks the laws of a state numerically: two updates with gradients ``0``, ``G``, ``2G``.
+    """Checks the registry's (or the given) laws of a state against the measured ones.
 
-    A field with law ``p <= 0`` is a homogeneous statistic of the gradients of
-    degree ``-p`` (up to its initial value): two updates from ``state`` with the
-    gradient doubled must multiply its change from the zero-gradient run by
-    ``2^{-p}``. Types shared by optimizers with different laws
-    (optax's adamax and adopt keep an ``ScaleByAdamState``) are caught here
-    instead of being transported silently with the wrong law. Runs only on
-    concrete (not traced) params and state; fields that stay zero or turn
-    non-finite are skipped; fields with ``p > 0`` (iterates) are not checked.
+    .. deprecated::
+       Superseded by ``tx=`` in :func:`map_state`, :func:`check_transportable`
+       and :func:`transport_state`, which *use* the measured laws
+       (:func:`measure_laws`) instead of checking others against them. Kept so
+       that existing calls work.
 
     Args:
       inner: the optimizer whose ``state`` this is.
       state: its state (e.g. ``inner.init(params)``).
       params: the parameters.
       laws: user laws, as in :func:`map_state`.
-      rtol: relative tolerance of the ratio (``eps`` terms make it inexact).
+      rtol: unused (the probe's tolerance is :data:`PROBE_RTOL`).
 
     Raises:
-      ValueError: naming the field whose measured degree contradicts its law,
-        and the law to pass instead.
+      ValueError: naming the field whose measured law contradicts its law, and
+        the law to pass instead.
     """
-    leaves = jax.tree.leaves(params) + jax.tree.leaves(state)
-    if not leaves or any(isinstance(x, jax.core.Tracer) for x in leaves):
+    del rtol
+    if not jax.tree.leaves(params):
         return
-    key = jax.random.key(0)
-    grads = jax.tree.map(
-        lambda p: jax.random.normal(key, jnp.shape(p), jnp.result_type(p, jnp.float32)).astype(
-            jnp.result_type(p)), params)
-    def after_two_steps(c: float) -> list[tuple[int, str, PyTree]]:
-        g = jax.tree.map(lambda x: c * x, grads)
-        st = inner.update(g, inner.update(g, state, params)[1], params)[1]
-        out: list[tuple[int, str, PyTree]] = []
-        _Walker(lambda p, t, where: out.append((p, where, t)) or t, params, laws).walk(
-            st, -1, "state")
-        return out
-
-    try:
-        zero, one, two = (after_two_steps(c) for c in (0.0, 1.0, 2.0))
-    except Exception:  # noqa: BLE001 - an optimizer that needs extra args: nothing to probe
+    measured = measure_laws(inner, params)
+    if measured.fields is None:
         return
-
-    def flat(t: PyTree) -> np.ndarray:
-        return np.concatenate([np.asarray(v, np.float64).ravel() for v in jax.tree.leaves(t)])
-
-    for (power, where, a), (_, _, b), (_, _, z) in zip(one, two, zero):
-        if power is None or power > 0:
-            continue
-        # statistics may start from a constant (adagrad's initial accumulator): test f(cG) - f(0)
-        x, y = np.abs(flat(a) - flat(z)), np.abs(flat(b) - flat(z))
-        ok = np.isfinite(x) & np.isfinite(y) & (x > 0)
-        if not ok.any():
-            continue
-        ratio = float(np.median(y[ok] / x[ok]))
-        degree = float(np.log2(ratio)) if ratio > 0 else float("nan")
-        if not abs(degree + power) <= rtol * 10 + 1e-2:
+    walker = _Walker(lambda p, t, where: t, params, laws, strict=False)
+    walker.walk(state, -1, "state")
+    for (where, power), path in zip(walker.visits, walker.paths):
+        verdict = measured.fields.get(path)
+        if verdict is not None and verdict.power is not None and verdict.power != power:
             raise ValueError(
-                f"{where}: updates with the gradient doubled multiply this field by "
-                f"{ratio:.3g} (degree {degree:.2f} in the gradient), but its registered law is "
-                f"{power} (degree {-power}); pass laws={{...: {-round(degree)}}} for it "
-                "(optax.adamax and adopt share Adam's state type: use ADAMAX_LAWS / ADOPT_LAWS)"
+                f"{where}: measured on the optimizer, this field moves by the power "
+                f"{verdict.power}, but its law is {power}; pass tx=the optimizer (or "
+                f"laws={{...: {verdict.power}}}) for it"
             )
 
 
@@ -997,41 +1311,54 @@ def transport_state(
     params: PyTree,
     g: Any,
     *,
+    tx: Any = None,
     laws: Laws | None = None,
 ) -> PyTree:
     r"""Moves an optimizer state along with ``params → sym.act(params, g)``.
 
     Every params-shaped field moves as ``sym.act(field, g, power=p)`` with its
-    law ``p`` from the registry: for a statistic
+    law ``p``: for a statistic
     :math:`s = \phi(g_1, \dots, g_t)` homogeneous of degree :math:`k` in the
-    gradients, the moved state equals the state accumulated from the moved
-    gradients ``sym.act(g_i, g, power=-1)``,
+    gradients (:math:`p = -k`), the moved state equals the state accumulated
+    from the moved gradients ``sym.act(g_i, g, power=-1)``,
 
     .. math::
 
        g\cdot_{-k}\;\phi(g_1,\dots,g_t) \;=\; \phi(g\cdot_{-1} g_1, \dots, g\cdot_{-1} g_t).
 
+    Pass ``tx``, the optimizer that made ``state``: each field's law is then
+    measured on it (:func:`measure_laws`), whatever the state type (adamax's
+    ``nu`` moves like :math:`|g|`, adopt's ``mu`` is scale-free), and a field
+    that no power describes is refused with its name and the reason. Without
+    ``tx`` the laws come from the registry, which refuses a state type shared
+    by optimizers with different laws (``ScaleByAdamState``: adam, adamax,
+    adopt) and statistics after a stateless transformation (its state does not
+    say whether it was a learning rate or a clip).
+
     Args:
       sym: the :class:`~quotient_opt.Symmetry`.
-      state: the inner optimizer's state.
+      state: the optimizer's state.
       params: the parameters *before* the move (for structure and shapes only).
       g: the group element applied to the parameters.
-      laws: user laws, as in :func:`map_state`.
+      tx: the optimizer whose state this is (its laws are measured).
+      laws: user laws overriding the measured and registered ones, as in
+        :func:`map_state`.
 
     Returns:
       The transported state (same structure and dtypes).
 
     Raises:
-      ValueError: as :func:`map_state`.
+      ValueError: as :func:`map_state`, naming the state field.
 
     References:
       Kingma, Ba. *Adam: A Method for Stochastic Optimization*, 2014.
       https://arxiv.org/abs/1412.6980
     """
-    return map_state(lambda p, t: sym.act(t, g, power=p), state, params, laws=laws)
+    return map_state(lambda p, t: sym.act(t, g, power=p), state, params, tx=tx, laws=laws)
 
 
-def map_param_like(fn: Callable[[Kind, PyTree], PyTree], state: PyTree, params: PyTree) -> PyTree:
+def map_param_like(fn: Callable[[Kind, PyTree], PyTree], state: PyTree, params: PyTree, *,
+                   tx: Any = None) -> PyTree:
     """Applies ``fn(kind, subtree)`` to every first- and second-moment field of a state.
 
     The older interface of :func:`map_state`, derived from the same registry:
@@ -1045,6 +1372,9 @@ def map_param_like(fn: Callable[[Kind, PyTree], PyTree], state: PyTree, params: 
       fn: the map.
       state: an Optax state (see :func:`map_state`).
       params: parameters, used only for their structure and shapes.
+      tx: the optimizer, as in :func:`map_state`: with it the kinds are measured;
+        without it they are the registry's (``strict=False`` of :func:`map_state`: a
+        classification, not a move, so a shared type gets adam's kinds).
 
     Raises:
       ValueError: as :func:`map_state`, and for a field whose law is neither
@@ -1061,4 +1391,5 @@ def map_param_like(fn: Callable[[Kind, PyTree], PyTree], state: PyTree, params: 
             "(-1) nor a second (-2) moment; use quotient_opt.map_state(fn(power, tree), ...)"
         )
 
-    return _Walker(by_kind, params, None).walk(state, -1, "state")[0]
+    return _Walker(by_kind, params, None, _measured_for(tx, state, params),
+                   strict=False).walk(state, -1, "state")[0]
