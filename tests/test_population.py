@@ -158,10 +158,8 @@ def test_perturbed_init():
 # --------------------------------------------------------------------------- checkpoints
 
 
-def test_resume_gives_the_uninterrupted_result(tmp_path, monkeypatch, runs):
-    """Killed after a finished chunk and a save inside the next one; rerun = uninterrupted run."""
-    ref = runs["generic"]
-    kw = dict(fast_path=False, track_best=True, checkpoint=tmp_path / "ck", checkpoint_every=0.0)
+def _killed_run(kw, monkeypatch):
+    """``run(**kw)`` killed after a finished chunk and a save inside the next one."""
     saves = []
     real_save = _population._atomic_savez
 
@@ -176,9 +174,10 @@ def test_resume_gives_the_uninterrupted_result(tmp_path, monkeypatch, runs):
         run(**kw)
     monkeypatch.setattr(_population, "_atomic_savez", real_save)
     assert saves == ["current.npz", "current.npz", "chunk_000000.npz", "current.npz"]
-    assert not list((tmp_path / "ck").glob("*.tmp"))
+    assert not list(kw["checkpoint"].glob("*.tmp"))
 
-    res = run(**kw)
+
+def _assert_same_run(ref, res):
     for a, b in zip(
         jax.tree.leaves((ref.params, ref.best_params)),
         jax.tree.leaves((res.params, res.best_params)),
@@ -187,8 +186,40 @@ def test_resume_gives_the_uninterrupted_result(tmp_path, monkeypatch, runs):
     np.testing.assert_array_equal(ref.losses, res.losses)
     np.testing.assert_array_equal(ref.history, res.history)
     np.testing.assert_array_equal(ref.best_losses, res.best_losses)
+
+
+def test_resume_gives_the_uninterrupted_result(tmp_path, monkeypatch, runs):
+    """Killed after a finished chunk and a save inside the next one, with that save then cut
+    short (a truncated ``current.npz``): the rerun sets it aside with a warning naming it,
+    trains that chunk again from its start, keeps the finished chunk, and gives the
+    uninterrupted run's result bit for bit. So does a rerun after a finished chunk's file is
+    damaged: it is redone from the last save inside it (a plain resume)."""
+    ref = runs["generic"]
+    ck = tmp_path / "ck"
+    kw = dict(fast_path=False, track_best=True, checkpoint=ck, checkpoint_every=0.0)
+    _killed_run(kw, monkeypatch)
+    cur = ck / "current.npz"
+    cur.write_bytes(cur.read_bytes()[: cur.stat().st_size // 2])
+    saved = []
+    real_save = _population._atomic_savez
+    monkeypatch.setattr(_population, "_atomic_savez",
+                        lambda path, a: (saved.append(path.name), real_save(path, a)))
+    with pytest.warns(UserWarning, match=r"current\.npz is damaged \(BadZipFile"):
+        _assert_same_run(ref, run(**kw))
+    assert saved == ["current.npz", "current.npz", "chunk_000001.npz"]  # chunk 0 kept
+    assert (ck / "current.npz.damaged").exists()
+
+    done = ck / "chunk_000001.npz"  # a finished chunk whose arrays do not fit this run
+    with np.load(done) as d:
+        arrays = {k: d[k] for k in d.files}
+    np.savez(done, **{**arrays, "p0": arrays["p0"][:1]})
+    saved.clear()
+    with pytest.warns(UserWarning, match=r"chunk_000001\.npz is damaged \(ValueError.*p\*"):
+        _assert_same_run(ref, run(**kw))
+    assert saved == ["chunk_000001.npz"]  # resumed from current.npz at step 40
     # a finished run's directory gives the result again without training
     np.testing.assert_array_equal(run(**kw).losses, ref.losses)
+    assert saved == ["chunk_000001.npz"]
     # other arguments are refused, naming what differs
     with pytest.raises(ValueError, match="checkpoint.*steps"):
         run(**{**kw, "steps": 80})

@@ -311,6 +311,14 @@ def _polish_window(
     quadratic in the window's pieces, so each step is the least-squares fit of
     every piece on the points it wins; repeating it alternates partition and
     fit (alternating minimization for max-affine regression).
+
+    The Hessian is block-diagonal over the pieces: each point's window output
+    is its winning piece alone, so for a loss that sums over points no second
+    derivative couples two pieces. Its ``k`` diagonal blocks come from ``dim``
+    Hessian-vector products (each tangent moves column ``c`` of every piece at
+    once) instead of the ``k * dim`` of a dense Hessian, linearized once with
+    the gradient. For a loss that couples points the blocks are an
+    approximation, and the step is kept only if it lowers the loss anyway.
     """
     n, k = grp.units, grp.pieces
     V = jnp.concatenate(_rows(params, _producing(grp), n), axis=1)
@@ -327,14 +335,18 @@ def _polish_window(
 
     def step(_: Any, carry: tuple[jax.Array, jax.Array, jax.Array]) -> tuple[jax.Array, ...]:
         Z, l, going = carry
-        g = jax.grad(loss)(Z)
-        H = jax.hessian(loss)(Z)
+        # Reverse over reverse (H is symmetric, so its vjp is the hvp): under vmap
+        # the forward-over-reverse products measured 10-20x slower here.
+        g, hvp = jax.vjp(jax.grad(loss), Z)
+        cols = jax.vmap(lambda t: hvp(t)[0])(jnp.tile(jnp.eye(dim, dtype=Z.dtype), (1, k)))
+        H = cols.reshape(dim, k, dim).transpose(1, 2, 0)  # (k, dim, dim): H[j] = block j
         # Pseudo-inverse: a dead piece leaves H singular, and in float32 a
         # damped solve of a nearly singular H is unreliable.
-        w, Q = jnp.linalg.eigh((H + H.T) / 2)
-        cut = H.shape[0] * jnp.finfo(Z.dtype).eps * jnp.max(jnp.abs(w))
+        w, Q = jnp.linalg.eigh((H + H.transpose(0, 2, 1)) / 2)
+        cut = k * dim * jnp.finfo(Z.dtype).eps * jnp.max(jnp.abs(w))
         inv = jnp.where(w > cut, 1 / jnp.where(w > cut, w, 1), 0)
-        dz = -Q @ (inv * (Q.T @ g))
+        gb = g.reshape(k, dim, 1)
+        dz = -(Q @ (inv[..., None] * (Q.transpose(0, 2, 1) @ gb))).reshape(-1)
         Zn = Z + jnp.where(jnp.isfinite(dz), dz, 0)
         ln = loss(Zn)
         better = going & (ln < min_decrease * l)
@@ -482,8 +494,8 @@ def revive_dead_units(
     inner: optax.GradientTransformation,
     sym: Symmetry,
     *,
-    patience: jax.typing.ArrayLike = 20,
-    every: int = 1,
+    patience: jax.typing.ArrayLike = 10,
+    every: int = 50,
     perturbation: jax.typing.ArrayLike = 0.05,
     num_candidates: int = 8,
     line_search: bool = True,
@@ -696,7 +708,9 @@ def revive_dead_units(
         def no_check(params: PyTree) -> tuple[PyTree, tuple[jax.Array, ...], jax.Array]:
             return *skip(params), jnp.asarray(False)
 
-        moved, picks, attempted = jax.lax.cond(state.count % every == 0, maybe, no_check, params)
+        # No unit can be due before step patience - 1 (dead steps count from 0).
+        check = (state.count % every == 0) & (state.count + 1 >= patience)
+        moved, picks, attempted = jax.lax.cond(check, maybe, no_check, params)
         polished = [g for g in groups if _polishable(g, params)]
         if value_fn is not None and polish_every is not None and newton_steps > 0 and polished:
 
