@@ -285,14 +285,18 @@ def test_k_pieces_several_windows_any_dim(pieces, windows, d):
 
 
 def test_jit_scan_vmap_match_unbatched_runs():
-    task = maxpool_task()
-    sym, apply, _ = _maxpool()
+    """Two compiled programs of a run through revivals, so float64 and a tolerance from the
+    measured spread: over seeds 0-7, at most 2.4e-15 relative (a one-ulp change of the start:
+    1.0e-15); in float32 2.9e-7 (4.8e-7)."""
+    task = maxpool_task(dtype=jnp.float64)
+    sym, apply, _ = _maxpool(dtype=jnp.float64)
 
     def loss(p):
         return mse(apply(p, task.x), task.y)
 
     def run(seed):
-        params = nnx.state(MaxPoolNet(rngs=nnx.Rngs(params=jax.random.key(seed))), nnx.Param)
+        params = nnx.state(MaxPoolNet(rngs=nnx.Rngs(params=jax.random.key(seed)),
+                                      param_dtype=jnp.float64), nnx.Param)
         tx = qo.revive_dead_units(optax.adam(0.02), sym, patience=5, every=5, seed=seed,
                                   newton_steps=0, num_candidates=2)
 
@@ -304,7 +308,7 @@ def test_jit_scan_vmap_match_unbatched_runs():
     for i in range(3):
         ls_i, rev_i = jax.jit(run)(seeds[i])
         assert int(rev_i) == int(rev_v[i])
-        np.testing.assert_allclose(ls_i, ls_v[i], rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(ls_i, ls_v[i], rtol=1e-10, atol=1e-15)
     assert int(jnp.sum(rev_v)) > 0  # the runs did exercise the revival branch
 
 
@@ -334,20 +338,8 @@ def test_configuration_and_structure_errors():
 # --------------------------------------------------------------------------- the stall
 
 
-def test_quick_seeded_run_beats_plain_adam():
-    from benchmarks import maxpool as bench
-
-    task, pieces, d = bench.make_task(list(bench.TASKS)[0])
-    sym, _, _ = _maxpool(pieces, 1, d)
-    ms = bench.methods(sym)
-    seeds = np.arange(32)
-    rates = {}
-    for name in ("adam", "adam + revive_dead_units"):
-        _, final = bench.train(task, pieces, ms[name], seeds, 500)
-        rates[name] = float(np.mean(final < 1e-6))
-    # 500 steps: plain Adam has not finished a single run; most revived runs have
-    assert rates["adam + revive_dead_units"] >= 0.4, rates
-    assert rates["adam + revive_dead_units"] >= rates["adam"] + 0.35, rates
+# The stall itself (revival beats plain Adam over 32 seeds) is a research outcome, checked by
+# ``python -m benchmarks.maxpool --check`` (``make check``, run by ``.ci/run``).
 
 
 def test_three_plane_task_is_well_posed():
