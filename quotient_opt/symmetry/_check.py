@@ -145,28 +145,18 @@ def group_errors(
     return out
 
 
-def check(
-    sym: Symmetry,
-    apply_fn: Callable[[PyTree, Any], Any],
-    params: PyTree,
-    x: Any,
-    *,
-    trials: int = 2,
-    log_scale: float = 2.0,
-    rtol: float | None = None,
-    seed: int = 0,
-) -> None:
+def check(sym: Symmetry, apply_fn: Callable[[PyTree, Any], Any], params: PyTree, x: Any, *,
+          rtol: float | None = None, seed: int = 0, **options: Any) -> None:
     """:meth:`~quotient_opt.Symmetry.check`: raises naming the first group that fails.
 
-    Tested at every point of :func:`check_points`; a group that fails only at
-    the random parameters gets a hint that the spec leaves out a leaf the
-    function reads (zero in ``params``).
+    Tested at every point of :func:`check_points` (``options``: those of
+    :func:`group_errors`); a group that fails only at the random parameters
+    gets a hint that the spec leaves out a leaf the function reads (zero in
+    ``params``).
     """
     tol = tolerance(params) if rtol is None else rtol
-    given, random = (
-        group_errors(sym, apply_fn, p, x, trials=trials, log_scale=log_scale, seed=seed)
-        for p in check_points(params, seed)
-    )
+    given, random = (group_errors(sym, apply_fn, p, x, seed=seed, **options)
+                     for p in check_points(params, seed))
     for grp, at_given, at_random in zip(sym.groups, given, random):
         bad = {k: v for k, v in at_given.items() if not v <= tol}
         where = ""

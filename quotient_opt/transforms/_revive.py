@@ -552,8 +552,10 @@ def revive_dead_units(
     The update path has no host callbacks and no data-dependent shapes; it is
     jit-, ``lax.scan``- and ``vmap``-safe. The candidate search runs under a
     ``lax.cond`` on "some unit is due", so un-batched runs pay for it only on
-    revival steps (under ``vmap`` the cond becomes a select and runs every step;
-    see ``axis_name`` for populations).
+    revival steps (under ``vmap`` that cond becomes a select, and every network
+    pays for a revival at every check, about 50 Adam steps each for a small
+    max-pool window: with the default ``every=50``, measured 1.95x Adam under
+    ``jax.vmap(qo.fit)``; see ``axis_name`` for populations, 1.12x).
 
     Args:
       inner: the optimizer to wrap (e.g. ``optax.adam(0.02)``).
@@ -561,7 +563,9 @@ def revive_dead_units(
       patience: consecutive zero-gradient steps before a unit is revived.
       every: look for due units only every ``every`` steps (the count is the
         same for every run of a ``vmap`` over seeds, so this ``lax.cond`` stays
-        a real branch there and the search costs ``1/every`` per step).
+        a real branch there, as long as ``init`` runs inside the ``vmap``, and
+        the search costs ``1/every`` per step). No check runs before step
+        ``patience - 1``, when no unit can be due yet.
       perturbation: relative size :math:`\\varepsilon / \\|\\theta_d\\|` of the
         piece split (the first trial step of the line search).
       num_candidates: random split directions tried per revival (``value_fn``).
