@@ -10,6 +10,7 @@ All seeds of one (task, method) pair train in one ``jax.vmap`` over seeds of a
 ``lax.scan`` over steps. Success = final MSE < 1e-6.
 
     python -m benchmarks.maxpool [--quick] [--seeds N] [--steps T] [--json PATH] [--out DIR]
+    python -m benchmarks.maxpool --check   # CI: revival beats plain Adam (run by .ci/run)
 
 With ``--out DIR`` each (task, method) result is cached in ``DIR`` and skipped
 when present (resumable), and PNGs of the loss curves (median, 10–90% band)
@@ -229,6 +230,32 @@ def plot(results: dict[str, dict[str, dict[str, Any]]], out: str) -> list[str]:
     return files
 
 
+def check(seeds: int = 32, steps: int = 500) -> dict[str, float]:
+    """The CI check (``--check``): revival beats plain Adam on the question's task.
+
+    ``seeds`` seeds, ``steps`` steps: plain Adam has not finished a single run
+    by then (its healthy runs need a median of about 2400 steps), most
+    revived runs have. Raises ``SystemExit`` unless Adam +
+    ``revive_dead_units`` solves at least 40% of the seeds and 35 points more
+    than plain Adam.
+    """
+    name = list(TASKS)[0]
+    task, pieces, d = make_task(name)
+    ms = methods(qo.infer_symmetry(MaxPoolNet(pieces, 1, d, rngs=nnx.Rngs(0))))
+    rates = {}
+    for m in ("adam", "adam + revive_dead_units"):
+        _, final = train(task, pieces, ms[m], np.arange(seeds), steps)
+        rates[m] = float(np.mean(final < THRESHOLD))
+    revived, plain = rates["adam + revive_dead_units"], rates["adam"]
+    ok = revived >= 0.4 and revived >= plain + 0.35
+    print(f"maxpool check ({seeds} seeds, {steps} steps): success adam {100 * plain:.1f}%, "
+          f"adam + revive_dead_units {100 * revived:.1f}% (needs >= 40% and >= adam + 35): "
+          f"{'ok' if ok else 'FAILED'}")
+    if not ok:
+        raise SystemExit(1)
+    return rates
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="32 seeds, 1500 steps")
@@ -238,7 +265,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--methods", nargs="*", default=None, help="method names to run")
     ap.add_argument("--json", default=None, help="write results here")
     ap.add_argument("--out", default=None, help="cache and PNG directory")
+    ap.add_argument("--check", action="store_true",
+                    help="CI check only: revival beats plain Adam (32 seeds, 500 steps)")
     args = ap.parse_args(argv)
+    if args.check:
+        return {"check": check()}
     seeds = args.seeds or (32 if args.quick else 1000)
     steps = args.steps or (1500 if args.quick else 4000)
     names = list(TASKS)

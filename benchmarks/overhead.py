@@ -36,7 +36,7 @@ keeps the step counter unbatched so a wrapper's ``lax.cond`` on it stays a
 branch): ``rebalance(adam, every=10)`` and ``teleport(adam, every=10)`` on
 sawtooth nets, ``revive_dead_units(adam, every=50,
 axis_name=qo.training.POPULATION_AXIS)`` (with ``value_fn``) on 3-piece maxout
-nets in 2-D (1000 points). Each timed call runs 100 steps in
+nets in 2-D (1000 points; :func:`maxout_problem`). Each timed call runs 100 steps in
 one ``lax.scan``; after a compiling call, every method trains from the same
 initial networks for 8 such calls (3 with ``--quick``), interleaved with the
 others in a random order per round. The ratio is the whole run's time over
@@ -44,9 +44,15 @@ Adam's (amortized over the periodic events, the burst of revivals in the
 first hundred steps included); the median of the per-round ratios is
 reported too. Target <= 1.5x.
 
+``revive`` (in ``--models``): ``revive_dead_units(adam(0.02), sym)`` with its
+defaults (``every=50, patience=10``) on 200 3-piece maxout networks, whole
+runs of 1000 steps (200 with ``--quick``) timed against Adam's under both
+drivers: the library's population step with ``axis_name=POPULATION_AXIS``
+(target <= 1.5x) and a plain ``jax.jit(jax.vmap(qo.fit))`` (target <= 3x).
+
 Usage::
 
-    python -m benchmarks.overhead [--quick] [--models mlp,cnn,population] [--nets N]
+    python -m benchmarks.overhead [--quick] [--models mlp,cnn,population,revive] [--nets N]
         [--json PATH] [--out DIR]
 """
 
@@ -99,7 +105,26 @@ MODELS = {
     "cnn": ("CNN 28x28x1-conv32-pool-conv64-pool-128-10 (ReLU), batch 256, softmax CE, "
             "float32", (256, 28, 28, 1)),
     "population": ("periodic wrappers in a vmapped population (100 steps per call)", None),
+    "revive": ("revive_dead_units with its defaults, 3-piece maxout, whole runs of both "
+               "population drivers", None),
 }
+
+
+def maxout_problem():
+    """``(init_fn(key) -> params, loss_fn, sym)``: 3-piece maxout in 2-D, 1000 points, U[-0.7, 0.7]."""
+    mp = qo.models.MaxPoolNet(3, 1, 2, rngs=nnx.Rngs(0))
+    mp_apply, mp_params = functional(mp)
+    planes = qo.models.max_of_planes_task([[1.0, 1.0], [3.0, 1.0], [1.0, 3.0]], [0.0, -1.0, -1.0])
+
+    def mp_init(key):
+        return jax.tree.map(lambda p, k: jax.random.uniform(k, p.shape, p.dtype, -0.7, 0.7),
+                            mp_params, jax.tree.unflatten(jax.tree.structure(mp_params), list(
+                                jax.random.split(key, len(jax.tree.leaves(mp_params))))))
+
+    def mp_loss(p):
+        return qo.models.mse(mp_apply(p, planes.x), planes.y)
+
+    return mp_init, mp_loss, qo.infer_symmetry(mp)
 
 
 def population_problems(nets: int):
@@ -118,19 +143,7 @@ def population_problems(nets: int):
     def saw_loss(p):
         return qo.models.mse(saw_apply(p, task.x), task.y)
 
-    mp = qo.models.MaxPoolNet(3, 1, 2, rngs=nnx.Rngs(0))
-    mp_sym = qo.infer_symmetry(mp)
-    mp_apply, mp_params = functional(mp)
-    planes = qo.models.max_of_planes_task([[1.0, 1.0], [3.0, 1.0], [1.0, 3.0]], [0.0, -1.0, -1.0])
-
-    def mp_init(key):
-        return jax.tree.map(lambda p, k: jax.random.uniform(k, p.shape, p.dtype, -0.7, 0.7),
-                            mp_params, jax.tree.unflatten(jax.tree.structure(mp_params), list(
-                                jax.random.split(key, len(jax.tree.leaves(mp_params))))))
-
-    def mp_loss(p):
-        return qo.models.mse(mp_apply(p, planes.x), planes.y)
-
+    mp_init, mp_loss, mp_sym = maxout_problem()
     return {
         "sawtooth": (saw_init, saw_loss, {
             "adam": optax.adam(1e-3),
@@ -199,6 +212,96 @@ def run_population(*, quick: bool, nets: int, seed: int = 0) -> dict:
             })
     return {"model": MODELS["population"][0], "device": jax.devices()[0].device_kind,
             "cpu_count": os.cpu_count(), "quick": quick, "rows": rows}
+
+
+REVIVE_TARGETS = {"train_population": 1.5, "vmap(qo.fit)": 3.0}
+
+
+def run_revive(*, quick: bool, nets: int = 200, seed: int = 0) -> dict:
+    """``revive_dead_units`` with its defaults against Adam, under both population drivers.
+
+    3-piece maxout (:func:`maxout_problem`), ``nets`` networks, 1000 steps (200 with
+    ``--quick``), each run from the same initial networks and timed whole (the burst of
+    revivals at the first checks amortized over the run), round-robin with Adam's run of
+    the same driver. Drivers: the library's population step
+    (:func:`~quotient_opt.training.make_population_step`, ``axis_name=POPULATION_AXIS``: the
+    step counter unbatched, only the due networks revived) and a plain
+    ``jax.jit(jax.vmap(qo.fit))`` (where the check's branch on "some unit is due" is batched
+    and every network pays for a revival at every check).
+    """
+    from quotient_opt.training import POPULATION_AXIS, make_population_step
+
+    steps, rounds = (200, 1) if quick else (1000, 3)
+    init_fn, loss_fn, sym = maxout_problem()
+    p0 = jax.vmap(init_fn)(jax.random.split(jax.random.key(seed), nets))
+    one = jax.tree.map(lambda a: a[0], p0)
+
+    def population(tx):
+        ps = make_population_step(tx, loss_fn, one)
+
+        def whole(p, s):
+            def body(c, _):
+                p, s, _ = ps.step(*c)
+                return (p, s), None
+            return jax.lax.scan(body, (p, s), None, length=steps)[0]
+
+        s0 = ps.init(p0)
+        run = jax.jit(whole).lower(p0, s0).compile()
+        return lambda: run(p0, s0)
+
+    def plain(tx):
+        run = jax.jit(jax.vmap(lambda p: qo.fit(tx, p, loss_fn, steps)[:2])).lower(p0).compile()
+        return lambda: run(p0)
+
+    txs = {
+        "adam": lambda axis: optax.adam(0.02),
+        "revive_dead_units(adam) (defaults)": lambda axis: qo.revive_dead_units(
+            optax.adam(0.02), sym, **({} if axis is None else {"axis_name": axis})),
+    }
+    runners = {}
+    for driver, build, axis in (("train_population", population, POPULATION_AXIS),
+                                ("vmap(qo.fit)", plain, None)):
+        for name, make in txs.items():
+            t0 = time.perf_counter()
+            runners[driver, name] = [build(make(axis)), time.perf_counter() - t0, []]
+    order = np.random.default_rng(seed)
+    for _ in range(rounds):
+        keys = list(runners)
+        order.shuffle(keys)
+        for k in keys:
+            t = time.perf_counter()
+            out = jax.block_until_ready(runners[k][0]())
+            runners[k][2].append(time.perf_counter() - t)
+            runners[k].append(out)
+    rows = []
+    for (driver, name), (_, compile_s, times, *outs) in runners.items():
+        if name == "adam":
+            continue
+        base = runners[driver, "adam"][2]
+        ratio = float(np.sum(times) / np.sum(base))
+        params, state = outs[-1]
+        final = np.asarray(jax.vmap(loss_fn)(params))
+        rows.append({
+            "driver": driver, "method": name, "nets": nets, "steps": steps, "rounds": rounds,
+            "seconds": float(np.median(times)), "adam_seconds": float(np.median(base)),
+            "ratio": ratio, "median_round_ratio": float(np.median(np.asarray(times)
+                                                                  / np.asarray(base))),
+            "target": REVIVE_TARGETS[driver], "met": ratio <= REVIVE_TARGETS[driver],
+            "solved": float(np.mean(final < 1e-6)), "revivals": int(np.sum(state.revivals)),
+            "compile_s": compile_s,
+        })
+    return {"model": MODELS["revive"][0], "device": jax.devices()[0].device_kind,
+            "cpu_count": os.cpu_count(), "quick": quick, "rows": rows}
+
+
+def print_revive(res: dict) -> None:
+    print(f"{res['model']} on {res['device']}")
+    print(f"{'driver':18s} {'method':36s} {'nets':>5s} {'steps':>6s} {'s':>8s} {'adam s':>8s} "
+          f"{'ratio':>6s} {'target':>6s} {'solved':>7s}  met")
+    for r in res["rows"]:
+        print(f"{r['driver']:18s} {r['method']:36s} {r['nets']:5d} {r['steps']:6d} "
+              f"{r['seconds']:8.1f} {r['adam_seconds']:8.1f} {r['ratio']:6.2f} {r['target']:6.1f} "
+              f"{100 * r['solved']:6.1f}%  {'yes' if r['met'] else 'NO'}")
 
 
 def print_population(res: dict) -> None:
@@ -385,8 +488,8 @@ def plot(results: dict[str, dict], out: str) -> None:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer rounds (CI-sized)")
-    ap.add_argument("--models", default="mlp,cnn,population",
-                    help="comma-separated: mlp, cnn, population")
+    ap.add_argument("--models", default="mlp,cnn,population,revive",
+                    help="comma-separated: mlp, cnn, population, revive")
     ap.add_argument("--nets", type=int, default=1024, help="population size")
     ap.add_argument("--json", help="write results to this JSON file")
     ap.add_argument("--out", help="write a PNG figure into this directory")
@@ -400,6 +503,10 @@ def main(argv: list[str] | None = None) -> dict:
         if name == "population":
             results[name] = run_population(quick=args.quick, nets=args.nets)
             print_population(results[name])
+            continue
+        if name == "revive":
+            results[name] = run_revive(quick=args.quick)
+            print_revive(results[name])
             continue
         results[name] = run(quick=args.quick, model_name=name)
         print_table(results[name])

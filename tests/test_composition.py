@@ -59,7 +59,8 @@ INNERS: dict[str, tuple[Callable[[float], optax.GradientTransformation], dict | 
 WRAPPERS: dict[str, Callable[..., optax.GradientTransformation]] = {
     "rebalance": lambda inner, sym, laws: qo.rebalance(inner, sym, every=2, laws=laws),
     "teleport": lambda inner, sym, laws: qo.teleport(inner, sym, every=2, steps=2, laws=laws),
-    "revive": lambda inner, sym, laws: qo.revive_dead_units(inner, sym, patience=2, laws=laws),
+    "revive": lambda inner, sym, laws: qo.revive_dead_units(inner, sym, patience=2, every=1,
+                                                            laws=laws),
 }
 MOVING = ("rebalance", "teleport")  # group moves: held, never a jump
 

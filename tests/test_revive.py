@@ -54,7 +54,7 @@ def _step(tx, params, state, loss):
 
 def test_detects_dead_piece_and_revives_it():
     sym, _, params, loss, _ = _stalled()
-    tx = qo.revive_dead_units(optax.adam(0.02), sym, patience=5)
+    tx = qo.revive_dead_units(optax.adam(0.02), sym, patience=5, every=1)
     state = tx.init(params)
     step = jax.jit(lambda p, s: _step(tx, p, s, loss))
     for t in range(4):
@@ -79,7 +79,7 @@ def test_no_detection_on_healthy_pieces():
     def loss(p):
         return mse(apply(p, task.x), task.y)
 
-    tx = qo.revive_dead_units(optax.adam(0.01), sym, patience=2)
+    tx = qo.revive_dead_units(optax.adam(0.01), sym, patience=2, every=1)
     state = tx.init(params)
     step = jax.jit(lambda p, s: _step(tx, p, s, loss))
     for _ in range(30):
@@ -98,7 +98,7 @@ def test_no_revival_without_live_donor():
     def loss(p):
         return mse(apply(p, task.x), task.y)
 
-    tx = qo.revive_dead_units(optax.adam(0.02), sym, patience=1)
+    tx = qo.revive_dead_units(optax.adam(0.02), sym, patience=1, every=1)
     state = tx.init(params)
     new = params
     step = jax.jit(lambda p, s: _step(tx, p, s, loss))
@@ -236,7 +236,7 @@ def test_update_is_move_plus_inner_update_at_moved_point():
 
 def test_inner_state_of_revived_piece_is_reset():
     sym, _, params, loss, _ = _stalled()
-    tx = qo.revive_dead_units(optax.adam(0.02), sym, patience=3, newton_steps=0)
+    tx = qo.revive_dead_units(optax.adam(0.02), sym, patience=3, every=1, newton_steps=0)
     state = tx.init(params)
     step = jax.jit(lambda p, s: _step(tx, p, s, loss))
     for _ in range(3):
@@ -273,7 +273,7 @@ def test_k_pieces_several_windows_any_dim(pieces, windows, d):
 
     d0 = n_dead(params)
     assert d0 >= windows
-    tx = qo.revive_dead_units(optax.adam(1e-3), sym, patience=2, newton_steps=2)
+    tx = qo.revive_dead_units(optax.adam(1e-3), sym, patience=2, every=1, newton_steps=2)
     state = tx.init(params)
     l0 = float(loss(params))
     step = jax.jit(lambda p, s: _step(tx, p, s, loss))
@@ -285,14 +285,18 @@ def test_k_pieces_several_windows_any_dim(pieces, windows, d):
 
 
 def test_jit_scan_vmap_match_unbatched_runs():
-    task = maxpool_task()
-    sym, apply, _ = _maxpool()
+    """Two compiled programs of a run through revivals, so float64 and a tolerance from the
+    measured spread: over seeds 0-7, at most 2.4e-15 relative (a one-ulp change of the start:
+    1.0e-15); in float32 2.9e-7 (4.8e-7)."""
+    task = maxpool_task(dtype=jnp.float64)
+    sym, apply, _ = _maxpool(dtype=jnp.float64)
 
     def loss(p):
         return mse(apply(p, task.x), task.y)
 
     def run(seed):
-        params = nnx.state(MaxPoolNet(rngs=nnx.Rngs(params=jax.random.key(seed))), nnx.Param)
+        params = nnx.state(MaxPoolNet(rngs=nnx.Rngs(params=jax.random.key(seed)),
+                                      param_dtype=jnp.float64), nnx.Param)
         tx = qo.revive_dead_units(optax.adam(0.02), sym, patience=5, every=5, seed=seed,
                                   newton_steps=0, num_candidates=2)
 
@@ -304,7 +308,7 @@ def test_jit_scan_vmap_match_unbatched_runs():
     for i in range(3):
         ls_i, rev_i = jax.jit(run)(seeds[i])
         assert int(rev_i) == int(rev_v[i])
-        np.testing.assert_allclose(ls_i, ls_v[i], rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(ls_i, ls_v[i], rtol=1e-10, atol=1e-15)
     assert int(jnp.sum(rev_v)) > 0  # the runs did exercise the revival branch
 
 
@@ -334,20 +338,8 @@ def test_configuration_and_structure_errors():
 # --------------------------------------------------------------------------- the stall
 
 
-def test_quick_seeded_run_beats_plain_adam():
-    from benchmarks import maxpool as bench
-
-    task, pieces, d = bench.make_task(list(bench.TASKS)[0])
-    sym, _, _ = _maxpool(pieces, 1, d)
-    ms = bench.methods(sym)
-    seeds = np.arange(32)
-    rates = {}
-    for name in ("adam", "adam + revive_dead_units"):
-        _, final = bench.train(task, pieces, ms[name], seeds, 500)
-        rates[name] = float(np.mean(final < 1e-6))
-    # 500 steps: plain Adam has not finished a single run; most revived runs have
-    assert rates["adam + revive_dead_units"] >= 0.4, rates
-    assert rates["adam + revive_dead_units"] >= rates["adam"] + 0.35, rates
+# The stall itself (revival beats plain Adam over 32 seeds) is a research outcome, checked by
+# ``python -m benchmarks.maxpool --check`` (``make check``, run by ``.ci/run``).
 
 
 def test_three_plane_task_is_well_posed():
@@ -383,7 +375,8 @@ def test_starved_piece_is_revived_only_with_min_support(min_support):
     sym, params, loss = _question_with([[3.0, 1.0], [1.0, 2.0]], [0.0, -0.8])
     g = jax.grad(loss)(params)
     assert np.all(np.asarray(_get(g, ("layers", 0, "bias"))) != 0)  # nothing is dead
-    tx = qo.revive_dead_units(optax.sgd(0.0), sym, patience=2, min_support=min_support)
+    tx = qo.revive_dead_units(optax.sgd(0.0), sym, patience=2, every=1,
+                              min_support=min_support)
     state = tx.init(params)
     step = jax.jit(lambda p, s: _step(tx, p, s, loss))
     l0 = float(loss(params))
@@ -470,12 +463,14 @@ def test_support_share_is_the_share_of_data_each_piece_wins(dtype, pieces, windo
         np.testing.assert_allclose(share(p), won, atol=tol)
 
 
-def _population(tx, nets, steps, seed=0):
-    """``nets`` 3-piece maxout networks trained together; the state after each chunk of 10 steps."""
+def _chunks(tx, nets, seed=0, dtype=jnp.float32):
+    """``(chunk, p, s)``: 10 steps of ``nets`` 3-piece maxout networks trained together
+    (``chunk(p, s) -> ((p, s), losses)``), from their initial params and state."""
     from quotient_opt.training import make_population_step
 
-    sym, apply, params = _maxpool(3)
-    task = max_of_planes_task([[1.0, 1.0], [3.0, 1.0], [1.0, 3.0]], [0.0, -1.0, -1.0], n=200)
+    sym, apply, params = _maxpool(3, dtype=dtype)
+    task = max_of_planes_task([[1.0, 1.0], [3.0, 1.0], [1.0, 3.0]], [0.0, -1.0, -1.0], n=200,
+                              dtype=dtype)
 
     def loss(p):
         return mse(apply(p, task.x), task.y)
@@ -490,7 +485,13 @@ def _population(tx, nets, steps, seed=0):
             return (p, s), losses
         return jax.lax.scan(body, (p, s), None, length=10)
 
-    s, history = ps.init(p), []
+    return chunk, p, ps.init(p), loss
+
+
+def _population(tx, nets, steps, seed=0):
+    """The final losses and the ``(state, losses)`` after each chunk of 10 steps."""
+    chunk, p, s, loss = _chunks(tx, nets, seed)
+    history = []
     for _ in range(steps // 10):
         (p, s), losses = chunk(p, s)
         history.append((s, losses))
@@ -499,23 +500,38 @@ def _population(tx, nets, steps, seed=0):
 
 def test_population_revives_only_due_networks_as_if_each_trained_alone():
     """With ``axis_name``, the due networks are gathered and revived once; each network's run
-    is the one it has under a plain ``vmap`` (where every network computes every revival)."""
+    is the one it has under a plain ``vmap`` (where every network computes every revival).
+
+    The two are differently compiled programs of a chaotic run, so they are compared chunk by
+    chunk from the same state (the gathered run's), in float64, without the window Newton
+    steps: a Newton step can make two pieces identical, and the partition of the data between
+    them is then decided by rounding (measured: 1e-16 at the start of the first revival moved
+    one network by 0.1). Measured spread of this comparison over seeds 0-4 and 15 chunks:
+    at most 1.8e-11 relative (a one-ulp change of the chunk's start: 1.8e-11 too); float32
+    spreads to 6e-3, and to 1.9e-4 on other machines before this check compared chunks.
+    """
     def tx(axis_name):
         return lambda sym: qo.revive_dead_units(optax.adam(0.02), sym, every=10, patience=5,
-                                                num_candidates=2, newton_steps=2,
+                                                num_candidates=2, newton_steps=0,
                                                 axis_name=axis_name)
 
     nets = 24  # gathered sizes: 8, then the whole population
-    final, hist = _population(tx(qo.training.POPULATION_AXIS), nets, 150)
-    final_v, hist_v = _population(tx(None), nets, 150)
-    due_per_check = np.diff([0] + [int(s.attempts.sum()) for s, _ in hist])
-    assert due_per_check.max() > 8 and ((due_per_check >= 1) & (due_per_check <= 8)).any(), (
-        due_per_check)  # both the gathered and the whole-population branch ran
-    for (s, losses), (s_v, losses_v) in zip(hist, hist_v):
-        np.testing.assert_array_equal(s.attempts, s_v.attempts)
-        np.testing.assert_array_equal(s.revivals, s_v.revivals)
-        np.testing.assert_allclose(losses, losses_v, rtol=1e-4, atol=1e-7)
-    assert int(hist[-1][0].revivals.sum()) > 0
+    gathered, p, s, _ = _chunks(tx(qo.training.POPULATION_AXIS), nets, dtype=jnp.float64)
+    plain = _chunks(tx(None), nets, dtype=jnp.float64)[0]
+    due_per_check = []
+    for _ in range(15):
+        (p1, s1), losses = gathered(p, s)
+        (p2, s2), losses_v = plain(p, s)
+        np.testing.assert_array_equal(s1.attempts, s2.attempts)
+        np.testing.assert_array_equal(s1.revivals, s2.revivals)
+        np.testing.assert_allclose(losses, losses_v, rtol=1e-8, atol=1e-14)
+        for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
+            np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-10)
+        due_per_check.append(int(s1.attempts.sum() - s.attempts.sum()))
+        p, s = p1, s1
+    due = np.asarray(due_per_check)
+    assert due.max() > 8 and ((due >= 1) & (due <= 8)).any(), due  # both branches ran
+    assert int(s.revivals.sum()) > 0
 
 
 def test_converged_population_is_not_flagged_starved():

@@ -457,6 +457,30 @@ def test_hand_spec_equals_the_inferred_one():
     hand.check(m.apply, m.params(0), m.inputs(0))
 
 
+@pytest.mark.parametrize("dtype", [F32, F64])
+def test_check_catches_a_forgotten_leaf_whatever_its_value(dtype):
+    """A hand spec that forgets ``fc2/bias`` is a symmetry wherever that bias is zero (the
+    flax default): ``check`` also tests at random parameters, and says so."""
+    m = zoo.build("nnx_module", dtype)
+    p = map_with_path(lambda path, v: jnp.zeros_like(v) if path == ("fc2", "bias") else v,
+                      m.params(0))
+    spec = {"fc1/kernel": (None, "fc1"), "fc1/bias": ("fc1",),
+            "fc2/kernel": ("1/fc1", "fc2"), "fc2/bias": ("fc2",),
+            "fc3/kernel": ("1/fc2", None)}
+    qo.symmetry_from_axes(p, spec).check(m.apply, p, m.inputs(0))  # the right spec passes
+    forgot = qo.symmetry_from_axes(p, {k: v for k, v in spec.items() if k != "fc2/bias"})
+    # at the given parameters alone, every move keeps the function (what check did before)
+    from quotient_opt.symmetry._check import group_errors, tolerance
+    errs = group_errors(forgot, m.apply, p, m.inputs(0))
+    assert max(v for e in errs for v in e.values()) <= tolerance(p)
+    with pytest.raises(ValueError, match=r"group 'fc2' is not a symmetry.*permutation.*"
+                                         r"rescaling.*at random parameters.*bias"):
+        forgot.check(m.apply, p, m.inputs(0))
+    # with a nonzero bias, the given parameters already show it (no hint)
+    with pytest.raises(ValueError, match=r"group 'fc2'.*tolerance [^ ]+\)$"):
+        forgot.check(m.apply, m.params(0), m.inputs(0))
+
+
 def test_hand_spec_conv_with_flatten_blocks():
     m = zoo.build("nnx_cnn", F64)
     hand = qo.symmetry_from_axes(m.params(0), {

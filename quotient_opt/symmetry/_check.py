@@ -4,6 +4,11 @@ Each group is tested alone, one kind of move at a time (window permutations,
 piece permutations, rescalings), so a failure names the group and the move.
 Used by :meth:`~quotient_opt.Symmetry.check` and by
 :func:`~quotient_opt.infer_symmetry`, which downgrades whatever fails.
+
+Both test at the given parameters *and* at random ones (:func:`check_points`):
+a spec that leaves out a leaf the function reads (a hand spec forgetting a
+bias, say) is still a symmetry wherever that leaf is zero, as a freshly
+initialized bias is; at random parameters every leaf is nonzero.
 """
 
 from __future__ import annotations
@@ -46,6 +51,38 @@ def _difference(a: PyTree, b: PyTree) -> float:
     if not all(np.all(np.isfinite(v)) for v in la):
         return float("inf")
     return d
+
+
+def concrete(tree: PyTree) -> bool:
+    """Whether no leaf of ``tree`` is a ``jax.ShapeDtypeStruct``."""
+    return all(not isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(tree))
+
+
+def check_points(params: PyTree, seed: int) -> list[PyTree]:
+    """Parameters to check at: the given ones (if concrete) and random ones.
+
+    The random ones are generic enough that no unit is dead or saturated by
+    accident and no leaf is zero: Gaussian, standard deviation
+    :math:`1.5/\\sqrt{\\text{fan-in}}` for matrices and kernels, 0.3 for
+    vectors; non-float leaves are kept.
+    """
+    rng = np.random.default_rng(seed)
+
+    def rand(p: Any) -> Any:
+        shape, dt = np.shape(p), p.dtype
+        if not jnp.issubdtype(dt, jnp.floating):
+            return p
+        if len(shape) >= 2:
+            fan_in = int(np.prod(shape)) // max(shape)
+            std = 1.5 / np.sqrt(max(fan_in, 1))
+        else:
+            std = 0.3
+        return jnp.asarray(rng.normal(0.0, std, shape), dt)
+
+    out = [jax.tree.map(rand, params)]
+    if concrete(params):
+        out.insert(0, params)
+    return out
 
 
 def _element(grp: UnitGroup, rng: np.random.Generator, kind: str, bound: float,
@@ -106,3 +143,30 @@ def group_errors(
             errs[kind] = worst
         out.append(errs)
     return out
+
+
+def check(sym: Symmetry, apply_fn: Callable[[PyTree, Any], Any], params: PyTree, x: Any, *,
+          rtol: float | None = None, seed: int = 0, **options: Any) -> None:
+    """:meth:`~quotient_opt.Symmetry.check`: raises naming the first group that fails.
+
+    Tested at every point of :func:`check_points` (``options``: those of
+    :func:`group_errors`); a group that fails only at the random parameters
+    gets a hint that the spec leaves out a leaf the function reads (zero in
+    ``params``).
+    """
+    tol = tolerance(params) if rtol is None else rtol
+    given, random = (group_errors(sym, apply_fn, p, x, seed=seed, **options)
+                     for p in check_points(params, seed))
+    for grp, at_given, at_random in zip(sym.groups, given, random):
+        bad = {k: v for k, v in at_given.items() if not v <= tol}
+        where = ""
+        if not bad:
+            bad = {k: v for k, v in at_random.items() if not v <= tol}
+            where = (" at random parameters, not at the given ones: does the spec leave out a "
+                     "leaf that the function reads and that is zero there, such as a bias?")
+        if bad:
+            what = ", ".join(f"{k} changes it by {v:.3g}" for k, v in bad.items())
+            raise ValueError(
+                f"group '{grp.name}' is not a symmetry of this function: {what} "
+                f"(relative to the output scale; tolerance {tol:g}){where}"
+            )

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from quotient_opt.symmetry._adapters import adapt
-from quotient_opt.symmetry._check import group_errors, moves, tolerance
+from quotient_opt.symmetry._check import check_points, concrete, group_errors, moves, tolerance
 from quotient_opt.symmetry._paths import normalize_path
 from quotient_opt.symmetry._program import Program
 from quotient_opt.symmetry._spec import Symmetry
@@ -57,32 +57,6 @@ def _adapt(model: Any, params: PyTree | None) -> tuple[Callable, PyTree, Any]:
 # --------------------------------------------------------------------------- checking
 
 
-def _concrete(tree: PyTree) -> bool:
-    return all(not isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(tree))
-
-
-def _check_params(params: PyTree, seed: int) -> list[PyTree]:
-    """Parameters to check at: the user's (if concrete) and random ones, generic enough
-    that no unit is dead or saturated by accident."""
-    rng = np.random.default_rng(seed)
-
-    def rand(p: Any) -> Any:
-        shape, dt = np.shape(p), p.dtype
-        if not jnp.issubdtype(dt, jnp.floating):
-            return p
-        if len(shape) >= 2:
-            fan_in = int(np.prod(shape)) // max(shape)
-            std = 1.5 / np.sqrt(max(fan_in, 1))
-        else:
-            std = 0.3
-        return jnp.asarray(rng.normal(0.0, std, shape), dt)
-
-    out = [jax.tree.map(rand, params)]
-    if _concrete(params):
-        out.insert(0, params)
-    return out
-
-
 def _check_inputs(x: Any, seed: int) -> list[Any]:
     """The example input and a random one of the same shape (for float inputs)."""
     rng = np.random.default_rng(seed + 1)
@@ -93,7 +67,7 @@ def _check_inputs(x: Any, seed: int) -> list[Any]:
         return jnp.asarray(rng.normal(size=np.shape(v)), v.dtype)
 
     out = [jax.tree.map(rand, x)]
-    if _concrete(x) and any(np.any(np.asarray(v) != 0) for v in jax.tree.leaves(x)):
+    if concrete(x) and any(np.any(np.asarray(v) != 0) for v in jax.tree.leaves(x)):
         out.insert(0, x)
     return out
 
@@ -103,7 +77,7 @@ def _downgrade(sym: Symmetry, apply_fn: Callable, params: PyTree, x: Any, seed: 
     """Removes every move that changes the function numerically; says so in the notes."""
     tol = tolerance(params)
     groups = list(sym.groups)
-    for p in _check_params(params, seed):
+    for p in check_points(params, seed):
         for xx in _check_inputs(x, seed):
             trial = dataclasses.replace(sym, groups=tuple(groups))
             errs = group_errors(trial, apply_fn, p, xx, trials=2, log_scale=log_scale, seed=seed)

@@ -35,6 +35,8 @@ import json
 import os
 import time
 import warnings
+import zipfile
+import zlib
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -228,6 +230,14 @@ def _to_host(tree: PyTree) -> list[np.ndarray]:
     return out
 
 
+def _host_shapes(tree: PyTree) -> PyTree:
+    """``tree`` with PRNG keys as their key data (what :func:`_to_host` writes); for ``eval_shape``."""
+    return jax.tree.map(
+        lambda x: jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x,
+        tree,
+    )
+
+
 def _from_host(arrays: list[np.ndarray], like: PyTree) -> PyTree:
     leaves, treedef = jax.tree.flatten(like)
     if len(arrays) != len(leaves):
@@ -247,6 +257,39 @@ def _atomic_savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _load_checkpoint(
+    path: Path, check: Callable[[dict[str, np.ndarray]], None]
+) -> dict[str, np.ndarray] | None:
+    """Every array of the ``.npz`` file ``path``, or ``None`` (with a warning) if it is damaged.
+
+    A file that cannot be read whole (truncated, corrupted: ``zipfile``,
+    ``zlib`` or ``numpy`` errors) or that ``check`` rejects (``ValueError``:
+    missing arrays, wrong shapes) is renamed to ``<name>.damaged``, so that
+    the work it held is redone and the file stays available for a look.
+    """
+    try:
+        with np.load(path) as d:
+            data = {k: d[k] for k in d.files}
+        check(data)
+        return data
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, KeyError) as e:
+        damaged = path.with_name(path.name + ".damaged")
+        os.replace(path, damaged)
+        warnings.warn(
+            f"train_population: checkpoint file {path} is damaged ({type(e).__name__}: {e}); "
+            f"moved it to {damaged.name} and redoing its work",
+            stacklevel=3,
+        )
+        return None
+
+
+def _expect(data: Mapping[str, np.ndarray], prefix: str, shapes: list[tuple[int, ...]]) -> None:
+    """Raises ``ValueError`` unless ``data`` holds arrays ``prefix0..`` of exactly these shapes."""
+    got = [a.shape for a in _unpack(data, prefix)]
+    if got != [tuple(x) for x in shapes]:
+        raise ValueError(f"arrays {prefix}*: shapes {got}, expected {list(shapes)}")
 
 
 def _pack(prefix: str, arrays: list[np.ndarray]) -> dict[str, np.ndarray]:
@@ -460,7 +503,11 @@ def train_population(
       checkpoint: a directory for checkpoints. A run restarted with the same
         arguments resumes from it and returns the same result as an
         uninterrupted run; a directory written by a run with other arguments is
-        refused. Files are written atomically (``os.replace``).
+        refused. Files are written atomically (``os.replace``). A checkpoint
+        file that cannot be read back (truncated, say, by a full disk or a
+        copy cut short) is renamed ``<name>.damaged`` with a warning naming
+        it, and its work is redone (the chunk from its start, or from an
+        intact save inside it); the other chunks are kept.
       checkpoint_every: seconds between checkpoints of the running chunk
         (a finished chunk is always saved).
       progress: show a ``tqdm`` progress bar (network-steps).
@@ -695,7 +742,13 @@ def train_population(
             )
         meta = ckpt / "meta.json"
         if meta.exists():
-            old = json.loads(meta.read_text())
+            try:
+                old = json.loads(meta.read_text())
+            except (ValueError, OSError) as e:
+                raise ValueError(
+                    f"checkpoint: {meta} is damaged ({type(e).__name__}: {e}); it says which "
+                    "run wrote the directory, so delete the directory or pass another"
+                ) from e
             diff = sorted(
                 k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k)
             )
@@ -713,6 +766,31 @@ def train_population(
     n_hist = -(-steps // history_every)
     history_steps = np.arange(n_hist) * history_every
 
+    # what a checkpoint file must hold (else it is damaged and its work is redone)
+    chunked = [(chunk, *x.shape) for x in p_leaves]
+
+    def _check_current(d: Mapping[str, np.ndarray]) -> None:
+        step = int(d["step"])
+        if not (0 < step < steps and step % history_every == 0 and int(d["chunk"]) >= 0):
+            raise ValueError(f"step {step}")
+        if d["history"].shape != (step // history_every, chunk):
+            raise ValueError(f"history shape {d['history'].shape}")
+        _expect(d, "p", chunked)
+        _expect(d, "s", [x.shape for x in jax.tree.leaves(jax.eval_shape(_host_shapes, s_shape))])
+        if track_best:
+            _expect(d, "b", chunked)
+            if d["best_losses"].shape != (chunk,):
+                raise ValueError(f"best_losses shape {d['best_losses'].shape}")
+
+    def _check_done(real: int, d: Mapping[str, np.ndarray]) -> None:
+        if d["losses"].shape != (real,) or d["history"].shape != (real, n_hist):
+            raise ValueError(f"losses {d['losses'].shape}, history {d['history'].shape}")
+        _expect(d, "p", [(real, *x.shape) for x in p_leaves])
+        if track_best:
+            _expect(d, "b", [(real, *x.shape) for x in p_leaves])
+            if d["best_losses"].shape != (real,):
+                raise ValueError(f"best_losses shape {d['best_losses'].shape}")
+
     # ---- progress bar
     bar = None
     if progress:
@@ -728,27 +806,27 @@ def train_population(
             real = min(chunk, nets - c * chunk)
             done_file = ckpt / f"chunk_{c:06d}.npz" if ckpt is not None else None
             if done_file is not None and done_file.exists():
-                with np.load(done_file) as d:
-                    results.append({k: d[k] for k in d.files})
-                if bar is not None:
-                    bar.update(real * steps)
-                continue
+                done = _load_checkpoint(done_file, functools.partial(_check_done, real))
+                if done is not None:
+                    results.append(done)
+                    if bar is not None:
+                        bar.update(real * steps)
+                    continue
 
             # start or resume this chunk
             p = s = bl = bp = None
             t0 = 0
             hist_parts: list[np.ndarray] = []
             cur = ckpt / "current.npz" if ckpt is not None else None
-            if cur is not None and cur.exists():
-                with np.load(cur) as d:
-                    if int(d["chunk"]) == c:
-                        t0 = int(d["step"])
-                        p = jax.device_put(_from_host(_unpack(d, "p"), p_shape), p_shardings)
-                        s = jax.device_put(_from_host(_unpack(d, "s"), s_shape), s_shardings)
-                        if track_best:
-                            bl = jax.device_put(d["best_losses"], vec_sharding)
-                            bp = jax.device_put(_from_host(_unpack(d, "b"), p_shape), p_shardings)
-                        hist_parts = [d["history"]]
+            d = _load_checkpoint(cur, _check_current) if cur is not None and cur.exists() else None
+            if d is not None and int(d["chunk"]) == c:
+                t0 = int(d["step"])
+                p = jax.device_put(_from_host(_unpack(d, "p"), p_shape), p_shardings)
+                s = jax.device_put(_from_host(_unpack(d, "s"), s_shape), s_shardings)
+                if track_best:
+                    bl = jax.device_put(d["best_losses"], vec_sharding)
+                    bp = jax.device_put(_from_host(_unpack(d, "b"), p_shape), p_shardings)
+                hist_parts = [d["history"]]
             if p is None:
                 p = first_chunk if c == 0 and first_chunk is not None else init_chunk(c)
                 s = state_init_jit(p)
