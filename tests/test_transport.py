@@ -624,7 +624,7 @@ def test_check_transportable_on_abstract_state() -> None:
     tx = optax.masked(optax.adam(0.1), kernels)
     abstract = jax.eval_shape(tx.init, params)
     assert [p for _, p in qo.check_transportable(abstract, params, tx=tx)] == [-1, -2]
-    with pytest.raises(ValueError, match=r"ScaleByAdamState\.mu.*pass tx="):
+    with pytest.raises(ValueError, match=r"ScaleByAdamState\.mu.*(?i:pass tx=)"):
         qo.check_transportable(abstract, params)
 
 
