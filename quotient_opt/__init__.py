@@ -7,7 +7,8 @@ training is hampered by those symmetries, and tools built on the group action.
 flax and equinox are optional (``pip install quotient_opt[flax]``,
 ``[equinox]``, or both): ``import quotient_opt`` imports neither, models of
 either framework are recognised once the user has imported it, and other
-model types can be taught with :func:`~quotient_opt.symmetry.register_adapter`.
+model types can be taught with :func:`~quotient_opt.symmetry.register_adapter`, and custom
+primitives with :func:`~quotient_opt.symmetry.register_rule`.
 
 Subpackages:
 
@@ -32,11 +33,13 @@ from quotient_opt.symmetry import (
     canonicalize,
     infer_symmetry,
     register_adapter,
+    register_rule,
     sort_permutation,
     symmetry_from_axes,
     symmetry_from_layers,
     unit_balance,
     unit_energies,
+    unregister_rule,
 )
 from quotient_opt.training import (
     PopulationResult,
@@ -116,6 +119,7 @@ __all__ = [
     "quotient_sgd",
     "rebalance",
     "register_adapter",
+    "register_rule",
     "revive_dead_units",
     "scale_by_path_norm",
     "shared_state_leaves",
@@ -131,4 +135,5 @@ __all__ = [
     "transport_state",
     "unit_balance",
     "unit_energies",
+    "unregister_rule",
 ]

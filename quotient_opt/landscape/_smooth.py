@@ -30,25 +30,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 from jax.extend import core as jex
 
-# Higher-order primitives whose body is inlined (their semantics are "call this
-# jaxpr"; a custom derivative rule is dropped, which is the point: the rule of
-# relu is the non-smooth one).
-_INLINE_CLOSED = {
-    "pjit": "jaxpr",
-    "jit": "jaxpr",
-    "closed_call": "call_jaxpr",
-    "core_call": "call_jaxpr",
-    "custom_jvp_call": "call_jaxpr",
-    "custom_vjp_call": "call_jaxpr",
-    "custom_vjp_call_jaxpr": "fun_jaxpr",
-    "remat": "jaxpr",
-    "checkpoint": "jaxpr",
-    "remat2": "jaxpr",
-}
-
+from quotient_opt import _jaxpr
 
 def smooth_relu(beta: float) -> Callable[[jax.Array], jax.Array]:
     """The activation :math:`x \\mapsto \\mathrm{softplus}(\\beta x) / \\beta`.
@@ -103,15 +87,26 @@ def _is_zero_const(val: Any) -> bool:
     return arr.dtype.kind in "fiub" and arr.size > 0 and bool(np.all(arr == 0))
 
 
-def _relu_operand(eqn: Any, zeros: set) -> int | None:
+# Values of the rewrite are pairs ``(value, zero)``: ``zero`` says the value is known to be
+# all zeros (a literal or constant 0, or one broadcast or converted), so ``max(x, zero)`` is
+# a ReLU. Calls (``jit``, ``custom_jvp``/``custom_vjp`` functions, ``checkpoint``) are
+# inlined by the interpreter: their custom derivative rule is dropped, which is the point
+# (the rule of relu is the non-smooth one).
+
+
+def _literal(v: Any) -> tuple[Any, bool]:
+    return v.val, _is_zero_literal(v)
+
+
+def _const(c: Any) -> tuple[Any, bool]:
+    return c, _is_zero_const(c)
+
+
+def _relu_operand(eqn: Any, zero: list[bool]) -> int | None:
     """For ``max(x, 0)``/``max(0, x)`` the index of ``x``, else ``None``."""
-    if eqn.primitive is not lax.max_p:
-        return None
     if not jnp.issubdtype(eqn.outvars[0].aval.dtype, jnp.floating):
         return None
-    u, v = eqn.invars
-    zu = _is_zero_literal(u) or (isinstance(u, jex.Var) and u in zeros)
-    zv = _is_zero_literal(v) or (isinstance(v, jex.Var) and v in zeros)
+    zu, zv = zero
     if zv and not zu:
         return 0
     if zu and not zv:
@@ -119,101 +114,78 @@ def _relu_operand(eqn: Any, zeros: set) -> int | None:
     return None
 
 
-def _subjaxprs(params: dict) -> list[tuple[str, Any]]:
-    out = []
-    for name, val in params.items():
-        vals = val if isinstance(val, (tuple, list)) else (val,)
-        if any(isinstance(v, (jex.ClosedJaxpr, jex.Jaxpr)) for v in vals):
-            out.append((name, val))
-    return out
+def _max(beta: Any, eqn: Any, ins: list[tuple[Any, bool]]) -> list[tuple[Any, bool]]:
+    idx = _relu_operand(eqn, [z for _, z in ins])
+    if idx is None:
+        return _other(beta, eqn, ins)
+    aval = eqn.outvars[0].aval
+    y = jax.nn.softplus(beta * jnp.asarray(ins[idx][0])) / beta
+    return [(jnp.broadcast_to(y, aval.shape).astype(aval.dtype), False)]
 
 
-def _contains_relu(jaxpr: Any) -> bool:
-    if isinstance(jaxpr, jex.ClosedJaxpr):
-        consts = jaxpr.consts
-        jaxpr = jaxpr.jaxpr
-        zeros = {v for v, c in zip(jaxpr.constvars, consts) if _is_zero_const(c)}
-    else:
-        zeros = set()
-    for eqn in jaxpr.eqns:
-        if eqn.primitive in (lax.broadcast_in_dim_p, lax.convert_element_type_p) and (
-            _is_zero_literal(eqn.invars[0]) or eqn.invars[0] in zeros
-        ):
-            zeros.add(eqn.outvars[0])
-        if _relu_operand(eqn, zeros) is not None:
-            return True
-        for _, val in _subjaxprs(eqn.params):
-            vals = val if isinstance(val, (tuple, list)) else (val,)
-            if any(_contains_relu(v) for v in vals if isinstance(v, (jex.ClosedJaxpr, jex.Jaxpr))):
-                return True
-    return False
+def _keeps_zero(beta: Any, eqn: Any, ins: list[tuple[Any, bool]]) -> list[tuple[Any, bool]]:
+    """``broadcast_in_dim``, ``convert_element_type``: a zero stays a zero."""
+    (out,) = _other(beta, eqn, ins)
+    return [(out[0], ins[0][1])]
+
+
+def _other(beta: Any, eqn: Any, ins: list[tuple[Any, bool]]) -> list[tuple[Any, bool]]:
+    """Any other primitive runs as written; the bodies of loops and branches are rewritten."""
+    params = dict(eqn.params)
+    for key, val in _jaxpr.sub_jaxprs(eqn.params):
+        if _jaxpr.name_of(eqn) not in ("scan", "cond", "while"):
+            if any(_contains_relu(v) for v in _jaxpr.iter_sub_jaxprs({key: val})):
+                raise NotImplementedError(
+                    f"with_smooth_relu: a max(x, 0) sits inside a '{eqn.primitive.name}' "
+                    "primitive, which this rewriter does not enter; build the model with "
+                    "quotient_opt.landscape.smooth_relu(beta) instead"
+                )
+        elif isinstance(val, (tuple, list)):
+            params[key] = type(val)(_rewrite_closed(v, beta) for v in val)
+        else:
+            params[key] = _rewrite_closed(val, beta)
+    return [(o, False) for o in _jaxpr.bind(eqn, [v for v, _ in ins], params)]
+
+
+_RULES = {"max": _max, "broadcast_in_dim": _keeps_zero, "convert_element_type": _keeps_zero}
 
 
 def _eval(jaxpr: Any, consts: Any, args: Any, beta: Any) -> list[Any]:
-    env: dict[Any, Any] = {}
-    zeros: set = set()
+    outs = _jaxpr.interpret(jaxpr, consts, [(a, False) for a in args], _RULES, _other,
+                            ctx=beta, literal=_literal, const=_const)
+    return [v for v, _ in outs]
 
-    def read(v: Any) -> Any:
-        return v.val if isinstance(v, jex.Literal) else env[v]
 
-    for v, c in zip(jaxpr.constvars, consts):
-        env[v] = c
-        if _is_zero_const(c):
-            zeros.add(v)
-    for v, a in zip(jaxpr.invars, args):
-        env[v] = a
+class _Found(Exception):
+    pass
 
-    for eqn in jaxpr.eqns:
-        name = eqn.primitive.name
-        invals = [read(v) for v in eqn.invars]
-        idx = _relu_operand(eqn, zeros)
-        if idx is not None:
-            x = invals[idx]
-            aval = eqn.outvars[0].aval
-            y = jax.nn.softplus(beta * jnp.asarray(x)) / beta
-            outs = [jnp.broadcast_to(y, aval.shape).astype(aval.dtype)]
-        elif name in _INLINE_CLOSED and _INLINE_CLOSED[name] in eqn.params:
-            sub = eqn.params[_INLINE_CLOSED[name]]
-            if isinstance(sub, jex.ClosedJaxpr):
-                outs = _eval(sub.jaxpr, sub.consts, invals, beta)
-            else:
-                outs = _eval(sub, [], invals, beta)
-        else:
-            subs = _subjaxprs(eqn.params)
-            params = eqn.params
-            if subs:
-                if name not in ("scan", "cond", "while"):
-                    if any(
-                        _contains_relu(v)
-                        for _, val in subs
-                        for v in (val if isinstance(val, (tuple, list)) else (val,))
-                        if isinstance(v, (jex.ClosedJaxpr, jex.Jaxpr))
-                    ):
-                        raise NotImplementedError(
-                            f"with_smooth_relu: a max(x, 0) sits inside a '{name}' primitive, "
-                            "which this rewriter does not enter; build the model with "
-                            "quotient_opt.landscape.smooth_relu(beta) instead"
-                        )
-                else:
-                    params = dict(params)
-                    for key, val in subs:
-                        if isinstance(val, (tuple, list)):
-                            params[key] = type(val)(_rewrite_closed(v, beta) for v in val)
-                        else:
-                            params[key] = _rewrite_closed(val, beta)
-            bind_params = eqn.primitive.get_bind_params(params)
-            with eqn.ctx.manager:
-                ans = eqn.primitive.bind(*invals, **bind_params)
-            outs = ans if eqn.primitive.multiple_results else [ans]
-        for v, o in zip(eqn.outvars, outs):
-            env[v] = o
-        if (
-            eqn.primitive in (lax.broadcast_in_dim_p, lax.convert_element_type_p)
-            and eqn.invars
-            and (_is_zero_literal(eqn.invars[0]) or eqn.invars[0] in zeros)
-        ):
-            zeros.add(eqn.outvars[0])
-    return [read(v) for v in jaxpr.outvars]
+
+def _find_max(ctx: Any, eqn: Any, zero: list[bool]) -> list[bool]:
+    if _relu_operand(eqn, zero) is not None:
+        raise _Found
+    return [False]
+
+
+def _find_in_subs(ctx: Any, eqn: Any, zero: list[bool]) -> list[bool]:
+    if any(_contains_relu(v) for v in _jaxpr.iter_sub_jaxprs(eqn.params)):
+        raise _Found
+    return [False] * len(eqn.outvars)
+
+
+_FIND_RULES = {"max": _find_max, "broadcast_in_dim": lambda ctx, eqn, zero: [zero[0]],
+               "convert_element_type": lambda ctx, eqn, zero: [zero[0]]}
+
+
+def _contains_relu(closed: Any) -> bool:
+    """Whether ``closed`` (or a jaxpr inside it) has a ``max(x, 0)``: the rewrite's rules
+    run on the zero flags alone."""
+    jaxpr, consts = _jaxpr.open_jaxpr(closed)
+    try:
+        _jaxpr.interpret(jaxpr, consts, [False] * len(jaxpr.invars), _FIND_RULES, _find_in_subs,
+                         literal=_is_zero_literal, const=_is_zero_const)
+    except _Found:
+        return True
+    return False
 
 
 def _rewrite_closed(closed: Any, beta: Any) -> Any:

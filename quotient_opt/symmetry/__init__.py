@@ -21,6 +21,7 @@ from quotient_opt.symmetry._spec import (
     symmetry_from_axes,
     symmetry_from_layers,
 )
+from quotient_opt.symmetry._tracer import register_rule, unregister_rule
 
 __all__ = [
     "AxisRef",
@@ -37,9 +38,11 @@ __all__ = [
     "map_with_path",
     "path_str",
     "register_adapter",
+    "register_rule",
     "sort_permutation",
     "symmetry_from_axes",
     "symmetry_from_layers",
     "unit_balance",
     "unit_energies",
+    "unregister_rule",
 ]

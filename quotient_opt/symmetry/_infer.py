@@ -3,7 +3,8 @@
 Framework adapters (a registry, see
 :func:`~quotient_opt.symmetry.register_adapter`) turn a model into
 ``apply_fn(params, x)`` and its parameter pytree; the forward computation is traced and analysed
-(a dataflow analysis of its jaxpr, in ``quotient_opt/symmetry/_trace.py``); the result is checked numerically and
+(a dataflow analysis of its jaxpr, in ``quotient_opt/symmetry/_tracer/``, whose rule table
+:func:`~quotient_opt.symmetry.register_rule` extends); the result is checked numerically and
 every move that changes the function is removed (and said so in
 :meth:`~quotient_opt.Symmetry.describe`).
 """
@@ -23,7 +24,7 @@ from quotient_opt.symmetry._check import check_points, concrete, group_errors, m
 from quotient_opt.symmetry._paths import normalize_path
 from quotient_opt.symmetry._program import Program
 from quotient_opt.symmetry._spec import Symmetry
-from quotient_opt.symmetry._trace import analyze
+from quotient_opt.symmetry._tracer import analyze
 
 PyTree = Any
 

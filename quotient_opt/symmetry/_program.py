@@ -15,7 +15,8 @@ and constant squared, activations replaced by the identity, and every max
    \\gamma = \\frac{\\partial \\phi}{\\partial (\\theta^{\\odot 2})},
 
 computed here by re-interpreting the model's jaxpr with those substitutions
-(one forward and one backward pass, through dense, convolution, pooling,
+(a rule table of the library's jaxpr interpreter, ``quotient_opt._jaxpr``; one
+forward and one backward pass, through dense, convolution, pooling,
 reshape and residual layers alike). :math:`\\phi` is invariant under the
 rescalings, so :math:`\\gamma` transforms like a second moment.
 
@@ -34,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from quotient_opt.symmetry._trace import CALLS, COMPARISONS, _is_literal, _sub_jaxpr, _where
+from quotient_opt import _jaxpr
 
 PyTree = Any
 
@@ -42,11 +43,11 @@ PyTree = Any
 _SAME = {
     "dot_general", "conv_general_dilated", "add", "reshape", "broadcast_in_dim", "transpose",
     "squeeze", "expand_dims", "concatenate", "slice", "rev", "reduce_sum", "reduce_window_sum",
-    "convert_element_type", "dynamic_slice", "cumsum", "mul", "div", "copy", "copy_p",
+    "convert_element_type", "dynamic_slice", "cumsum", "mul", "div", "copy",
     "reduce_precision", "pad", "select_and_gather_add",
 }
-_TO_SUM = {"reduce_max": "reduce_sum", "reduce_min": "reduce_sum",
-           "reduce_window_max": "reduce_window_sum", "reduce_window_min": "reduce_window_sum"}
+# primitives whose squared version is a sum
+_TO_SUM = {"reduce_max", "reduce_min", "reduce_window_max", "reduce_window_min"}
 
 
 class Program:
@@ -139,67 +140,99 @@ def _one_sample(apply_fn: Callable, params: PyTree, x: Any) -> Any:
 def _squared_eval(jaxpr: Any, consts: list[Any], args: list[Any], skel: list[bool]) -> list[Any]:
     """Evaluates the squared skeleton; ``skel[i]`` says whether input ``i`` is a skeleton value
     (a squared parameter or the all-ones input) rather than a plain constant."""
-    env: dict[int, tuple[Any, bool]] = {}
-    for v, a, s in zip(jaxpr.invars, args, skel):
-        env[id(v)] = (a, s)
-    for v, c in zip(jaxpr.constvars, consts):
-        env[id(v)] = (jnp.asarray(c), False)
-
-    def read(v: Any) -> tuple[Any, bool]:
-        if _is_literal(v):
-            return jnp.asarray(v.val), False
-        return env[id(v)]
-
-    for eqn in jaxpr.eqns:
-        vals = [read(v) for v in eqn.invars]
-        outs = _squared_eqn(eqn, vals)
-        for v, o in zip(eqn.outvars, outs):
-            env[id(v)] = o
-    return [read(v)[0] if read(v)[1] else jnp.square(read(v)[0]) for v in jaxpr.outvars]
+    outs = _jaxpr.interpret(jaxpr, consts, list(zip(args, skel)), _RULES, _elementwise,
+                            literal=_literal, const=_const, fold=_fold, call=_call)
+    return [_squared(v, s) for v, s in outs]
 
 
-def _squared_eqn(eqn: Any, vals: list[tuple[Any, bool]]) -> list[tuple[Any, bool]]:
-    name = eqn.primitive.name
-    if not any(s for _, s in vals):  # constants only: the ordinary computation
-        out = eqn.primitive.bind(*[v for v, _ in vals], **eqn.params)
-        return [(o, False) for o in (out if eqn.primitive.multiple_results else [out])]
-    if name in CALLS:
-        sub = _sub_jaxpr(eqn)
-        if sub is not None:
-            args = [v if s else jnp.square(v) for v, s in vals]
-            outs = _squared_eval(sub[0], sub[1], args, [True] * len(args))
-            return [(o, True) for o in outs]
-    # a plain constant meeting the skeleton enters squared (a coefficient on every path)
-    sq = [v if s else jnp.square(jnp.asarray(v)) for v, s in vals]
-    if name in _SAME:
-        if name == "div" and vals[1][1]:
-            raise ValueError(f"path norm: {_where(eqn)} divides by a unit's value")
-        return [(eqn.primitive.bind(*sq, **eqn.params), True)]
-    if name in _TO_SUM:
-        if name.startswith("reduce_window"):
-            return [(lax.reduce_window_sum_p.bind(*sq, **eqn.params), True)]
-        return [(jnp.sum(sq[0], axis=tuple(eqn.params["axes"])), True)]
-    if name in ("sub", "add_any"):
-        return [(lax.add(*sq), True)]
-    if name in ("max", "min"):
-        data = [v for v, s in vals if s]
-        if len(data) == 1:
-            return [(sq[[s for _, s in vals].index(True)], True)]
-        return [(lax.add(*sq), True)]
-    if name == "select_n":
-        cases = sq[1:]
-        out = cases[0]
-        for c in cases[1:]:
-            out = jnp.maximum(out, c)
-        return [(jnp.broadcast_to(out, eqn.outvars[0].aval.shape).astype(out.dtype), True)]
-    if name in COMPARISONS:
-        return [(jnp.zeros(eqn.outvars[0].aval.shape, bool), False)]
+# Values are pairs ``(value, skel)``: ``skel`` says ``value`` is a skeleton value, else it is a
+# plain constant of the computation (which enters the skeleton squared where it meets it).
+
+
+def _literal(v: Any) -> tuple[Any, bool]:
+    return jnp.asarray(v.val), False
+
+
+def _const(c: Any) -> tuple[Any, bool]:
+    return jnp.asarray(c), False
+
+
+def _squared(v: Any, s: bool) -> Any:
+    return v if s else jnp.square(jnp.asarray(v))
+
+
+def _fold(eqn: Any, vals: list[tuple[Any, bool]]) -> list[tuple[Any, bool]] | None:
+    """Constants only: the ordinary computation."""
+    if any(s for _, s in vals):
+        return None
+    return [(o, False) for o in _jaxpr.bind(eqn, [v for v, _ in vals])]
+
+
+def _call(interp: Any, eqn: Any, jaxpr: Any, consts: list[Any], vals: list[tuple[Any, bool]]
+          ) -> list[tuple[Any, bool]]:
+    """A call meeting the skeleton: its body is a skeleton, on squared constants."""
+    outs = interp.run(jaxpr, consts, [(_squared(v, s), True) for v, s in vals])
+    return [(_squared(v, s), True) for v, s in outs]
+
+
+def _same(ctx: Any, eqn: Any, vals: list[tuple[Any, bool]]) -> list[tuple[Any, bool]]:
+    """The same primitive on squared operands (a plain constant meeting the skeleton enters
+    squared: a coefficient on every path)."""
+    if _jaxpr.name_of(eqn) == "div" and vals[1][1]:
+        raise ValueError(f"path norm: {_jaxpr.where(eqn)} divides by a unit's value")
+    return [(o, True) for o in _jaxpr.bind(eqn, [_squared(v, s) for v, s in vals])]
+
+
+def _to_sum(ctx: Any, eqn: Any, vals: list[tuple[Any, bool]]) -> list[tuple[Any, bool]]:
+    """A max (or min) over axes or windows: the sum of the squared skeleton's paths."""
+    sq = [_squared(v, s) for v, s in vals]
+    if _jaxpr.name_of(eqn).startswith("reduce_window"):
+        return [(lax.reduce_window_sum_p.bind(*sq, **eqn.params), True)]
+    return [(jnp.sum(sq[0], axis=tuple(eqn.params["axes"])), True)]
+
+
+def _add(ctx: Any, eqn: Any, vals: list[tuple[Any, bool]]) -> list[tuple[Any, bool]]:
+    return [(lax.add(*[_squared(v, s) for v, s in vals]), True)]
+
+
+def _max(ctx: Any, eqn: Any, vals: list[tuple[Any, bool]]) -> list[tuple[Any, bool]]:
+    """``max(x, c)`` (a ReLU): ``x``'s paths; ``max(x, y)``: both operands' paths."""
+    flags = [s for _, s in vals]
+    if flags.count(True) == 1:
+        v, s = vals[flags.index(True)]
+        return [(v, True)]
+    return _add(ctx, eqn, vals)
+
+
+def _select_n(ctx: Any, eqn: Any, vals: list[tuple[Any, bool]]) -> list[tuple[Any, bool]]:
+    cases = [_squared(v, s) for v, s in vals[1:]]
+    out = cases[0]
+    for c in cases[1:]:
+        out = jnp.maximum(out, c)
+    return [(jnp.broadcast_to(out, eqn.outvars[0].aval.shape).astype(out.dtype), True)]
+
+
+def _comparison(ctx: Any, eqn: Any, vals: list[tuple[Any, bool]]) -> list[tuple[Any, bool]]:
+    return [(jnp.zeros(eqn.outvars[0].aval.shape, bool), False)]
+
+
+def _elementwise(ctx: Any, eqn: Any, vals: list[tuple[Any, bool]]) -> list[tuple[Any, bool]]:
+    """An elementwise activation of one skeleton value: a pass-through; anything else has
+    no squared version."""
     if len(vals) == 1 or all(not s for _, s in vals[1:]):
-        # an elementwise activation of one skeleton value: a pass-through
-        x = sq[0]
-        shape = eqn.outvars[0].aval.shape
-        if tuple(np.shape(x)) == tuple(shape):
+        x = _squared(*vals[0])
+        if tuple(np.shape(x)) == tuple(eqn.outvars[0].aval.shape):
             return [(x.astype(_float(x)), True)]
-    raise ValueError(f"path norm: {_where(eqn)} has no squared version (the path norm is "
+    raise ValueError(f"path norm: {_jaxpr.where(eqn)} has no squared version (the path norm is "
                      "defined for networks of affine layers, homogeneous activations and "
                      "max/sum pooling)")
+
+
+_RULES = {
+    **{name: _same for name in _SAME},
+    **{name: _to_sum for name in _TO_SUM},
+    **{name: _add for name in ("sub", "add_any")},
+    **{name: _max for name in ("max", "min")},
+    "select_n": _select_n,
+    **{name: _comparison for name in _jaxpr.COMPARISONS},
+}

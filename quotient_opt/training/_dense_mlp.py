@@ -26,12 +26,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.extend import core as jcore
+
+from quotient_opt import _jaxpr
 
 PyTree = Any
-
-_CALL_PARAMS = ("jaxpr", "call_jaxpr")
-_PASS_THROUGH = {"copy", "copy_p", "optimization_barrier"}
 
 
 @dataclass
@@ -101,17 +99,52 @@ def match_dense_mse(loss_fn, params: PyTree) -> tuple[DenseMSE | None, str]:
         return None, f"loss_fn could not be traced ({type(e).__name__})"
     m = _Matcher(len(leaves))
     try:
-        env = {v: ("const", np.asarray(c)) for v, c in zip(closed.jaxpr.constvars, closed.consts)}
-        for k, v in enumerate(closed.jaxpr.invars):
-            env[v] = ("leaf", k)
-        outs = m.run(closed.jaxpr, env)
+        outs = _jaxpr.interpret(closed.jaxpr, closed.consts,
+                                [("leaf", k) for k in range(len(closed.jaxpr.invars))],
+                                _RULES, _unsupported, ctx=m, literal=_literal, const=_const,
+                                fold=_fold)
         spec = m.finish(outs, leaves)
     except _NoMatch as e:
         return None, str(e)
     return spec, ""
 
 
+def _literal(v) -> tuple:
+    return ("const", np.asarray(v.val))
+
+
+def _const(c) -> tuple:
+    return ("const", np.asarray(c))
+
+
+def _fold(eqn, ins: list) -> list | None:
+    """Equations on constants only are evaluated."""
+    if not all(_is(t, "const") for t in ins):
+        return None
+    try:
+        out = _jaxpr.bind(eqn, [t[1] for t in ins])
+    except Exception as e:  # noqa: BLE001
+        raise _NoMatch(f"cannot evaluate constant {eqn.primitive.name}") from e
+    return [("const", np.asarray(o)) for o in out]
+
+
+def _unsupported(m, eqn, ins):
+    raise _NoMatch(f"unsupported primitive {eqn.primitive.name}")
+
+
+def _pass(m, eqn, ins):
+    return list(ins)
+
+
+def _convert_element_type(m, eqn, ins):
+    if eqn.params["new_dtype"] == eqn.invars[0].aval.dtype:
+        return list(ins)
+    return _unsupported(m, eqn, ins)
+
+
 class _Matcher:
+    """The state of one match: the chain of layers found so far (the ``ctx`` of the rules)."""
+
     def __init__(self, n_leaves: int):
         self.n_leaves = n_leaves
         self.layers: list[Layer] = []
@@ -120,53 +153,6 @@ class _Matcher:
         self.current = None  # the var holding the chain's latest activation
         self.resid = None  # (y, sign)
         self.scale = None
-
-    # ------------------------------------------------------------------ walk
-    def run(self, jaxpr, env: dict) -> list:
-        def read(v):
-            if isinstance(v, jcore.Literal):
-                return ("const", np.asarray(v.val))
-            if v not in env:
-                raise _NoMatch("unknown variable")
-            return env[v]
-
-        for eqn in jaxpr.eqns:
-            ins = [read(v) for v in eqn.invars]
-            outs = self.eqn(eqn, ins)
-            for v, o in zip(eqn.outvars, outs):
-                env[v] = o
-        return [read(v) for v in jaxpr.outvars]
-
-    def eqn(self, eqn, ins: list) -> list:
-        name = eqn.primitive.name
-        if all(_is(t, "const") for t in ins):
-            vals = [t[1] for t in ins]
-            try:
-                out = eqn.primitive.bind(*vals, **eqn.params)
-            except Exception as e:  # noqa: BLE001
-                raise _NoMatch(f"cannot evaluate constant {name}") from e
-            out = out if eqn.primitive.multiple_results else [out]
-            return [("const", np.asarray(o)) for o in out]
-        sub = None
-        for key in _CALL_PARAMS:
-            if key in eqn.params and isinstance(eqn.params[key], (jcore.ClosedJaxpr, jcore.Jaxpr)):
-                sub = eqn.params[key]
-        if sub is not None and name not in ("scan", "while", "cond"):
-            inner = sub.jaxpr if isinstance(sub, jcore.ClosedJaxpr) else sub
-            consts = sub.consts if isinstance(sub, jcore.ClosedJaxpr) else []
-            if len(inner.invars) != len(ins):
-                raise _NoMatch(f"unsupported call {name}")
-            env = {v: ("const", np.asarray(c)) for v, c in zip(inner.constvars, consts)}
-            env.update(zip(inner.invars, ins))
-            return self.run(inner, env)
-        if name in _PASS_THROUGH or (
-            name == "convert_element_type" and eqn.params["new_dtype"] == eqn.invars[0].aval.dtype
-        ):
-            return list(ins)
-        rule = getattr(self, "_" + name, None)
-        if rule is None:
-            raise _NoMatch(f"unsupported primitive {name}")
-        return [rule(eqn, ins)]
 
     # ------------------------------------------------------------------ rules
     def _leaf(self, t) -> int | None:
@@ -337,6 +323,20 @@ class _Matcher:
         return DenseMSE(
             self.layers, self.x, self.resid, scale, n_leaves=self.n_leaves, dtype=dtypes.pop()
         )
+
+
+def _one(method):
+    """A ``_Matcher`` method ``(eqn, ins) -> tag`` as a rule of the table."""
+    return lambda m, eqn, ins: [method(m, eqn, ins)]
+
+
+_RULES = {
+    **{name: _pass for name in ("copy", "optimization_barrier")},
+    "convert_element_type": _convert_element_type,
+    **{name: _one(getattr(_Matcher, "_" + name)) for name in (
+        "dot_general", "reshape", "broadcast_in_dim", "squeeze", "expand_dims", "add", "max",
+        "sub", "integer_pow", "square", "mul", "div", "reduce_sum")},
+}
 
 
 # --------------------------------------------------------------------- compute
