@@ -52,7 +52,6 @@ class _Group:
         self.acts: set[str] = set()
 
 
-
 class Analysis:
     """Abstract interpretation of a jaxpr for unit groups (see the package docstring)."""
 
@@ -347,8 +346,6 @@ class Analysis:
         return with_sym, without, shapes
 
 
-
-
 def unsupported(an: Analysis, eqn: Any, ins: list[Info]) -> list[Info]:
     """The rule of a primitive without one: its unit inputs lose their symmetries."""
     return an.unknown(ins, out_shapes(eqn), f"unsupported operation {_jaxpr.where(eqn)}")
@@ -372,7 +369,6 @@ def _layout(uid: np.ndarray, count: int) -> tuple[int, int, int] | None:
         if np.array_equal(np.tile(expect, outer), uid):
             return outer, offset, inner
     return None
-
 
 
 def analyze(

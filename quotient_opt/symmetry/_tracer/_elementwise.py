@@ -50,7 +50,7 @@ ELEMENTWISE_OTHER = {
     "shift_right_logical", "sign", "bessel_i0e", "bessel_i1e", "igamma", "igammac",
     "random_gamma_grad", "polygamma", "zeta", "regularized_incomplete_beta",
 }
-ADDITIVE = {"add", "sub", "add_any", "max", "min"}
+#: additive (a bias, a residual, a max of two values)
 ADDITIVE = {"add", "sub", "add_any", "max", "min"}
 
 
@@ -62,6 +62,7 @@ def elementwise(an: Analysis, eqn: Any, ins: list[Info], kind: str) -> list[Info
 
 def _elementwise(an: Analysis, name: str, eqn: Any, ins: list[Info], shape: tuple[int, ...],
                  where: str) -> Info:
+    """The result of an elementwise operation of kind ``name`` (see :func:`elementwise`)."""
     data = [i for i in ins if isinstance(i, Data)]
     params = [i for i in ins if isinstance(i, Param)]
     opaque = [i for i in ins if isinstance(i, Opaque)]
@@ -82,7 +83,7 @@ def _elementwise(an: Analysis, name: str, eqn: Any, ins: list[Info], shape: tupl
         base = an.merge_labels([Data(shape, base)] + [pred], where, check_deg=False)
         if any(int(v) != 0 for lb in pred.labs for v in np.unique(lb.deg)):
             an.taint({g for lb in pred.labs for g in an.gids(lb)},
-                       f"{where}: selects on a scale-dependent condition")
+                     f"{where}: selects on a scale-dependent condition")
     lab_axes = {a for lb in base for a in lb.axes}
     for d in data:
         if not d.labs and not all(
@@ -95,10 +96,10 @@ def _elementwise(an: Analysis, name: str, eqn: Any, ins: list[Info], shape: tupl
                 # so rescalings survive; it is not permuted with the units
                 for g in {g for lb in base for g in an.gids(lb)}:
                     an.kill(g, f"{where}: masked by values that vary along the units",
-                              scale=False)
+                            scale=False)
                 continue
             an.poison(Data(shape, base), f"{where}: combined with unlabelled values that "
-                                            "vary along the units")
+                                         "vary along the units")
             return Data(shape, taint=taint)
     if opaque or any(isinstance(p, Param) for p in ([pred] if pred is not None else [])):
         for o in opaque + [p for p in [pred] if isinstance(p, Param)]:
@@ -144,6 +145,9 @@ def _elementwise(an: Analysis, name: str, eqn: Any, ins: list[Info], shape: tupl
         return Data(shape, base, taint)
     for p in params:
         an.poison(p, f"parameter used in {where}")
+    if name == HOMOGENEOUS:  # a user's activation: named in print(sym)
+        for g in groups:
+            an.groups[g].acts.add(eqn.primitive.name)
     if name in ELEMENTWISE_UNARY_DEG or name == HOMOGENEOUS or (
             name == "integer_pow" and eqn.params.get("y") == 1):
         return Data(shape, base, taint)
@@ -168,6 +172,7 @@ def _elementwise(an: Analysis, name: str, eqn: Any, ins: list[Info], shape: tupl
     return Data(shape, base, taint | frozenset(deg1))
 
 def _select_on_units(an: Analysis, pred: Data, cases: list[Info], shape, where, taint) -> Info:
+    """A select whose predicate only has units: the result is invariant (a mask)."""
     for c in cases:
         if not isinstance(c, Data) or not all(c.const_along(a) for lb in pred.labs
                                               for a in lb.axes):
@@ -175,8 +180,8 @@ def _select_on_units(an: Analysis, pred: Data, cases: list[Info], shape, where, 
             return Data(shape, taint=taint)
     return Data(shape, tuple(lb.replace(deg=np.zeros_like(lb.deg)) for lb in pred.labs), taint)
 
-def _plain_elementwise(an: Analysis, name: str, ins: list[Info], shape: tuple[int, ...], where: str,
-                      taint: frozenset[int], dyn: bool) -> Info:
+def _plain_elementwise(an: Analysis, name: str, ins: list[Info], shape: tuple[int, ...],
+                       where: str, taint: frozenset[int], dyn: bool) -> Info:
     """Elementwise operation on values without units."""
     data = [i for i in ins if isinstance(i, Data)]
     params = [i for i in ins if isinstance(i, Param)]
@@ -207,8 +212,9 @@ def _plain_elementwise(an: Analysis, name: str, ins: list[Info], shape: tuple[in
     const_axes = frozenset(a for a in range(len(shape)) if all(d.const_along(a) for d in data))
     return Data(shape, const_axes=const_axes, value=value, dyn=False)
 
-def _param_on_labels(an: Analysis, p: Param, labs: tuple[Lab, ...], power: Callable[[Lab], np.ndarray],
-                    role: str, where: str, *, additive: bool) -> None:
+def _param_on_labels(an: Analysis, p: Param, labs: tuple[Lab, ...],
+                     power: Callable[[Lab], np.ndarray], role: str, where: str, *,
+                     additive: bool) -> None:
     """A parameter combined elementwise with labelled data: one entry per unit, or shared."""
     entries: dict[int, tuple[Lab, np.ndarray, str]] = {}
     for lb in labs:
@@ -218,12 +224,11 @@ def _param_on_labels(an: Analysis, p: Param, labs: tuple[Lab, ...], power: Calla
                     entries[a] = (lb, power(lb), role)
                 else:
                     an.poison(Data(p.shape, (lb,)), f"{where}: a parameter meets a split "
-                                                      "feature axis")
+                                                    "feature axis")
             elif additive:
                 an.taint(an.gids_with_deg(lb, 1),
-                           f"{where}: adds a value shared by all units")
+                         f"{where}: adds a value shared by all units")
     an.use(p, entries, where)
-
 
 
 for _name in (ELEMENTWISE_UNARY_DEG | ELEMENTWISE_OTHER | COMPARISONS | ADDITIVE

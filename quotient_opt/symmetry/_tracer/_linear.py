@@ -27,21 +27,20 @@ from quotient_opt.symmetry._tracer._values import (
 )
 from quotient_opt.symmetry._tracer._values import out_shapes as shapes_of
 
-# ------------------------------------------------------------ contractions
-
 
 @builtin("dot_general")
 def dot_general(an: Analysis, eqn: Any, ins: list[Info]) -> list[Info]:
+    """Data contracted with a kernel: a dense layer (reads units, starts a group)."""
     out_shapes, where = shapes_of(eqn), _jaxpr.where(eqn)
     (lc, rc), (lb_, rb) = eqn.params["dimension_numbers"]
     lhs, rhs = ins
     shape = out_shapes[0]
     if isinstance(lhs, Data) and isinstance(rhs, Param):
         return [_contract(an, lhs, rhs, tuple(lc), tuple(rc), tuple(lb_), tuple(rb), shape,
-                               where, data_first=True)]
+                          where, data_first=True)]
     if isinstance(rhs, Data) and isinstance(lhs, Param):
         return [_contract(an, rhs, lhs, tuple(rc), tuple(lc), tuple(rb), tuple(lb_), shape,
-                               where, data_first=False)]
+                          where, data_first=False)]
     if isinstance(lhs, Param) and isinstance(rhs, Param):
         return [Opaque(shape, frozenset({lhs.leaf, rhs.leaf}))]
     if not any(isinstance(i, Data) and i.dyn for i in ins):
@@ -105,6 +104,7 @@ def _contract(an: Analysis, x: Data, k: Param, xc, kc, xb, kb, shape, where, *, 
 
 @builtin("conv_general_dilated")
 def conv_general_dilated(an: Analysis, eqn: Any, ins: list[Info]) -> list[Info]:
+    """A convolution of data with a kernel: units on the feature axes only."""
     out_shapes, where = shapes_of(eqn), _jaxpr.where(eqn)
     lhs, rhs = ins
     shape = out_shapes[0]
@@ -129,4 +129,3 @@ def conv_general_dilated(an: Analysis, eqn: Any, ins: list[Info]) -> list[Info]:
         labs.append(new.replace(axes=(out_spec[1],)))
     an.use(rhs, entries, where)
     return [Data(shape, tuple(labs), lhs.taint)]
-

@@ -25,8 +25,6 @@ from quotient_opt.symmetry._tracer._values import (
 )
 from quotient_opt.symmetry._tracer._values import out_shapes as shapes_of
 
-# ------------------------------------------------------------ reductions
-
 
 def _reduce(an: Analysis, eqn: Any, ins: list[Info], kind: str) -> list[Info]:
     out_shapes, where = shapes_of(eqn), _jaxpr.where(eqn)
@@ -146,4 +144,3 @@ def cumsum(an: Analysis, eqn: Any, ins: list[Info]) -> list[Info]:
     if isinstance(x, Data) and all(eqn.params["axis"] not in lb.axes for lb in x.labs):
         return [Data(out_shapes[0], x.labs, x.taint)]
     return an.unknown(ins, out_shapes, f"unsupported operation {where}")
-

@@ -92,7 +92,6 @@ def squeeze(an: Analysis, eqn: Any, ins: list[Info]) -> list[Info]:
                  frozenset(mapping[a] for a in x.const_axes if a in mapping), x.value)]
 
 
-
 @builtin("reshape", "expand_dims")
 def reshape(an: Analysis, eqn: Any, ins: list[Info]) -> list[Info]:
     out_shapes, where = shapes_of(eqn), _jaxpr.where(eqn)
@@ -219,7 +218,7 @@ def pad(an: Analysis, eqn: Any, ins: list[Info]) -> list[Info]:
         return an.unknown(ins, out_shapes, f"{where}: pads a unit axis")
     if not pad.zero:
         an.taint({g for lb in x.labs for g in an.gids_with_deg(lb, 1)},
-                   f"{where}: pads with a nonzero value")
+                 f"{where}: pads with a nonzero value")
     return [Data(out_shapes[0], x.labs, x.taint | pad.taint)]
 
 
@@ -237,4 +236,3 @@ def rev(an: Analysis, eqn: Any, ins: list[Info]) -> list[Info]:
                                lvl=np.flip(lb.lvl, flip), deg=np.flip(lb.deg, flip))
                     if flip else lb)
     return [Data(out_shapes[0], tuple(labs), x.taint, x.const_axes)]
-

@@ -169,5 +169,3 @@ def reshape_label(lab: Lab, old: tuple[int, ...], new: tuple[int, ...]) -> Lab |
         relevant = [max(range(len(block_new)), key=lambda k: block_new[k])] if block_new else []
     idx = tuple(slice(None) if k in relevant else 0 for k in range(len(block_new)))
     return Lab(tuple(o0 + k for k in relevant), gid[idx], uid[idx], lvl[idx], deg[idx])
-
-
