@@ -31,7 +31,7 @@ from typing import Any
 PACKAGE = "quotient_opt"
 #: Section order on each subpackage page (private modules); others follow alphabetically.
 SECTION_ORDER = {
-    "symmetry": ["_spec", "_infer", "_canonical", "_program", "_paths"],
+    "symmetry": ["_spec", "_infer", "_tracer._registry", "_canonical", "_program", "_paths"],
     "transforms": ["_projection", "_path_norm", "_rebalance", "_teleport", "_revive",
                    "_aliases", "_transport"],
     "training": ["_fit", "_population"],

@@ -1,8 +1,15 @@
-"""The tracer's rule table: built-in rules by primitive name, and the user's.
+"""Open tracer rules: teach :func:`~quotient_opt.infer_symmetry` a primitive.
 
-The rule modules (``_linear``, ``_elementwise``, ``_reductions``, ``_shapes``,
-``_control``) fill :data:`BUILTIN` with :func:`builtin`; a user teaches the
-tracer a primitive with :func:`register_rule`, whose rules take precedence.
+The tracer interprets the model's jaxpr with one rule per primitive: a
+function ``rule(ctx, eqn, ins) -> outs`` from the abstract values of an
+equation's operands (which axes hold which units, and how they scale) to
+those of its results. Built-in rules cover contractions, elementwise
+operations, reductions, shape operations and control flow; calls (``jit``,
+``custom_jvp``/``custom_vjp`` functions, ``checkpoint``) are followed into
+their body. :func:`register_rule` adds a rule for a primitive of your own (or
+replaces a built-in one), and takes precedence; :func:`unregister_rule`
+removes it. A primitive without a rule keeps the safe default: the units
+flowing through it lose their symmetries, and ``print(sym)`` says so.
 """
 
 from __future__ import annotations
