@@ -123,8 +123,9 @@ def infer_symmetry(
     parameter axis that can be permuted alike, and *rescalable* if moreover
     every operation between the layers is positively homogeneous (ReLU, leaky
     ReLU, identity, max). What cannot be shown safe (normalization by
-    statistics, softmax or attention, unknown primitives, control flow, units
-    reaching the output) gets fewer symmetries, never a wrong one, and
+    statistics, softmax or attention, unknown primitives unless taught with
+    :func:`~quotient_opt.symmetry.register_rule`, control flow, units reaching
+    the output) gets fewer symmetries, never a wrong one, and
     :meth:`~quotient_opt.Symmetry.describe` (``print(sym)``) says why. With
     ``check`` (default) random group elements are then applied at the given
     and at random parameters and inputs, and any move that changes the
