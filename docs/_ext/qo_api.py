@@ -35,6 +35,7 @@ SECTION_ORDER = {
     "transforms": ["_projection", "_path_norm", "_rebalance", "_teleport", "_revive",
                    "_aliases", "_transport"],
     "training": ["_fit", "_population"],
+    "contrib": ["_kinks", "_breathe", "_levenberg_marquardt"],
     "landscape": ["_neb", "_hessian", "_smooth", "_pca", "_interpolate", "_quotient",
                   "_assignment"],
 }
@@ -46,6 +47,7 @@ SUBPACKAGES = {
     "landscape": "Loss-landscape tools",
     "models": "Example models and tasks",
     "nn": "Layers",
+    "contrib": "Contributed tools (dense ReLU MLPs, small least squares)",
 }
 
 

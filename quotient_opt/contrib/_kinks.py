@@ -123,7 +123,7 @@ def place_kinks(
     Example::
 
       apply, params = qo.models.functional(qo.models.SawtoothNet(rngs=nnx.Rngs(0)))
-      params = qo.training.place_kinks(apply, params, task.x, jax.random.key(1))
+      params = qo.contrib.place_kinks(apply, params, task.x, jax.random.key(1))
 
     Args:
       apply_fn: ``(params, x) -> outputs``, a dense ReLU MLP (see

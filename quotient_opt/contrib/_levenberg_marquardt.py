@@ -117,7 +117,7 @@ def levenberg_marquardt(
       def residual_fn(p):
           return (apply(p, task.x) - task.y).ravel()
 
-      tx = qo.levenberg_marquardt(residual_fn)
+      tx = qo.contrib.levenberg_marquardt(residual_fn)
       params, state, losses = qo.fit(tx, params, lambda p: jnp.mean(residual_fn(p) ** 2), 60)
 
     Args:

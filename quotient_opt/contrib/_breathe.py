@@ -14,7 +14,7 @@ run in both directions):
 
 1. **grow** (:func:`grow_units`): every absent slot gets He-normal incoming
    weights, a bias that puts its kink inside the data (as
-   :func:`~quotient_opt.place_kinks`) and zero outgoing weights: the function
+   :func:`place_kinks`) and zero outgoing weights: the function
    is unchanged, but the new units receive gradient;
 2. **train** the wide network for ``cycle_steps`` steps;
 3. **compress** back to ``width`` units per layer, one unit at a time
@@ -63,7 +63,7 @@ import numpy as np
 import optax
 
 from quotient_opt.training._dense_mlp import Layer
-from quotient_opt.training._kinks import dense_relu_chain
+from quotient_opt.contrib._kinks import dense_relu_chain
 from quotient_opt.training._population import _is_key, _positive_int, make_population_step
 
 PyTree = Any
@@ -345,7 +345,7 @@ def breathe(
     Each training segment is Adam with a cosine decay from its learning rate
     to 1% of it over the segment, from a fresh state. Network ``i`` draws its
     start and growth from ``jax.random.fold_in(key, i)`` only, so results do not
-    depend on ``chunk_size``. ``init_fn`` is e.g. :func:`~quotient_opt.kink_init`
+    depend on ``chunk_size``. ``init_fn`` is e.g. :func:`kink_init`
     of the wide model.
 
     Args:
