@@ -64,7 +64,8 @@ import optax
 
 from quotient_opt.training._dense_mlp import Layer
 from quotient_opt.contrib._kinks import dense_relu_chain
-from quotient_opt.training._population import _is_key, _positive_int, make_population_step
+from quotient_opt import _validate as validate
+from quotient_opt.training._population import make_population_step
 
 PyTree = Any
 
@@ -374,17 +375,14 @@ def breathe(
         whose hidden layers are all at least ``width`` wide.
     """
     t0 = time.perf_counter()
-    nets = _positive_int("nets", nets)
-    width = _positive_int("width", width)
-    cycles = _positive_int("cycles", cycles, zero_ok=True)
+    nets = validate.integer("nets", nets)
+    width = validate.integer("width", width)
+    cycles = validate.integer("cycles", cycles, minimum=0)
     for name, v in (("start_steps", start_steps), ("cycle_steps", cycle_steps),
                     ("refit_steps", refit_steps), ("polish_steps", polish_steps)):
-        _positive_int(name, v, zero_ok=True)
-    chunk = min(_positive_int("chunk_size", chunk_size), nets)
-    if not _is_key(key):
-        raise ValueError("key must be a PRNG key (jax.random.key(seed))")
-    if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        key = jax.random.wrap_key_data(key)
+        validate.integer(name, v, minimum=0)
+    chunk = min(validate.integer("chunk_size", chunk_size), nets)
+    key = validate.prng_key(key)
     refit_lr = learning_rate / 2 if refit_learning_rate is None else refit_learning_rate
     p_shape = jax.eval_shape(init_fn, jax.random.fold_in(key, 0))
     layers = _hidden_chain(apply_fn, p_shape, x)

@@ -48,6 +48,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from quotient_opt import _validate as validate
 from quotient_opt.training._deps import depends
 from quotient_opt.training._fit import apply_step, prepare
 
@@ -112,8 +113,7 @@ def perturbed_init(
       ``init_fn(key) -> params`` with ``θ + scale·ε`` (or ``θ + scale·|θ|·ε``),
       ``ε ~ N(0, 1)`` independently per entry.
     """
-    if not scale >= 0:
-        raise ValueError(f"scale must be >= 0, got {scale}")
+    validate.number("scale", scale)
     leaves, treedef = jax.tree.flatten(center)
 
     def init_fn(key: jax.Array) -> PyTree:
@@ -200,22 +200,6 @@ def default_compiler_options(platform: str) -> dict[str, Any]:
     if platform == "cpu" and _cpu_has_avx512():
         return {"xla_cpu_prefer_vector_width": 512}
     return {}
-
-
-def _is_key(key: Any) -> bool:
-    if isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        return key.shape == ()
-    return (
-        isinstance(key, (jax.Array, np.ndarray)) and key.dtype == jnp.uint32 and key.shape == (2,)
-    )
-
-
-def _positive_int(name: str, value: Any, *, zero_ok: bool = False) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 0 or (value == 0 and not zero_ok):
-        raise ValueError(f"{name} must be {'>= 0' if zero_ok else '>= 1'}, got {value}")
-    return int(value)
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -528,9 +512,9 @@ def train_population(
       ValueError: for invalid arguments (the message names the argument).
     """
     t_start = time.perf_counter()
-    nets = _positive_int("nets", nets)
-    steps = _positive_int("steps", steps, zero_ok=True)
-    segment_steps = _positive_int("segment_steps", segment_steps)
+    nets = validate.integer("nets", nets)
+    steps = validate.integer("steps", steps, minimum=0)
+    segment_steps = validate.integer("segment_steps", segment_steps)
     if not (hasattr(tx, "init") and hasattr(tx, "update")):
         raise ValueError(f"tx must be an optax GradientTransformation, got {type(tx).__name__}")
     stacked = None
@@ -548,25 +532,14 @@ def train_population(
         def init_fn(key: jax.Array) -> PyTree:
             del key
             return jax.tree.map(jnp.asarray, first_net)
-    if not callable(loss_fn):
-        raise ValueError(
-            f"loss_fn must be callable (params -> scalar), got {type(loss_fn).__name__}"
-        )
-    if not _is_key(key):
-        raise ValueError(
-            "key must be a PRNG key (jax.random.key(seed) or jax.random.PRNGKey(seed)), "
-            f"got {getattr(key, 'dtype', type(key).__name__)} {getattr(key, 'shape', '')}"
-        )
-    if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        key = jax.random.wrap_key_data(key)
+    validate.function("loss_fn", loss_fn, "params -> scalar")
+    key = validate.prng_key(key)
     if history_every is None:
         history_every = max(1, steps // 100)
-    history_every = _positive_int("history_every", history_every)
+    history_every = validate.integer("history_every", history_every)
     segment_steps = -(-segment_steps // history_every) * history_every
-    if not checkpoint_every >= 0:
-        raise ValueError(f"checkpoint_every must be >= 0 seconds, got {checkpoint_every}")
-    if fast_path not in (None, True, False):
-        raise ValueError(f"fast_path must be None, True or False, got {fast_path!r}")
+    validate.number("checkpoint_every", checkpoint_every, unit=" seconds")
+    validate.one_of("fast_path", fast_path, (None, True, False))
     if mesh is not None and not isinstance(mesh, Mesh):
         raise ValueError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
     if compiler_options is not None and not isinstance(compiler_options, Mapping):
@@ -580,7 +553,7 @@ def train_population(
     if chunk_size is None:
         chunk = min(_default_chunk(platform, n_dev), -(-nets // n_dev) * n_dev)
     else:
-        chunk = _positive_int("chunk_size", chunk_size)
+        chunk = validate.integer("chunk_size", chunk_size)
         if chunk % n_dev:
             raise ValueError(f"chunk_size ({chunk}) must be a multiple of mesh.size ({n_dev})")
     n_chunks = -(-nets // chunk)

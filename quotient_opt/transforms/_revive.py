@@ -81,7 +81,8 @@ import jax.numpy as jnp
 import optax
 
 from quotient_opt.transforms._transport import Laws, map_state
-from quotient_opt.transforms._common import check_params, init_inner, on_subtree
+from quotient_opt import _validate as validate
+from quotient_opt.transforms._common import init_inner, on_subtree
 from quotient_opt.transforms._order import JUMP, mark
 from quotient_opt.symmetry import _views as views
 from quotient_opt.symmetry._paths import Path, leaves_by_path, map_with_path
@@ -625,23 +626,15 @@ def revive_dead_units(
       Chen, Goodfellow, Shlens. *Net2Net: Accelerating Learning via Knowledge
       Transfer*, 2015. https://arxiv.org/abs/1511.05641
     """
-    if not isinstance(sym, Symmetry):
-        raise ValueError(f"sym: expected a quotient_opt.Symmetry, got {type(sym).__name__}")
-    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-        raise ValueError(f"every must be a positive int, got {every!r}")
-    if isinstance(newton_steps, bool) or not isinstance(newton_steps, int) or newton_steps < 0:
-        raise ValueError(f"newton_steps must be a non-negative int, got {newton_steps!r}")
-    if polish_every is not None and (
-        isinstance(polish_every, bool) or not isinstance(polish_every, int) or polish_every < 1
-    ):
-        raise ValueError(f"polish_every must be None or a positive int, got {polish_every!r}")
-    if isinstance(num_candidates, bool) or not isinstance(num_candidates, int) or num_candidates < 1:
-        raise ValueError(f"num_candidates must be a positive int, got {num_candidates!r}")
+    validate.symmetry(sym)
+    every = validate.integer("every", every)
+    newton_steps = validate.integer("newton_steps", newton_steps, minimum=0)
+    polish_every = validate.integer("polish_every", polish_every, none_ok=True)
+    num_candidates = validate.integer("num_candidates", num_candidates)
     if not 0 <= min_support < 1:
         raise ValueError(f"min_support must be in [0, 1), got {min_support!r}")
-    for name, v in (("patience", patience), ("perturbation", perturbation)):
-        if isinstance(v, (int, float)) and v < 0:
-            raise ValueError(f"{name} must be >= 0, got {v}")
+    validate.number("patience", patience)
+    validate.number("perturbation", perturbation)
     inner = optax.with_extra_args_support(inner)
     def revivable(params: PyTree, warn: bool = False) -> tuple[Symmetry, tuple[UnitGroup, ...]]:
         on_tree = on_subtree(sym, params, "revive_dead_units", warn=warn)
@@ -666,7 +659,7 @@ def revive_dead_units(
         value_fn: Callable[[PyTree], jax.Array] | None = None,
         **extra_args: Any,
     ) -> tuple[PyTree, ReviveDeadUnitsState]:
-        check_params(params, "revive_dead_units")
+        validate.params_given(params, "revive_dead_units")
         sym_t, groups = revivable(params)
         alive, dead = [], []
         for grp, steps in zip(groups, state.dead_steps):
