@@ -8,15 +8,14 @@ Kink placement and breathing (dense ReLU MLPs only) moved to
 from quotient_opt._lazy import moved_getattr
 from quotient_opt.training._fit import fit
 from quotient_opt.training._population import (
-    POPULATION_AXIS,
     PopulationResult,
     PopulationStep,
     default_compiler_options,
     make_population_step,
     perturbed_init,
-    shared_state_leaves,
     train_population,
 )
+from quotient_opt.training._shared_state import POPULATION_AXIS, shared_state_leaves
 
 __all__ = [
     "POPULATION_AXIS",
