@@ -23,6 +23,7 @@ from quotient_opt.transforms._transport import (
     map_state,
     measure_laws,
     probe_laws,
+    register_wrapper_state,
     transport_state,
 )
 
@@ -44,6 +45,7 @@ __all__ = [
     "quotient_sgd",
     "rebalance",
     "RebalanceState",
+    "register_wrapper_state",
     "revive_dead_units",
     "ReviveDeadUnitsState",
     "scale_by_path_norm",

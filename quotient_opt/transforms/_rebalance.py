@@ -47,11 +47,12 @@ from quotient_opt.symmetry._canonical import canonical_log_scales
 from quotient_opt.symmetry._spec import LogScales, Symmetry
 from quotient_opt import _validate as validate
 from quotient_opt.transforms._orbit import orbit_wrapper
-from quotient_opt.transforms._transport import Laws
+from quotient_opt.transforms._transport import Laws, register_wrapper_state
 
 PyTree = Any
 
 
+@register_wrapper_state
 class RebalanceState(NamedTuple):
     """State of :func:`rebalance`.
 

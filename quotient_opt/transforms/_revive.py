@@ -90,11 +90,12 @@ from quotient_opt.transforms._revive_polish import _polish_all, _polishable
 from quotient_opt.transforms._revive_polish import _polish_window  # noqa: F401 (tests probe it)
 from quotient_opt.transforms._revive_rows import _revivable
 from quotient_opt.transforms._revive_split import _reset_statistics, _revive_group
-from quotient_opt.transforms._transport import Laws, map_state
+from quotient_opt.transforms._transport import Laws, map_state, register_wrapper_state
 
 PyTree = Any
 
 
+@register_wrapper_state
 class ReviveDeadUnitsState(NamedTuple):
     """State of :func:`revive_dead_units`.
 

@@ -55,11 +55,12 @@ from quotient_opt.symmetry._spec import LogScales, Symmetry
 from quotient_opt import _validate as validate
 from quotient_opt.transforms._orbit import orbit_wrapper
 from quotient_opt.transforms._order import READS_GRADIENT
-from quotient_opt.transforms._transport import Laws
+from quotient_opt.transforms._transport import Laws, register_wrapper_state
 
 PyTree = Any
 
 
+@register_wrapper_state
 class TeleportState(NamedTuple):
     """State of :func:`teleport`.
 
