@@ -94,7 +94,7 @@ def is_prng_key(key: Any) -> bool:
 
 
 def prng_key(key: Any, name: str = "key") -> jax.Array:
-    """``key`` as a typed PRNG key, or ValueError unless it is one PRNG key (:func:`is_prng_key`)."""
+    """``key`` as a typed PRNG key; ValueError unless it is one PRNG key (:func:`is_prng_key`)."""
     if not is_prng_key(key):
         raise ValueError(
             f"{name} must be a PRNG key (jax.random.key(seed) or jax.random.PRNGKey(seed)), "

@@ -50,7 +50,8 @@ def registry_rows() -> tuple[set[tuple[str, str, str]], dict[str, str]]:
     table = T._registry()
     names = [t.__name__ for t in table]
     assert len(set(names)) == len(names), "state type names must be unique on the page"
-    fields = {(t.__name__, f, law_text(law)) for t, e in table.items() for f, law in e.fields.items()}
+    fields = {(t.__name__, f, law_text(law))
+              for t, e in table.items() for f, law in e.fields.items()}
     fields |= {(t.__name__, NONE, NONE) for t, e in table.items() if not e.fields}
     return fields, {t.__name__: out_text(e) for t, e in table.items()}
 
@@ -81,8 +82,8 @@ def test_page_and_registry_state_the_same_laws():
     with open(PAGE, encoding="utf-8") as f:
         page_fields, page_outs = page_rows(f.read())
     reg_fields, reg_outs = registry_rows()
-    assert sorted(reg_fields - page_fields) == [], "registered laws missing from (or differing on) the page"
-    assert sorted(page_fields - reg_fields) == [], "laws on the page that the registry does not have"
+    assert sorted(reg_fields - page_fields) == [], "registered, but not so on the page"
+    assert sorted(page_fields - reg_fields) == [], "on the page, but not so in the registry"
     assert page_outs == reg_outs
 
 

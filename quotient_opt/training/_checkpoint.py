@@ -43,7 +43,7 @@ def to_host(tree: PyTree) -> list[np.ndarray]:
 
 
 def host_shapes(tree: PyTree) -> PyTree:
-    """``tree`` with PRNG keys as their key data (what :func:`to_host` writes); for ``eval_shape``."""
+    """``tree`` with PRNG keys as their key data (what :func:`to_host` writes), for shapes."""
     return jax.tree.map(
         lambda x: jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x,
         tree,

@@ -41,7 +41,7 @@ from jax.sharding import PartitionSpec as P
 from quotient_opt import _validate as validate
 from quotient_opt.training import _checkpoint as checkpoints
 from quotient_opt.training._fit import apply_step, prepare
-from quotient_opt.training._shared_state import POPULATION_AXIS, _state_axes, shared_state_leaves
+from quotient_opt.training._shared_state import POPULATION_AXIS, shared_state_leaves, state_axes
 
 PyTree = Any
 
@@ -230,7 +230,7 @@ def make_population_step(
         return apply_step(txe, grads, state, p, extra)
 
     def build(shared_):
-        axes = _state_axes(s_shape, shared_)
+        axes = state_axes(s_shape, shared_)
         init = jax.vmap(txe.init, out_axes=axes)
         upd = jax.vmap(update, in_axes=(0, axes, 0), out_axes=(0, axes),
                        axis_name=POPULATION_AXIS)

@@ -74,6 +74,6 @@ def shared_state_leaves(
         tainted = new
 
 
-def _state_axes(state_shape: PyTree, shared: tuple[bool, ...]) -> PyTree:
+def state_axes(state_shape: PyTree, shared: tuple[bool, ...]) -> PyTree:
     leaves, treedef = jax.tree.flatten(state_shape)
     return treedef.unflatten([None if s else 0 for s in shared])

@@ -464,7 +464,7 @@ _WRAPPERS: dict[type, _Entry] = {}
 
 
 def register_wrapper_state(state_type: type, *, inner: str = "inner_state") -> type:
-    """Registers the state of a wrapper optimizer: its ``inner`` field is walked, the rest left alone.
+    """Registers a wrapper optimizer's state: its ``inner`` field is walked, the rest left alone.
 
     A wrapper's state holds the wrapped optimizer's state in one field (it sees
     the gradients) and scalars in the others (counts, group elements, keys):
