@@ -84,7 +84,7 @@ def _quotient_adam(sym, _, *, lr=LR, **kw):
 
 
 def _levenberg_marquardt(_, residual_fn, **kw):
-    return qo.levenberg_marquardt(residual_fn, **kw)
+    return qo.contrib.levenberg_marquardt(residual_fn, **kw)
 
 
 CASES: tuple[Case, ...] = (

@@ -32,11 +32,11 @@ Methods (``--methods``, comma-separated, each optionally ``name:nets``):
 * the quotient methods, He-normal init: ``quotient_adam`` (1e-3), ``path_sgd``
   (1e-2), ``rebalance_adam`` (Adam 1e-3 rebalanced every 10 steps),
   ``teleport_adam`` (Adam 1e-3, teleport every 100 steps, 10 ascent steps);
-* the library's mechanisms for this problem: ``kink_adam`` (``qo.kink_init``:
+* the library's mechanisms for this problem: ``kink_adam`` (``qo.contrib.kink_init``:
   every hidden unit's kink placed inside the data, then Adam 3e-3 cosine),
-  ``adam_lm`` (He init, Adam 1e-3, then 60 ``qo.levenberg_marquardt`` steps)
+  ``adam_lm`` (He init, Adam 1e-3, then 60 ``qo.contrib.levenberg_marquardt`` steps)
   and ``kink_adam_lm`` (kink init, Adam 3e-3 cosine, 60 LM steps), and
-  ``breathing`` (``qo.training.breathe``: the 5×5 net trained inside an 8×5 one
+  ``breathing`` (``qo.contrib.breathe``: the 5×5 net trained inside an 8×5 one
   with 3 absent slots per layer; cycles of growing the slots back with kinks in
   the data, 1000 Adam steps, and compressing back to 5 per layer by the best
   affine merges, elitist per network; then the 5×5 net is extracted, Adam spends
@@ -110,7 +110,7 @@ class Problem:
         return nnx.state(SawtoothNet(self.width, self.depth, rngs=nnx.Rngs(key)), nnx.Param)
 
     def kink_init(self) -> Callable[[jax.Array], Any]:
-        return qo.kink_init(self.he_init, self.apply, self.task.x)
+        return qo.contrib.kink_init(self.he_init, self.apply, self.task.x)
 
     def loss_fn(self, p: Any) -> jax.Array:
         return mse(self.apply(p, self.task.x), self.task.y)
@@ -165,7 +165,7 @@ class Method:
 
 
 def _lm(prob: Problem, steps: int) -> optax.GradientTransformation:
-    return qo.levenberg_marquardt(prob.residual_one, data=prob.data)
+    return qo.contrib.levenberg_marquardt(prob.residual_one, data=prob.data)
 
 
 def _cosine(peak: float) -> Callable[[Problem, int], optax.GradientTransformation]:
@@ -224,7 +224,7 @@ def max_candidates(slots: list[int], width: int) -> int:
 
 
 def breathing_plan(budget: int, depth: int, width: int = 5, **kw: int) -> dict[str, int]:
-    """Cycles of ``qo.training.breathe`` that fit in ``budget`` minus the LM polish, at
+    """Cycles of ``qo.contrib.breathe`` that fit in ``budget`` minus the LM polish, at
     worst-case candidate counts; the rest of the budget goes to Adam steps before the LM."""
     cfg = {**BREATHE, **kw}
     slots = [cfg["slots"]] * depth
@@ -241,17 +241,17 @@ def breathing_plan(budget: int, depth: int, width: int = 5, **kw: int) -> dict[s
 
 def run_breathing(prob: Problem, method: Method, init: Any, *, nets: int, budget: int,
                   key: jax.Array, cache: str | None, tag: str, progress: bool) -> dict[str, Any]:
-    """``qo.training.breathe`` in the wide net (8 slots per layer, kink init), the 5-wide
+    """``qo.contrib.breathe`` in the wide net (8 slots per layer, kink init), the 5-wide
     result extracted, Adam on the leftover budget, then the LM polish."""
     plan = breathing_plan(budget, prob.depth, prob.width)
     wide = problem(plan["slots"], prob.depth)
-    res = qo.training.breathe(
+    res = qo.contrib.breathe(
         wide.kink_init(), wide.apply, wide.loss_fn, prob.task.x, nets=nets, key=key,
         width=prob.width, cycles=plan["cycles"], start_steps=plan["start_steps"],
         cycle_steps=plan["cycle_steps"], refit_steps=plan["refit_steps"],
         polish_steps=plan["polish_steps"], progress=progress)
     like = prob.he_init(jax.random.key(0))
-    narrow = jax.jit(jax.vmap(lambda p: qo.training.extract_units(
+    narrow = jax.jit(jax.vmap(lambda p: qo.contrib.extract_units(
         wide.apply, p, prob.task.x, like)))(res.params)
     evals = float(np.max(res.evals[:, -1]))
     q = np.quantile(res.history, [0.1, 0.5, 0.9], axis=0)

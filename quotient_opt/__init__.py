@@ -19,9 +19,12 @@ Subpackages:
   trajectory PCA, interpolation).
 * :mod:`quotient_opt.nn`: layers the symmetry machinery understands.
 * :mod:`quotient_opt.models`: the example models and their tasks.
+* :mod:`quotient_opt.contrib`: research tools of narrower scope (dense ReLU MLPs
+  only: kink placement, breathing; Levenberg-Marquardt for small least squares).
 """
 
-from quotient_opt import landscape, models, nn, symmetry, training, transforms
+from quotient_opt import contrib, landscape, models, nn, symmetry, training, transforms
+from quotient_opt._lazy import moved_getattr
 from quotient_opt.symmetry import (
     AxisRef,
     CanonicalInfo,
@@ -44,9 +47,7 @@ from quotient_opt.symmetry import (
 from quotient_opt.training import (
     PopulationResult,
     fit,
-    kink_init,
     perturbed_init,
-    place_kinks,
     shared_state_leaves,
     train_population,
 )
@@ -54,7 +55,6 @@ from quotient_opt.transforms import (
     ADAMAX_LAWS,
     ADOPT_LAWS,
     ChainOrderWarning,
-    LevenbergMarquardtState,
     NotEquivariantWarning,
     RebalanceState,
     ReviveDeadUnitsState,
@@ -62,7 +62,6 @@ from quotient_opt.transforms import (
     check_chain,
     check_transportable,
     horizontal_component,
-    levenberg_marquardt,
     map_state,
     measure_laws,
     path_norm_curvature,
@@ -71,6 +70,7 @@ from quotient_opt.transforms import (
     quotient_adam,
     quotient_sgd,
     rebalance,
+    register_wrapper_state,
     revive_dead_units,
     scale_by_path_norm,
     teleport,
@@ -89,7 +89,6 @@ __all__ = [
     "CanonicalInfo",
     "Dense",
     "GroupElement",
-    "LevenbergMarquardtState",
     "PopulationResult",
     "RebalanceState",
     "ReviveDeadUnitsState",
@@ -100,12 +99,11 @@ __all__ = [
     "canonicalize",
     "check_chain",
     "check_transportable",
+    "contrib",
     "fit",
     "horizontal_component",
     "infer_symmetry",
-    "kink_init",
     "landscape",
-    "levenberg_marquardt",
     "map_state",
     "measure_laws",
     "models",
@@ -113,13 +111,13 @@ __all__ = [
     "path_norm_curvature",
     "path_sgd",
     "perturbed_init",
-    "place_kinks",
     "project_horizontal",
     "quotient_adam",
     "quotient_sgd",
     "rebalance",
     "register_adapter",
     "register_rule",
+    "register_wrapper_state",
     "revive_dead_units",
     "scale_by_path_norm",
     "shared_state_leaves",
@@ -137,3 +135,8 @@ __all__ = [
     "unit_energies",
     "unregister_rule",
 ]
+
+#: names that moved to :mod:`quotient_opt.contrib` (old spellings kept)
+_MOVED = ("LevenbergMarquardtState", "kink_init", "levenberg_marquardt", "place_kinks")
+
+__getattr__ = moved_getattr(__name__, "quotient_opt.contrib", _MOVED)

@@ -14,7 +14,7 @@ from flax import nnx
 
 import four_devices
 import quotient_opt as qo
-from quotient_opt.training import _population, make_population_step
+from quotient_opt.training import _checkpoint, make_population_step
 from quotient_opt.training._dense_mlp import match_dense_mse, population_value_and_grad
 
 # A small regression task: 1 -> 6 -> 6 -> 1 ReLU MLP on 24 points (plain functions, float32).
@@ -167,7 +167,7 @@ def test_perturbed_init():
 def _killed_run(kw, monkeypatch):
     """``run(**kw)`` killed after a finished chunk and a save inside the next one."""
     saves = []
-    real_save = _population._atomic_savez
+    real_save = _checkpoint.atomic_savez
 
     def crash_on_fourth(path, arrays):
         real_save(path, arrays)
@@ -175,10 +175,10 @@ def _killed_run(kw, monkeypatch):
         if len(saves) == 4:  # chunk 0: saves at steps 20 and 40, then its result; chunk 1: step 20
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(_population, "_atomic_savez", crash_on_fourth)
+    monkeypatch.setattr(_checkpoint, "atomic_savez", crash_on_fourth)
     with pytest.raises(KeyboardInterrupt):
         run(**kw)
-    monkeypatch.setattr(_population, "_atomic_savez", real_save)
+    monkeypatch.setattr(_checkpoint, "atomic_savez", real_save)
     assert saves == ["current.npz", "current.npz", "chunk_000000.npz", "current.npz"]
     assert not list(kw["checkpoint"].glob("*.tmp"))
 
@@ -207,8 +207,8 @@ def test_resume_gives_the_uninterrupted_result(tmp_path, monkeypatch, runs):
     cur = ck / "current.npz"
     cur.write_bytes(cur.read_bytes()[: cur.stat().st_size // 2])
     saved = []
-    real_save = _population._atomic_savez
-    monkeypatch.setattr(_population, "_atomic_savez",
+    real_save = _checkpoint.atomic_savez
+    monkeypatch.setattr(_checkpoint, "atomic_savez",
                         lambda path, a: (saved.append(path.name), real_save(path, a)))
     with pytest.warns(UserWarning, match=r"current\.npz is damaged \(BadZipFile"):
         _assert_same_run(ref, run(**kw))
@@ -240,16 +240,16 @@ _SHARDED = textwrap.dedent(
     from jax.sharding import Mesh
     sys.path.insert(0, sys.argv[1])
     import test_population as T
-    from quotient_opt.training import _population
+    from quotient_opt.training import _checkpoint
 
     assert len(jax.devices()) == 4, jax.devices()
     mesh = Mesh(np.array(jax.devices()), ("nets",))
     seen = []
-    real = _population._to_host
+    real = _checkpoint.to_host
     def spy(tree):
         seen.append(len(jax.tree.leaves(tree)[0].sharding.device_set))
         return real(tree)
-    _population._to_host = spy
+    _checkpoint.to_host = spy
     out = {}
     for name, loss in [("relu", T.loss_relu), ("tanh", T.loss_tanh)]:
         kw = dict(loss=loss, nets=12, steps=20, chunk_size=8, segment_steps=10)

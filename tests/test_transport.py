@@ -791,20 +791,7 @@ def test_map_param_like_refuses_params_like_fields() -> None:
 # --------------------------------------------------------------------------- docs
 
 
-def test_module_docstring_states_every_registered_law() -> None:
-    """Every registered (type, field) is named in a bullet of the module docstring."""
-    bullets = _transport.__doc__.split("\n* ")
-    for typ, entry in _transport._registry().items():
-        if typ.__module__.startswith("quotient_opt"):
-            assert typ.__name__ in _transport.__doc__, typ
-            continue
-        mine = [b for b in bullets if f"``{typ.__name__}" in b]
-        assert mine, typ.__name__
-        for field in entry.fields:
-            assert any(f"``{typ.__name__}.{field}``" in b or f"``{field}``" in b for b in mine), (
-                typ.__name__,
-                field,
-            )
+# (the catalogue of laws moved to docs/state_laws.md: tests/test_state_laws_page.py)
 
 
 # --------------------------------------------------------------------------- measurements

@@ -34,7 +34,8 @@ SECTION_ORDER = {
     "symmetry": ["_spec", "_infer", "_tracer._registry", "_canonical", "_program", "_paths"],
     "transforms": ["_projection", "_path_norm", "_rebalance", "_teleport", "_revive",
                    "_aliases", "_transport"],
-    "training": ["_fit", "_population"],
+    "training": ["_fit", "_population", "_shared_state"],
+    "contrib": ["_kinks", "_breathe", "_levenberg_marquardt"],
     "landscape": ["_neb", "_hessian", "_smooth", "_pca", "_interpolate", "_quotient",
                   "_assignment"],
 }
@@ -46,6 +47,7 @@ SUBPACKAGES = {
     "landscape": "Loss-landscape tools",
     "models": "Example models and tasks",
     "nn": "Layers",
+    "contrib": "Contributed tools (dense ReLU MLPs, small least squares)",
 }
 
 
@@ -91,10 +93,16 @@ def _defining_module(pkg: ModuleType, name: str, obj: Any) -> str:
     if isinstance(mod, str) and mod.startswith(pkg.__name__):
         return mod
     if hasattr(pkg, "__path__"):
-        for info in pkgutil.iter_modules(pkg.__path__):
-            sub = importlib.import_module(f"{pkg.__name__}.{info.name}")
-            if getattr(sub, name, None) is obj:
-                return sub.__name__
+        holders = [
+            sub.__name__
+            for info in pkgutil.iter_modules(pkg.__path__)
+            if getattr(sub := importlib.import_module(f"{pkg.__name__}.{info.name}"), name, None)
+            is obj
+        ]
+        # data re-exported by several modules: the one that documents it (``#:``)
+        documented = [m for m in holders if _attr_comment(m, name)]
+        if documented or holders:
+            return (documented or holders)[0]
     return pkg.__name__
 
 

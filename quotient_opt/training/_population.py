@@ -9,16 +9,10 @@ Chunks keep the memory bounded (the sawtooth study trains 320,000 networks),
 and a ``jax.sharding.Mesh`` spreads each chunk over devices along the network
 axis.
 
-**Shared optimizer state.** Under ``vmap``, a ``lax.cond`` whose predicate is
-batched becomes a ``select`` that evaluates both branches every step. The
-periodic wrappers (:func:`~quotient_opt.rebalance`, :func:`~quotient_opt.teleport`,
-:func:`~quotient_opt.revive_dead_units`) branch on ``state.count % every == 0``,
-which is the same for every network. So the state leaves that are identical
-across networks -- found by a dataflow analysis of ``tx.init`` and
-``tx.update``'s jaxprs: leaves that depend on neither the params nor the
-gradients, such as step counters, schedule values, a fixed PRNG key -- are
-kept *unbatched* (``in_axes=None``/``out_axes=None``), once for all networks,
-and those branches stay real branches.
+**Shared optimizer state.** The state leaves that are identical across
+networks (step counters, schedule values) are kept unbatched, so the
+periodic wrappers' ``lax.cond`` on ``state.count`` stays a real branch under
+``vmap`` (:func:`shared_state_leaves`).
 
 **Dense ReLU MLP fast path.** When ``loss_fn`` is recognized as the mean
 squared error of a dense ReLU (or linear) MLP on constant data, the losses and
@@ -31,14 +25,10 @@ else (the optimizer, the wrappers, the bookkeeping) is the same code path.
 from __future__ import annotations
 
 import functools
-import json
 import os
 import time
 import warnings
-import zipfile
-import zlib
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
@@ -48,18 +38,13 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from quotient_opt.training._deps import depends
+from quotient_opt import _validate as validate
+from quotient_opt.training import _checkpoint as checkpoints
 from quotient_opt.training._fit import apply_step, prepare
+from quotient_opt.training._shared_state import POPULATION_AXIS, shared_state_leaves, state_axes
 
 PyTree = Any
 
-_CHECKPOINT_VERSION = 1
-
-
-#: The name of the network axis of the population's vmapped optimizer update. A
-#: transformation may use collectives over it: ``revive_dead_units(...,
-#: axis_name=POPULATION_AXIS)`` revives only the networks that need it, gathered.
-POPULATION_AXIS = "population"
 
 
 class PopulationResult(NamedTuple):
@@ -112,8 +97,7 @@ def perturbed_init(
       ``init_fn(key) -> params`` with ``θ + scale·ε`` (or ``θ + scale·|θ|·ε``),
       ``ε ~ N(0, 1)`` independently per entry.
     """
-    if not scale >= 0:
-        raise ValueError(f"scale must be >= 0, got {scale}")
+    validate.number("scale", scale)
     leaves, treedef = jax.tree.flatten(center)
 
     def init_fn(key: jax.Array) -> PyTree:
@@ -127,53 +111,6 @@ def perturbed_init(
         return treedef.unflatten(out)
 
     return init_fn
-
-
-def shared_state_leaves(
-    tx: optax.GradientTransformation,
-    params: PyTree,
-    loss_fn: Callable[[PyTree], jax.Array] | None = None,
-    *,
-    extra_args: Mapping[str, Any] | None = None,
-) -> tuple[bool, ...]:
-    """Which leaves of ``tx``'s state are the same for every network of a population.
-
-    A leaf is shared when neither ``tx.init`` nor any number of ``tx.update``
-    steps makes it depend on the parameters or the gradients (step counters,
-    schedule values, a fixed PRNG key). Found by a conservative dataflow
-    analysis of the two jaxprs, iterated to a fixed point.
-
-    Args:
-      tx: the optimizer.
-      params: one network's parameters (arrays or ``jax.ShapeDtypeStruct``).
-      loss_fn: the loss (passed to ``tx.update`` as ``value_fn``).
-      extra_args: further extra args of ``tx.update`` (shared by all networks).
-
-    Returns:
-      One flag per leaf of ``jax.tree.leaves(tx.init(params))``.
-    """
-    txe, extra = prepare(tx, loss_fn, dict(extra_args or {}))
-    n_p = len(jax.tree.leaves(params))
-    init_jaxpr = jax.make_jaxpr(txe.init)(params)
-    state = jax.eval_shape(txe.init, params)
-    tainted = depends(init_jaxpr, [True] * n_p)
-
-    def update_state(grads, state, params):
-        return apply_step(txe, grads, state, params, extra)[1]
-
-    upd_jaxpr = jax.make_jaxpr(update_state, axis_env=[(POPULATION_AXIS, 1)])(
-        params, state, params)
-    while True:
-        out = depends(upd_jaxpr, [True] * n_p + tainted + [True] * n_p)
-        new = [a or b for a, b in zip(tainted, out)]
-        if new == tainted:
-            return tuple(not t for t in tainted)
-        tainted = new
-
-
-def _state_axes(state_shape: PyTree, shared: tuple[bool, ...]) -> PyTree:
-    leaves, treedef = jax.tree.flatten(state_shape)
-    return treedef.unflatten([None if s else 0 for s in shared])
 
 
 def _default_chunk(platform: str, n_devices: int) -> int:
@@ -200,105 +137,6 @@ def default_compiler_options(platform: str) -> dict[str, Any]:
     if platform == "cpu" and _cpu_has_avx512():
         return {"xla_cpu_prefer_vector_width": 512}
     return {}
-
-
-def _is_key(key: Any) -> bool:
-    if isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        return key.shape == ()
-    return (
-        isinstance(key, (jax.Array, np.ndarray)) and key.dtype == jnp.uint32 and key.shape == (2,)
-    )
-
-
-def _positive_int(name: str, value: Any, *, zero_ok: bool = False) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 0 or (value == 0 and not zero_ok):
-        raise ValueError(f"{name} must be {'>= 0' if zero_ok else '>= 1'}, got {value}")
-    return int(value)
-
-
-# --------------------------------------------------------------------------- checkpoints
-
-
-def _to_host(tree: PyTree) -> list[np.ndarray]:
-    out = []
-    for leaf in jax.tree.leaves(tree):
-        if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
-            leaf = jax.random.key_data(leaf)
-        out.append(np.asarray(leaf))
-    return out
-
-
-def _host_shapes(tree: PyTree) -> PyTree:
-    """``tree`` with PRNG keys as their key data (what :func:`_to_host` writes); for ``eval_shape``."""
-    return jax.tree.map(
-        lambda x: jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x,
-        tree,
-    )
-
-
-def _from_host(arrays: list[np.ndarray], like: PyTree) -> PyTree:
-    leaves, treedef = jax.tree.flatten(like)
-    if len(arrays) != len(leaves):
-        raise ValueError("checkpoint: wrong number of arrays")
-    out = []
-    for a, leaf in zip(arrays, leaves):
-        if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
-            a = jax.random.wrap_key_data(a, impl=jax.random.key_impl(leaf))
-        out.append(a)
-    return treedef.unflatten(out)
-
-
-def _atomic_savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _load_checkpoint(
-    path: Path, check: Callable[[dict[str, np.ndarray]], None]
-) -> dict[str, np.ndarray] | None:
-    """Every array of the ``.npz`` file ``path``, or ``None`` (with a warning) if it is damaged.
-
-    A file that cannot be read whole (truncated, corrupted: ``zipfile``,
-    ``zlib`` or ``numpy`` errors) or that ``check`` rejects (``ValueError``:
-    missing arrays, wrong shapes) is renamed to ``<name>.damaged``, so that
-    the work it held is redone and the file stays available for a look.
-    """
-    try:
-        with np.load(path) as d:
-            data = {k: d[k] for k in d.files}
-        check(data)
-        return data
-    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, KeyError) as e:
-        damaged = path.with_name(path.name + ".damaged")
-        os.replace(path, damaged)
-        warnings.warn(
-            f"train_population: checkpoint file {path} is damaged ({type(e).__name__}: {e}); "
-            f"moved it to {damaged.name} and redoing its work",
-            stacklevel=3,
-        )
-        return None
-
-
-def _expect(data: Mapping[str, np.ndarray], prefix: str, shapes: list[tuple[int, ...]]) -> None:
-    """Raises ``ValueError`` unless ``data`` holds arrays ``prefix0..`` of exactly these shapes."""
-    got = [a.shape for a in _unpack(data, prefix)]
-    if got != [tuple(x) for x in shapes]:
-        raise ValueError(f"arrays {prefix}*: shapes {got}, expected {list(shapes)}")
-
-
-def _pack(prefix: str, arrays: list[np.ndarray]) -> dict[str, np.ndarray]:
-    return {f"{prefix}{i}": a for i, a in enumerate(arrays)}
-
-
-def _unpack(data: Mapping[str, np.ndarray], prefix: str) -> list[np.ndarray]:
-    n = sum(1 for k in data if k.startswith(prefix) and k[len(prefix) :].isdigit())
-    return [data[f"{prefix}{i}"] for i in range(n)]
 
 
 class PopulationStep(NamedTuple):
@@ -392,7 +230,7 @@ def make_population_step(
         return apply_step(txe, grads, state, p, extra)
 
     def build(shared_):
-        axes = _state_axes(s_shape, shared_)
+        axes = state_axes(s_shape, shared_)
         init = jax.vmap(txe.init, out_axes=axes)
         upd = jax.vmap(update, in_axes=(0, axes, 0), out_axes=(0, axes),
                        axis_name=POPULATION_AXIS)
@@ -528,9 +366,9 @@ def train_population(
       ValueError: for invalid arguments (the message names the argument).
     """
     t_start = time.perf_counter()
-    nets = _positive_int("nets", nets)
-    steps = _positive_int("steps", steps, zero_ok=True)
-    segment_steps = _positive_int("segment_steps", segment_steps)
+    nets = validate.integer("nets", nets)
+    steps = validate.integer("steps", steps, minimum=0)
+    segment_steps = validate.integer("segment_steps", segment_steps)
     if not (hasattr(tx, "init") and hasattr(tx, "update")):
         raise ValueError(f"tx must be an optax GradientTransformation, got {type(tx).__name__}")
     stacked = None
@@ -548,25 +386,14 @@ def train_population(
         def init_fn(key: jax.Array) -> PyTree:
             del key
             return jax.tree.map(jnp.asarray, first_net)
-    if not callable(loss_fn):
-        raise ValueError(
-            f"loss_fn must be callable (params -> scalar), got {type(loss_fn).__name__}"
-        )
-    if not _is_key(key):
-        raise ValueError(
-            "key must be a PRNG key (jax.random.key(seed) or jax.random.PRNGKey(seed)), "
-            f"got {getattr(key, 'dtype', type(key).__name__)} {getattr(key, 'shape', '')}"
-        )
-    if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        key = jax.random.wrap_key_data(key)
+    validate.function("loss_fn", loss_fn, "params -> scalar")
+    key = validate.prng_key(key)
     if history_every is None:
         history_every = max(1, steps // 100)
-    history_every = _positive_int("history_every", history_every)
+    history_every = validate.integer("history_every", history_every)
     segment_steps = -(-segment_steps // history_every) * history_every
-    if not checkpoint_every >= 0:
-        raise ValueError(f"checkpoint_every must be >= 0 seconds, got {checkpoint_every}")
-    if fast_path not in (None, True, False):
-        raise ValueError(f"fast_path must be None, True or False, got {fast_path!r}")
+    validate.number("checkpoint_every", checkpoint_every, unit=" seconds")
+    validate.one_of("fast_path", fast_path, (None, True, False))
     if mesh is not None and not isinstance(mesh, Mesh):
         raise ValueError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
     if compiler_options is not None and not isinstance(compiler_options, Mapping):
@@ -580,7 +407,7 @@ def train_population(
     if chunk_size is None:
         chunk = min(_default_chunk(platform, n_dev), -(-nets // n_dev) * n_dev)
     else:
-        chunk = _positive_int("chunk_size", chunk_size)
+        chunk = validate.integer("chunk_size", chunk_size)
         if chunk % n_dev:
             raise ValueError(f"chunk_size ({chunk}) must be a multiple of mesh.size ({n_dev})")
     n_chunks = -(-nets // chunk)
@@ -717,79 +544,22 @@ def train_population(
     final_jit = jax.jit(population_loss, out_shardings=vec_sharding, compiler_options=jit_opts)
 
     # ---- checkpoint directory
-    ckpt = Path(checkpoint) if checkpoint is not None else None
-    fingerprint = None
-    if ckpt is not None:
+    ckpt = None
+    if checkpoint is not None:
         loss0 = float(jax.jit(loss_fn)(init_fn(jax.random.fold_in(key, 0))))
-        fingerprint = {
-            "version": _CHECKPOINT_VERSION,
-            "nets": nets,
-            "steps": steps,
-            "chunk_size": chunk,
-            "segment_steps": segment_steps,
-            "history_every": history_every,
-            "track_best": bool(track_best),
-            "key": np.asarray(jax.random.key_data(key)).tolist(),
-            "params": [[list(x.shape), str(x.dtype)] for x in p_leaves],
-            "state": [[list(x.shape), str(x.dtype)] for x in jax.tree.leaves(s_shape)],
-            "state_tree": str(jax.tree.structure(s_shape)),
-            "shared_state": list(shared),
-            "loss_at_first_init": repr(loss0),
-        }
-        if stacked is not None:
-            fingerprint["stacked_init_sum"] = repr(
-                float(sum(np.sum(np.abs(a), dtype=np.float64) for a in jax.tree.leaves(stacked)))
-            )
-        meta = ckpt / "meta.json"
-        if meta.exists():
-            try:
-                old = json.loads(meta.read_text())
-            except (ValueError, OSError) as e:
-                raise ValueError(
-                    f"checkpoint: {meta} is damaged ({type(e).__name__}: {e}); it says which "
-                    "run wrote the directory, so delete the directory or pass another"
-                ) from e
-            diff = sorted(
-                k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k)
-            )
-            if diff:
-                raise ValueError(
-                    f"checkpoint: {ckpt} was written by a run with other arguments "
-                    f"(differs in: {', '.join(diff)}); delete it or pass another directory"
-                )
-        else:
-            ckpt.mkdir(parents=True, exist_ok=True)
-            tmp = meta.with_name("meta.json.tmp")
-            tmp.write_text(json.dumps(fingerprint))
-            os.replace(tmp, meta)
+        ckpt = checkpoints.Checkpoint(
+            checkpoint,
+            checkpoints.fingerprint(
+                nets=nets, steps=steps, chunk=chunk, segment_steps=segment_steps,
+                history_every=history_every, track_best=track_best, key=key, params=p_leaves,
+                state=s_shape, shared=shared, loss0=loss0, stacked=stacked,
+            ),
+            steps=steps, history_every=history_every, chunk=chunk, params=p_leaves,
+            state=s_shape, track_best=track_best,
+        )
 
     n_hist = -(-steps // history_every)
     history_steps = np.arange(n_hist) * history_every
-
-    # what a checkpoint file must hold (else it is damaged and its work is redone)
-    chunked = [(chunk, *x.shape) for x in p_leaves]
-
-    def _check_current(d: Mapping[str, np.ndarray]) -> None:
-        step = int(d["step"])
-        if not (0 < step < steps and step % history_every == 0 and int(d["chunk"]) >= 0):
-            raise ValueError(f"step {step}")
-        if d["history"].shape != (step // history_every, chunk):
-            raise ValueError(f"history shape {d['history'].shape}")
-        _expect(d, "p", chunked)
-        _expect(d, "s", [x.shape for x in jax.tree.leaves(jax.eval_shape(_host_shapes, s_shape))])
-        if track_best:
-            _expect(d, "b", chunked)
-            if d["best_losses"].shape != (chunk,):
-                raise ValueError(f"best_losses shape {d['best_losses'].shape}")
-
-    def _check_done(real: int, d: Mapping[str, np.ndarray]) -> None:
-        if d["losses"].shape != (real,) or d["history"].shape != (real, n_hist):
-            raise ValueError(f"losses {d['losses'].shape}, history {d['history'].shape}")
-        _expect(d, "p", [(real, *x.shape) for x in p_leaves])
-        if track_best:
-            _expect(d, "b", [(real, *x.shape) for x in p_leaves])
-            if d["best_losses"].shape != (real,):
-                raise ValueError(f"best_losses shape {d['best_losses'].shape}")
 
     # ---- progress bar
     bar = None
@@ -804,28 +574,28 @@ def train_population(
     try:
         for c in range(n_chunks):
             real = min(chunk, nets - c * chunk)
-            done_file = ckpt / f"chunk_{c:06d}.npz" if ckpt is not None else None
-            if done_file is not None and done_file.exists():
-                done = _load_checkpoint(done_file, functools.partial(_check_done, real))
-                if done is not None:
-                    results.append(done)
-                    if bar is not None:
-                        bar.update(real * steps)
-                    continue
+            done = ckpt.load_done(c, real) if ckpt is not None else None
+            if done is not None:
+                results.append(done)
+                if bar is not None:
+                    bar.update(real * steps)
+                continue
 
             # start or resume this chunk
             p = s = bl = bp = None
             t0 = 0
             hist_parts: list[np.ndarray] = []
-            cur = ckpt / "current.npz" if ckpt is not None else None
-            d = _load_checkpoint(cur, _check_current) if cur is not None and cur.exists() else None
-            if d is not None and int(d["chunk"]) == c:
+            d = ckpt.load_current(c) if ckpt is not None else None
+            if d is not None:
                 t0 = int(d["step"])
-                p = jax.device_put(_from_host(_unpack(d, "p"), p_shape), p_shardings)
-                s = jax.device_put(_from_host(_unpack(d, "s"), s_shape), s_shardings)
+                p = jax.device_put(checkpoints.from_host(checkpoints.unpack(d, "p"), p_shape),
+                                   p_shardings)
+                s = jax.device_put(checkpoints.from_host(checkpoints.unpack(d, "s"), s_shape),
+                                   s_shardings)
                 if track_best:
                     bl = jax.device_put(d["best_losses"], vec_sharding)
-                    bp = jax.device_put(_from_host(_unpack(d, "b"), p_shape), p_shardings)
+                    bp = jax.device_put(checkpoints.from_host(checkpoints.unpack(d, "b"), p_shape),
+                                        p_shardings)
                 hist_parts = [d["history"]]
             if p is None:
                 p = first_chunk if c == 0 and first_chunk is not None else init_chunk(c)
@@ -849,21 +619,12 @@ def train_population(
                         median_loss=f"{np.median(hist_parts[-1][-1][:real]):.3g}",
                     )
                 if (
-                    cur is not None
+                    ckpt is not None
                     and t < steps
                     and time.perf_counter() - last_save >= checkpoint_every
                 ):
-                    arrays = {
-                        "chunk": np.asarray(c),
-                        "step": np.asarray(t),
-                        "history": np.concatenate(hist_parts, 0),
-                    }
-                    arrays.update(_pack("p", _to_host(p)))
-                    arrays.update(_pack("s", _to_host(s)))
-                    if track_best:
-                        arrays["best_losses"] = np.asarray(bl)
-                        arrays.update(_pack("b", _to_host(bp)))
-                    _atomic_savez(cur, arrays)
+                    ckpt.save_current(c, t, np.concatenate(hist_parts, 0), p, s,
+                                      (bl, bp) if track_best else None)
                     last_save = time.perf_counter()
 
             final = final_jit(p)
@@ -873,7 +634,7 @@ def train_population(
                 if hist_parts
                 else np.zeros((real, 0), np.asarray(final).dtype),
             }
-            out.update(_pack("p", [a[:real] for a in _to_host(p)]))
+            out.update(checkpoints.pack("p", [a[:real] for a in checkpoints.to_host(p)]))
             if track_best:
                 better = final < bl
                 bl = jnp.where(better, final, bl)
@@ -881,16 +642,16 @@ def train_population(
                     lambda a, b: jnp.where(better.reshape((-1,) + (1,) * (a.ndim - 1)), a, b), p, bp
                 )
                 out["best_losses"] = np.asarray(bl)[:real]
-                out.update(_pack("b", [a[:real] for a in _to_host(bp)]))
-            if done_file is not None:
-                _atomic_savez(done_file, out)
+                out.update(checkpoints.pack("b", [a[:real] for a in checkpoints.to_host(bp)]))
+            if ckpt is not None:
+                ckpt.save_done(c, out)
             results.append(out)
     finally:
         if bar is not None:
             bar.close()
 
     def gather(prefix: str) -> PyTree:
-        cols = [_unpack(r, prefix) for r in results]
+        cols = [checkpoints.unpack(r, prefix) for r in results]
         return p_tree.unflatten(
             [np.concatenate([col[i] for col in cols], 0) for i in range(len(p_leaves))]
         )

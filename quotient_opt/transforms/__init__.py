@@ -1,10 +1,11 @@
-"""Optax gradient transformations on the quotient of weight space by the symmetry."""
+"""Optax gradient transformations on the quotient of weight space by the symmetry.
 
+``levenberg_marquardt`` (no symmetry; small least-squares problems) moved to
+:mod:`quotient_opt.contrib`; ``transforms.levenberg_marquardt`` still resolves
+to it."""
+
+from quotient_opt._lazy import moved_getattr
 from quotient_opt.transforms._aliases import quotient_adam, quotient_sgd
-from quotient_opt.transforms._levenberg_marquardt import (
-    LevenbergMarquardtState,
-    levenberg_marquardt,
-)
 from quotient_opt.transforms._path_norm import path_norm_curvature, path_sgd, scale_by_path_norm
 from quotient_opt.transforms._order import (
     ChainOrderWarning,
@@ -22,6 +23,7 @@ from quotient_opt.transforms._transport import (
     map_state,
     measure_laws,
     probe_laws,
+    register_wrapper_state,
     transport_state,
 )
 
@@ -31,10 +33,8 @@ __all__ = [
     "ChainOrderWarning",
     "NotEquivariantWarning",
     "check_chain",
-    "LevenbergMarquardtState",
     "check_transportable",
     "horizontal_component",
-    "levenberg_marquardt",
     "map_state",
     "measure_laws",
     "path_norm_curvature",
@@ -45,6 +45,7 @@ __all__ = [
     "quotient_sgd",
     "rebalance",
     "RebalanceState",
+    "register_wrapper_state",
     "revive_dead_units",
     "ReviveDeadUnitsState",
     "scale_by_path_norm",
@@ -53,3 +54,8 @@ __all__ = [
     "TeleportState",
     "transport_state",
 ]
+
+#: names that moved to :mod:`quotient_opt.contrib`
+_MOVED = ("LevenbergMarquardtState", "levenberg_marquardt")
+
+__getattr__ = moved_getattr(__name__, "quotient_opt.contrib", _MOVED)

@@ -7,33 +7,15 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import numpy as np
 import optax
 
+from quotient_opt import _validate as validate
 from quotient_opt.symmetry._paths import path_str, paths_str
 from quotient_opt.symmetry._spec import Symmetry, masked_paths
 from quotient_opt.transforms._order import check_chain, check_equivariant_inner
 from quotient_opt.transforms._transport import Laws, check_transportable
 
 PyTree = Any
-
-
-def check_symmetry(sym: Any) -> None:
-    """Raises ValueError unless ``sym`` is a :class:`~quotient_opt.Symmetry`."""
-    if not isinstance(sym, Symmetry):
-        raise ValueError(f"sym: expected a quotient_opt.Symmetry, got {type(sym).__name__}")
-
-
-def check_every(every: Any, name: str = "every") -> None:
-    """Raises ValueError for a concrete ``every < 1`` (traced values pass)."""
-    if isinstance(every, (int, np.integer, float, np.floating)) and every < 1:
-        raise ValueError(f"{name} must be >= 1, got {every}")
-
-
-def check_params(params: PyTree, who: str) -> None:
-    """Raises ValueError if ``update`` was called without ``params``."""
-    if params is None:
-        raise ValueError(f"{who}: params are required (pass params= to update)")
 
 
 def on_subtree(sym: Symmetry, params: PyTree, who: str, *, warn: bool = False) -> Symmetry:
@@ -92,7 +74,7 @@ def stateless_with_params(
 
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args
-        check_params(params, who)
+        validate.params_given(params, who)
         if needs_whole_tree:
             whole_tree(params, who)
         return fn(on_subtree(sym, params, who), updates, params), state

@@ -35,7 +35,8 @@ import jax.numpy as jnp
 import optax
 
 from quotient_opt.symmetry._spec import LogScales, Symmetry, solve_dtype
-from quotient_opt.transforms._common import check_params, init_inner, on_subtree
+from quotient_opt import _validate as validate
+from quotient_opt.transforms._common import init_inner, on_subtree
 from quotient_opt.transforms._order import JUMP, mark
 from quotient_opt.transforms._transport import Laws, map_state
 
@@ -155,7 +156,7 @@ def orbit_wrapper(
                           init_inner(inner, params, laws, who=f"qo.{who}", sym=sub))
 
     def update_fn(updates, state, params=None, **extra_args):
-        check_params(params, who)
+        validate.params_given(params, who)
         sub = on_subtree(sym, params, who)
         h, inner_state = periodic_move(
             every, state.count,

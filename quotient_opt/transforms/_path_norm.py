@@ -52,7 +52,8 @@ import optax
 
 from quotient_opt.symmetry._program import Program
 from quotient_opt.symmetry._spec import Symmetry
-from quotient_opt.transforms._common import check_symmetry, stateless_with_params
+from quotient_opt import _validate as validate
+from quotient_opt.transforms._common import stateless_with_params
 from quotient_opt.transforms._order import PATH_NORM, mark
 
 PyTree = Any
@@ -145,11 +146,10 @@ def scale_by_path_norm(
       Optimization in Deep Neural Networks*, 2015.
       https://arxiv.org/abs/1506.02617
     """
-    check_symmetry(sym)
+    validate.symmetry(sym)
     program = _program(sym)
     program.check_path_norm()
-    if isinstance(eps, (int, float)) and not eps > 0:
-        raise ValueError(f"eps must be > 0, got {eps}")
+    validate.number("eps", eps, strict=True)
 
     def scale(_: Symmetry, updates: PyTree, params: PyTree) -> PyTree:
         gamma = path_norm_curvature(sym, params)

@@ -79,7 +79,8 @@ import optax
 from quotient_opt.symmetry._gram import Structure, couplings, gram_solve, structure, tangent, window_sums
 from quotient_opt.symmetry._paths import leaves_by_path
 from quotient_opt.symmetry._spec import Symmetry, solve_dtype
-from quotient_opt.transforms._common import check_every, check_symmetry, stateless_with_params
+from quotient_opt import _validate as validate
+from quotient_opt.transforms._common import stateless_with_params
 from quotient_opt.transforms._order import PROJECTION, mark
 
 PyTree = Any
@@ -193,11 +194,10 @@ def project_horizontal(
       Kunin et al. *Neural Mechanics: Symmetry and Broken Conservation Laws in
       Deep Learning Dynamics*, 2020. https://arxiv.org/abs/2012.04728
     """
-    check_symmetry(sym)
-    check_every(max_iter, "max_iter")
-    for name, val in (("eps", eps), ("tol", tol)):
-        if isinstance(val, (int, float)) and not val >= 0:
-            raise ValueError(f"{name} must be >= 0, got {val}")
+    validate.symmetry(sym)
+    validate.number("max_iter", max_iter, minimum=1)
+    validate.number("eps", eps)
+    validate.number("tol", tol)
 
     def project(sub: Symmetry, updates: PyTree, params: PyTree) -> PyTree:
         return horizontal_component(sub, params, updates, eps=eps, tol=tol, max_iter=max_iter)

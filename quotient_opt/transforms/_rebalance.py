@@ -45,13 +45,14 @@ import optax
 
 from quotient_opt.symmetry._canonical import canonical_log_scales
 from quotient_opt.symmetry._spec import LogScales, Symmetry
-from quotient_opt.transforms._common import check_every
+from quotient_opt import _validate as validate
 from quotient_opt.transforms._orbit import orbit_wrapper
-from quotient_opt.transforms._transport import Laws
+from quotient_opt.transforms._transport import Laws, register_wrapper_state
 
 PyTree = Any
 
 
+@register_wrapper_state
 class RebalanceState(NamedTuple):
     """State of :func:`rebalance`.
 
@@ -120,7 +121,7 @@ def rebalance(
     References:
       Stock et al. 2019, https://arxiv.org/abs/1902.10416
     """
-    check_every(every)
+    validate.number("every", every, minimum=1)
     return orbit_wrapper(
         inner, sym, "rebalance", RebalanceState,
         lambda sub, here, updates, state: canonical_log_scales(

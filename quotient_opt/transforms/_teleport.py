@@ -52,14 +52,15 @@ import optax
 
 from quotient_opt.symmetry._canonical import canonical_log_scales, solve_dtype
 from quotient_opt.symmetry._spec import LogScales, Symmetry
-from quotient_opt.transforms._common import check_every
+from quotient_opt import _validate as validate
 from quotient_opt.transforms._orbit import orbit_wrapper
 from quotient_opt.transforms._order import READS_GRADIENT
-from quotient_opt.transforms._transport import Laws
+from quotient_opt.transforms._transport import Laws, register_wrapper_state
 
 PyTree = Any
 
 
+@register_wrapper_state
 class TeleportState(NamedTuple):
     """State of :func:`teleport`.
 
@@ -201,9 +202,8 @@ def teleport(
     References:
       Zhao et al. 2022, https://arxiv.org/abs/2205.10637
     """
-    check_every(every)
-    if isinstance(steps, int) and steps < 0:
-        raise ValueError(f"steps must be >= 0, got {steps}")
+    validate.number("every", every, minimum=1)
+    validate.number("steps", steps)
     return orbit_wrapper(
         inner, sym, "teleport", TeleportState,
         lambda sub, here, updates, state: teleport_log_scales(

@@ -43,154 +43,20 @@ output; the walk starts at :math:`q=-1` (gradients) and carries :math:`q`
 through chains (tuples, and the dicts of ``optax.named_chain``). A state that
 holds no params-shaped data (``EmptyState``: learning rates, sign flips,
 weight decay, clipping, trust ratios) is assumed to pass :math:`q` through
-unchanged (see *Limits*). The laws below are written for the usual
-:math:`q=-1`; "out" is the power of the transformation's output.
+unchanged.
 
-optax:
-
-* ``EmptyState`` (stateless transformations) and ``ScaleByScheduleState`` (``count``: None):
-  nothing to move, out ``q``.
-* ``TraceState.trace``: ``q`` (-1), out ``q``: momentum, a linear recursion in the updates it sees
-  (sgd momentum and nesterov; after rmsprop's normalization it is ``0``).
-* ``EmaState.ema``: ``q`` (-1), out ``q``: an EMA of the updates it sees. ``count``: None.
-* ``ApplyEvery.grad_acc``: ``q`` (-1), out ``q``: a sum of the updates it sees. ``count``: None.
-* ``ScaleByAdamState`` (adam, adamw, nadam, radam, lamb, yogi, optimistic_adam_v2): ``mu``:
-  ``q`` (-1), EMA of :math:`g`; ``nu``: ``2q`` (-2), EMA of :math:`g^2` (yogi's additive update
-  :math:`v - (1-b_2)\,\mathrm{sign}(v-g^2)\,g^2` is degree 2 too); ``count``: None; out 0.
-  The same type is the state of adamax and adopt with other laws: see *Ambiguous*.
-* ``ScaleByAmsgradState`` (amsgrad): ``mu``: ``q``; ``nu``: ``2q``; ``nu_max``: ``2q``, a running
-  max of degree-2 statistics is degree 2 (it is not a first moment); ``count``: None; out 0.
-* ``ScaleByRssState.sum_of_squares`` (adagrad): ``2q``, a sum of :math:`g^2`; out 0.
-* ``ScaleByRmsState.nu``, ``ScaleByRmsWithCountState.nu`` (rmsprop): ``2q``, EMA of :math:`g^2`;
-  ``count``: None; out 0.
-* ``ScaleByRStdDevState``, ``ScaleByRStdDevWithCountState`` (centered rmsprop): ``mu``: ``q``,
-  EMA of :math:`g`; ``nu``: ``2q``, EMA of :math:`g^2`; ``count``: None; out 0.
-* ``ScaleByAdaDeltaState`` (adadelta): ``e_g``: ``2q``, EMA of :math:`g^2`; ``e_x``: ``0``, EMA of
-  squared updates :math:`u=\sqrt{e_x+\epsilon}/\sqrt{e_g+\epsilon}\;g`: the ratio
-  :math:`g/\sqrt{e_g}` is scale-free and the :math:`\epsilon` in the numerator fixes the scale of
-  :math:`e_x`, so :math:`e_x` does not change when gradients are rescaled ("by units" it would be
-  ``+2``, which holds only if :math:`\epsilon` were rescaled too); out 0.
-* ``ScaleByBeliefState`` (adabelief, contrib acprop): ``mu``: ``q``; ``nu``: ``2q``, EMA of
-  :math:`(g-\mu)^2`; ``count``: None; out 0.
-* ``ScaleByLionState.mu`` (lion): ``q``, EMA of :math:`g`; ``count``: None; out 0 (a sign).
-* ``ScaleByAdanState`` (adan): ``m``, ``v``, ``g``: ``q`` (EMAs of :math:`g` and of gradient
-  differences, the last gradient); ``n``: ``2q``; ``t``: None; out 0.
-* ``ScaleByRpropState`` (rprop): ``step_sizes``: ``0`` (start at the learning rate, change by sign
-  agreements only); ``prev_updates``: ``0`` (step size times a sign); out 0.
-* ``ScaleByOptimisticGradientState.previous_gradient`` (optimistic gradient descent, optimistic
-  adam): ``q``, the last update seen; ``is_initial_step``: None; out ``q``.
-* ``FactoredState.v`` (adafactor, leaves it does not factor): ``2q``, EMA of :math:`g^2` (the
-  shape-``(1,)`` placeholders of factored leaves are left alone); ``count``: None; out 0.
-* ``MultiStepsState.acc_grads`` (``optax.MultiSteps``): ``q``, the running mean of the updates;
-  ``inner_opt_state`` walked; ``mini_step``, ``gradient_step``, ``skip_state``: None; out: the
-  inner's.
-* Wrappers, walked through: ``InjectHyperparamsState`` and ``InjectStatefulHyperparamsState``
-  (``inner_state``; ``count``, ``hyperparams``, ``hyperparams_states``: None), ``MaskedState``
-  (``inner_state``, whose params-shaped fields hold ``MaskedNode`` where masked),
-  ``PartitionState`` (``inner_states``, each seeing the same stream), ``ApplyIfFiniteState``
-  (``inner_state``; ``notfinite_count``, ``last_finite``, ``total_notfinite``: None),
-  ``ConditionallyTransformState`` and ``ConditionallyMaskState`` (``inner_state``; ``step``: None).
-  ``chain`` (a tuple), ``named_chain`` (a dict) and ``with_extra_args_support`` (the inner state
-  itself) need no entry.
-
-optax.contrib:
-
-* ``ScaleByAdemamixState`` (ademamix): ``m1``, ``m2``: ``q`` (fast and slow EMAs of :math:`g`);
-  ``nu``: ``2q``; ``count``, ``count_m2``: None; out 0.
-* ``ScaleBySimplifiedAdEMAMixState``: ``m``: ``q`` (accumulated :math:`g`); ``n``: ``2q``;
-  ``t``: None; out 0.
-* ``MuonState.mu`` (muon): ``q``, a plain EMA of :math:`g` (the orthogonalization acts on the
-  output only, so the *state* is elementwise); ``count``, ``ns_coeffs``: None; out unknown.
-* ``SophiaState`` (sophia): ``mu``: ``q``; ``nu``: ``-2`` whatever the stream, an EMA of the
-  diagonal of the loss Hessian :math:`H_{ii}` (second derivatives of an invariant loss);
-  ``hessian_fn_state`` walked; ``count``: None; out unknown. ``HutchinsonState.key``: None.
-* ``ScheduleFreeState`` (schedule_free, schedule_free_sgd, schedule_free_adamw): ``z``: ``+1``, an
-  iterate; ``base_optimizer_state`` walked; ``b1``, ``weight_sum``, ``step_count``, ``max_lr``:
-  None; out unknown.
-* ``MadgradState`` (madgrad): ``grad_sum_sq``: ``2q``; ``s``: ``q`` (weighted sums of :math:`g^2`
-  and :math:`g`); ``x0``: ``+1``, the initial point; ``count``: None; out unknown.
-* ``COCOBState`` (cocob): ``init_particles``: ``+1``; ``cumulative_gradients``: ``q``;
-  ``scale``: ``q`` (running :math:`\max|g|`); ``subgradients``: ``q`` (:math:`\sum|g|`);
-  ``reward``: ``q+1`` = 0 (built from :math:`g\,(\theta-\theta_0)`); out unknown.
-* ``MomoState``, ``MomoAdamState`` (momo, momo_adam): ``exp_avg``: ``q``; ``exp_avg_sq``: ``2q``;
-  ``barf``, ``gamma``, ``lb``, ``count``: None (EMAs of the loss and of
-  :math:`\langle g, \theta\rangle`, invariant); out unknown.
-
-quotient_opt: ``RebalanceState``, ``TeleportState``, ``ReviveDeadUnitsState``: ``inner_state``
-walked (it sees gradients), other fields (``count``, ``dead_steps``, ``revivals``, ``key``) None;
-out unknown.
-
-Refused
--------
-A ``ValueError`` naming the state type and field is raised, unless a law is
-supplied (``laws={(StateType, "field"): power_or_None}``), for:
-
-* ``FactoredState.v_row``, ``FactoredState.v_col`` when some leaf is factored: row and column
-  means of :math:`g^2` mix units that a rescaling scales differently.
-* ``ScaleBySM3State.mu``, ``ScaleBySM3State.nu``: per-axis max accumulators.
-* ``ScaleByNovogradState.mu``, ``ScaleByNovogradState.nu``: per-leaf gradient norms (``count``:
-  None).
-* ``ScaleByDistanceOverGradientsState.max_dist``,
-  ``ScaleByDistanceOverGradientsState.grad_sum_of_squares``: per-leaf distance and gradient norms
-  (its ``init_params`` is ``+1``).
-* ``ScaleByLBFGSState.params``, ``ScaleByLBFGSState.updates``,
-  ``ScaleByLBFGSState.diff_params_memory``, ``ScaleByLBFGSState.diff_updates_memory``,
-  ``ScaleByLBFGSState.weights_memory``: stacked curvature
-  pairs (``count``: None).
-* ``DAdaptAdamWState`` and ``ProdigyState``: ``exp_avg``, ``exp_avg_sq``, ``grad_sum``,
-  ``estim_lr``, ``numerator_weighted``: moments weighted by a step-size estimate built from the L1
-  norm of a gradient sum (``count``: None; Prodigy's ``params0``: ``+1``).
-* ``MechanicState``: ``r``, ``m``, ``v``, ``s``, ``x0``: a scale learned from global gradient and
-  parameter norms (``count``: None; ``base_optimizer_state`` walked).
-* ``DoGState.max_dist``, ``DoGState.sum_sq_norm_grads``, ``DoWGState.estim_sq_dist``,
-  ``DoWGState.weighted_sq_norm_grads``: global distance and gradient norms (``init_params``: ``+1``;
-  ``is_init_step``: None).
-* ``GaLoreState.projector``, ``GaLoreState.base_optimizer_state``: SVD projectors and a state in
-  the projected space (``count``: None).
-* any field of an unregistered NamedTuple that holds params-structured data, and params-shaped
-  data outside any NamedTuple field.
-
-Ambiguous
----------
-``ScaleByAdamState`` is shared by transformations with different laws: adamax
-and adamaxw keep in ``nu`` an EMA-max of :math:`|g|` (power ``q``, pass
-:data:`ADAMAX_LAWS`), contrib adopt keeps in ``mu`` an EMA of normalized
-updates :math:`g/\sqrt{\nu}` (power ``0``, pass :data:`ADOPT_LAWS`). Nothing in
-the state tells them apart; the default is adam's.
-
-Limits
-------
-* A law is exact when the statistic is homogeneous in the history it
-  accumulates. An :math:`\epsilon` inside a state update (adadelta, adamax's
-  :math:`|g|+\epsilon`, adabelief's ``eps_root``, adafactor's ``epsilon``) or a
-  nonzero initial accumulator (adagrad's ``initial_accumulator_value=0.1``,
-  yogi's ``1e-6``, cocob's ``eps``) breaks it at the level of those constants
-  relative to the statistics.
-* The pass-through assumption for states without params-shaped data is wrong
-  when such a transformation is not a scalar rescaling and a stateful one
-  follows it: lars's ``TraceState`` accumulates trust-ratio-scaled updates
-  (per-leaf norms; no power law, exact for permutations only), and a
-  ``TraceState`` after :func:`~quotient_opt.scale_by_path_norm` sees params-like
-  updates (pass ``laws={(optax.TraceState, "trace"): 1}``).
-* ``optax.MultiSteps`` accumulates in float32 by default (``accumulator_dtype``): its
-  ``acc_grads`` then carry float32 rounding (about ``1e-7``) into a float64 replay.
-* momo with ``adapt_lower_bound=True`` updates ``lb`` with
-  :math:`\|\text{exp\_avg}\|^2`, which is not invariant.
+**The catalogue.** The law of every field of every registered state type
+(optax, optax.contrib and the library's wrappers), the fields refused, the
+state type shared by optimizers with different laws (adam's, adamax's and
+adopt's ``ScaleByAdamState``) and the limits of the laws are listed on the
+documentation page *Optimizer-state laws* (``docs/state_laws.md``), which
+``tests/test_state_laws_page.py`` checks against this module's registry in
+both directions. A wrapper of one's own registers its state with
+:func:`register_wrapper_state`.
 
 References:
   Kingma, Ba. *Adam: A Method for Stochastic Optimization*, 2014.
   https://arxiv.org/abs/1412.6980
-
-  Zeiler. *ADADELTA: An Adaptive Learning Rate Method*, 2012.
-  https://arxiv.org/abs/1212.5701
-
-  Shazeer, Stern. *Adafactor: Adaptive Learning Rates with Sublinear Memory
-  Cost*, 2018. https://arxiv.org/abs/1804.04235
-
-  Defazio et al. *The Road Less Scheduled*, 2024. https://arxiv.org/abs/2405.15682
-
-  Liu et al. *Sophia: A Scalable Stochastic Second-order Optimizer*, 2023.
-  https://arxiv.org/abs/2305.14342
 
   Neyshabur, Salakhutdinov, Srebro. *Path-SGD*, 2015.
   https://arxiv.org/abs/1506.02617
@@ -228,6 +94,7 @@ __all__ = [
     "map_param_like",
     "map_state",
     "measure_laws",
+    "register_wrapper_state",
     "transport_state",
 ]
 
@@ -334,9 +201,14 @@ def _optional(module: Any, name: str) -> type | None:
     return getattr(module, name, None)
 
 
-@functools.cache
 def _registry() -> dict[type, _Entry]:
-    """The laws of every registered state type (built on first use)."""
+    """The laws of every registered state type: optax's, then the wrappers'."""
+    return {**_optax_registry(), **_WRAPPERS}
+
+
+@functools.cache
+def _optax_registry() -> dict[type, _Entry]:
+    """The laws of optax's and optax.contrib's state types (built on first use)."""
     from optax._src import transform as tr
     from optax.transforms import _conditionality
 
@@ -571,7 +443,6 @@ def _registry() -> dict[type, _Entry]:
             }
         )
 
-    table.update(_library_entries())
     table.pop(None, None)
     return table  # type: ignore[return-value]
 
@@ -587,22 +458,38 @@ def _refused_entry(typ: type | None, reason: str, **laws: _RegLaw) -> _Entry:
     return _Entry(fields, _unknown)
 
 
-def _library_entries() -> dict[type, _Entry]:
-    """quotient_opt's own wrappers: an ``inner_state`` that sees gradients, scalars."""
-    out: dict[type, _Entry] = {}
-    for module, name in (
-        ("quotient_opt.transforms._rebalance", "RebalanceState"),
-        ("quotient_opt.transforms._teleport", "TeleportState"),
-        ("quotient_opt.transforms._revive", "ReviveDeadUnitsState"),
-    ):
-        try:
-            typ = getattr(__import__(module, fromlist=[name]), name)
-        except (ImportError, AttributeError):  # pragma: no cover - renamed upstream
-            continue
-        out[typ] = _Entry(
-            {f: (INNER if f == "inner_state" else KEEP) for f in typ._fields}, _unknown
+#: state types registered by :func:`register_wrapper_state` (the library's wrappers register
+#: theirs when their modules are imported)
+_WRAPPERS: dict[type, _Entry] = {}
+
+
+def register_wrapper_state(state_type: type, *, inner: str = "inner_state") -> type:
+    """Registers a wrapper optimizer's state: its ``inner`` field is walked, the rest left alone.
+
+    A wrapper's state holds the wrapped optimizer's state in one field (it sees
+    the gradients) and scalars in the others (counts, group elements, keys):
+    :func:`map_state` and :func:`transport_state` then move the inner state and
+    leave the other fields alone; the power of the wrapper's output is unknown.
+    :func:`~quotient_opt.rebalance`, :func:`~quotient_opt.teleport` and
+    :func:`~quotient_opt.revive_dead_units` register theirs this way.
+
+    Args:
+      state_type: a ``NamedTuple`` class.
+      inner: the field holding the inner optimizer's state.
+
+    Returns:
+      ``state_type`` (so that this can decorate the class).
+
+    Raises:
+      ValueError: if ``state_type`` is not a ``NamedTuple`` class with a field ``inner``.
+    """
+    fields = getattr(state_type, "_fields", None)
+    if not isinstance(state_type, type) or fields is None or inner not in fields:
+        raise ValueError(
+            f"state_type: expected a NamedTuple class with a field {inner!r}, got {state_type!r}"
         )
-    return out
+    _WRAPPERS[state_type] = _Entry({f: (INNER if f == inner else KEEP) for f in fields}, _unknown)
+    return state_type
 
 
 # --------------------------------------------------------------------------- user laws

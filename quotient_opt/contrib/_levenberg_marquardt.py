@@ -64,6 +64,7 @@ import optax
 from jax.experimental.shard_alike import shard_alike
 from jax.flatten_util import ravel_pytree
 
+from quotient_opt import _validate as validate
 from quotient_opt.symmetry import _views as views
 from quotient_opt.symmetry._paths import path_str
 from quotient_opt.symmetry._spec import masked_paths, solve_dtype
@@ -117,7 +118,7 @@ def levenberg_marquardt(
       def residual_fn(p):
           return (apply(p, task.x) - task.y).ravel()
 
-      tx = qo.levenberg_marquardt(residual_fn)
+      tx = qo.contrib.levenberg_marquardt(residual_fn)
       params, state, losses = qo.fit(tx, params, lambda p: jnp.mean(residual_fn(p) ** 2), 60)
 
     Args:
@@ -153,22 +154,15 @@ def levenberg_marquardt(
     References:
       Marquardt 1963; Madsen, Nielsen, Tingleff 2004 (module docstring).
     """
-    if not callable(residual_fn):
-        raise ValueError(
-            f"residual_fn must be callable (params -> residuals), got {type(residual_fn).__name__}"
-        )
-    if scaling not in ("marquardt", "identity"):
-        raise ValueError(f"scaling must be 'marquardt' or 'identity', got {scaling!r}")
-    if jacobian not in ("auto", "fwd", "rev"):
-        raise ValueError(f"jacobian must be 'auto', 'fwd' or 'rev', got {jacobian!r}")
+    validate.function("residual_fn", residual_fn, "params -> residuals")
+    validate.one_of("scaling", scaling, ("marquardt", "identity"))
+    validate.one_of("jacobian", jacobian, ("auto", "fwd", "rev"))
     if not 0 < min_damping <= max_damping:
         raise ValueError(
             f"need 0 < min_damping <= max_damping, got {min_damping} and {max_damping}"
         )
-    if not diag_floor >= 0:
-        raise ValueError(f"diag_floor must be >= 0, got {diag_floor}")
-    if isinstance(damping, (int, float)) and not damping > 0:
-        raise ValueError(f"damping must be > 0, got {damping}")
+    validate.number("diag_floor", diag_floor)
+    validate.number("damping", damping, strict=True)
 
     per_example = data is not None
     if per_example:
@@ -231,8 +225,7 @@ def levenberg_marquardt(
 
     def update_fn(updates, state, params=None, **extra_args):
         del updates, extra_args
-        if params is None:
-            raise ValueError("levenberg_marquardt: params are required (pass params= to update)")
+        validate.params_given(params, "levenberg_marquardt")
         whole(params)
         given = params
         params = jax.tree.map(views.replicated, params)  # Explicit sharding: solve replicated

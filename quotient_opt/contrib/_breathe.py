@@ -14,7 +14,7 @@ run in both directions):
 
 1. **grow** (:func:`grow_units`): every absent slot gets He-normal incoming
    weights, a bias that puts its kink inside the data (as
-   :func:`~quotient_opt.place_kinks`) and zero outgoing weights: the function
+   :func:`place_kinks`) and zero outgoing weights: the function
    is unchanged, but the new units receive gradient;
 2. **train** the wide network for ``cycle_steps`` steps;
 3. **compress** back to ``width`` units per layer, one unit at a time
@@ -63,8 +63,9 @@ import numpy as np
 import optax
 
 from quotient_opt.training._dense_mlp import Layer
-from quotient_opt.training._kinks import dense_relu_chain
-from quotient_opt.training._population import _is_key, _positive_int, make_population_step
+from quotient_opt.contrib._kinks import dense_relu_chain
+from quotient_opt import _validate as validate
+from quotient_opt.training._population import make_population_step
 
 PyTree = Any
 
@@ -345,7 +346,7 @@ def breathe(
     Each training segment is Adam with a cosine decay from its learning rate
     to 1% of it over the segment, from a fresh state. Network ``i`` draws its
     start and growth from ``jax.random.fold_in(key, i)`` only, so results do not
-    depend on ``chunk_size``. ``init_fn`` is e.g. :func:`~quotient_opt.kink_init`
+    depend on ``chunk_size``. ``init_fn`` is e.g. :func:`kink_init`
     of the wide model.
 
     Args:
@@ -374,17 +375,14 @@ def breathe(
         whose hidden layers are all at least ``width`` wide.
     """
     t0 = time.perf_counter()
-    nets = _positive_int("nets", nets)
-    width = _positive_int("width", width)
-    cycles = _positive_int("cycles", cycles, zero_ok=True)
+    nets = validate.integer("nets", nets)
+    width = validate.integer("width", width)
+    cycles = validate.integer("cycles", cycles, minimum=0)
     for name, v in (("start_steps", start_steps), ("cycle_steps", cycle_steps),
                     ("refit_steps", refit_steps), ("polish_steps", polish_steps)):
-        _positive_int(name, v, zero_ok=True)
-    chunk = min(_positive_int("chunk_size", chunk_size), nets)
-    if not _is_key(key):
-        raise ValueError("key must be a PRNG key (jax.random.key(seed))")
-    if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        key = jax.random.wrap_key_data(key)
+        validate.integer(name, v, minimum=0)
+    chunk = min(validate.integer("chunk_size", chunk_size), nets)
+    key = validate.prng_key(key)
     refit_lr = learning_rate / 2 if refit_learning_rate is None else refit_learning_rate
     p_shape = jax.eval_shape(init_fn, jax.random.fold_in(key, 0))
     layers = _hidden_chain(apply_fn, p_shape, x)

@@ -56,6 +56,11 @@ from quotient_opt.training._dense_mlp import Layer, match_dense_mse
 PyTree = Any
 
 
+def _check_positions(low: float, high: float) -> None:
+    if not 0.0 <= low <= high <= 1.0:
+        raise ValueError(f"need 0 <= low <= high <= 1, got low={low}, high={high}")
+
+
 def dense_relu_chain(
     apply_fn: Callable[[PyTree, jax.Array], jax.Array], params: PyTree, x: Any
 ) -> list[Layer]:
@@ -123,7 +128,7 @@ def place_kinks(
     Example::
 
       apply, params = qo.models.functional(qo.models.SawtoothNet(rngs=nnx.Rngs(0)))
-      params = qo.training.place_kinks(apply, params, task.x, jax.random.key(1))
+      params = qo.contrib.place_kinks(apply, params, task.x, jax.random.key(1))
 
     Args:
       apply_fn: ``(params, x) -> outputs``, a dense ReLU MLP (see
@@ -145,8 +150,7 @@ def place_kinks(
         bias, ``where`` does not match the ReLU layers, or ``low``/``high`` are
         not ``0 <= low <= high <= 1``.
     """
-    if not 0.0 <= low <= high <= 1.0:
-        raise ValueError(f"need 0 <= low <= high <= 1, got low={low}, high={high}")
+    _check_positions(low, high)
     layers = dense_relu_chain(apply_fn, params, x)
     leaves, treedef = jax.tree.flatten(params)
     leaves = list(leaves)
@@ -211,8 +215,7 @@ def kink_init(
     Raises:
       ValueError: as :func:`place_kinks` (checked once here, on ``init_fn``'s shapes).
     """
-    if not 0.0 <= low <= high <= 1.0:
-        raise ValueError(f"need 0 <= low <= high <= 1, got low={low}, high={high}")
+    _check_positions(low, high)
     shape = jax.eval_shape(init_fn, jax.random.key(0))
     dense_relu_chain(apply_fn, shape, x)
     x = np.asarray(x)
