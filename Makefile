@@ -21,11 +21,14 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m examples.demo
 
+# The unit tests; the slowest ones (marked slow: research outcomes, subprocess and
+# benchmark smoke runs, the widest parametric batteries) run in `make check`.
 test: $(STAMP)
-	$(PY) -m pytest -n 2 --durations=15
+	$(PY) -m pytest -n 2 -m "not slow" --durations=15
 
 # Research outcomes the unit tests leave to the benchmarks: each fails on a missed target.
 check: $(STAMP)
+	$(PY) -m pytest -n 2 -m slow --durations=15
 	$(PY) -m benchmarks.maxpool --check
 
 # The HTML site in docs/_build/html; any Sphinx warning fails the build, and so does

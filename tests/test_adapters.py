@@ -261,6 +261,7 @@ print("groups", len(sym.groups))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("blocked, script, groups", [("flax", _EQX, 2), ("equinox", _NNX, 2)])
 def test_runs_without_the_other_framework(blocked, script, groups):
     """With flax (or equinox) made unimportable, quotient_opt imports and an equinox

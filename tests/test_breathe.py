@@ -32,6 +32,7 @@ def kernels(p):
     return [p["layers"][i] for i in sorted(p["layers"].keys())]
 
 
+@pytest.mark.slow
 def test_grow_fills_absent_slots_without_changing_the_function():
     apply, p = net(6)
     p = qo.place_kinks(apply, p, TASK.x, jax.random.key(0))
@@ -52,6 +53,7 @@ def test_grow_fills_absent_slots_without_changing_the_function():
         h = jax.nn.relu(z)
 
 
+@pytest.mark.slow
 def test_merging_a_duplicated_unit_is_lossless_and_respects_the_cap():
     apply, p = net(4)
     p = qo.place_kinks(apply, p, TASK.x, jax.random.key(2))
@@ -92,6 +94,7 @@ def test_extract_keeps_the_function():
         extract_units(apply6, p, TASK.x, like8)
 
 
+@pytest.mark.slow
 def test_breathe_is_elitist_counts_evaluations_and_ignores_chunking():
     apply6, _ = net(6)
     loss = loss_for(apply6)

@@ -108,6 +108,7 @@ def test_equinox_mlp():
     assert _maxdiff(c1, c2) < 2e-5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("log_scale", [3.0, 20.0])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
 def test_extreme_scales(dtype, log_scale):
@@ -241,6 +242,7 @@ def test_eager_calls_compile_the_solver_once():
 # --------------------------------------------------------------------------- the squares model
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["nnx_cnn", "nnx_residual", "nnx_maxout", "linen_cnn",
                                   "sawtooth_net"])
 def test_squares_model_matches_a_pass_over_the_rescaled_squares(name):

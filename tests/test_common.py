@@ -50,6 +50,7 @@ def scan_train(tx, params, loss, extra, steps):
 # --------------------------------------------------------------------------- convergence
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", SYM_CASES, ids=CASE_IDS)
 def test_converges_on_maxpool_in_scan(case):
     model = qo.models.MaxPoolNet(rngs=nnx.Rngs(1))
@@ -69,6 +70,7 @@ def test_converges_on_maxpool_in_scan(case):
 # --------------------------------------------------------------------------- the zoo
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", zoo.NAMES)
 def test_every_transformation_runs_on_every_zoo_model(model):
     """init, jit, a few steps in ``lax.scan``, no NaN: every case on every kind of network."""

@@ -103,6 +103,7 @@ def max_out_diff(apply, a, b, x):
     return float(jnp.max(jnp.abs(apply(a, x).astype(jnp.float64) - apply(b, x).astype(jnp.float64))))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("wrapper,inner", PAIRS)
 def test_wrappers_around_the_inner_optimizers(wrapper, inner):
     sym, apply, p0, loss, x = problem()
@@ -133,6 +134,7 @@ def _variants(sym):
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", sorted(_variants(problem()[0])))
 def test_chaining_keeps_the_function_at_lr_0(variant):
     sym, apply, p0, loss, x = problem()
@@ -141,6 +143,7 @@ def test_chaining_keeps_the_function_at_lr_0(variant):
     assert max_out_diff(apply, p, p0, x) <= 1e-9
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64, jnp.bfloat16])
 @pytest.mark.parametrize("wrapper", sorted(WRAPPERS))
 def test_dtypes(wrapper, dtype):

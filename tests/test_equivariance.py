@@ -33,6 +33,7 @@ def saw64():
     return E.sawtooth_problem(jnp.float64)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", WRAPPERS + ["optax.adam", "optax.sgd"])
 def test_float64_sawtooth(saw64, name):
     make, kind = E.methods("sawtooth")[name]
@@ -106,6 +107,7 @@ def test_conservation_of_balance():
     assert d_adam > 1e-2
 
 
+@pytest.mark.slow
 def test_float32_500_steps_mlp_sgd_family():
     """SGD-based methods meet the float32 bar on the MLP at 500 steps; plain SGD does not."""
     prob = E.mlp_problem(jnp.float32)
@@ -177,6 +179,7 @@ def test_more_often_p_matches_fisher_exact():
         assert E.more_often_p(k1, k2, n, n) == pytest.approx(want, rel=1e-9)
 
 
+@pytest.mark.slow
 def test_benchmark_main_smoke(tmp_path, capsys):
     path = tmp_path / "eq.json"
     res = E.main(

@@ -12,6 +12,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("module", ["examples.nnx_optimizer", "examples.equinox_loop"])
 def test_example_runs_and_trains(module):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
@@ -34,6 +35,7 @@ def _run(module: str, *args: str) -> str:
     return proc.stdout
 
 
+@pytest.mark.slow
 def test_digits_cnn_reaches_95_percent_from_both_starts():
     out = _run("examples.digits_cnn", "--steps", "150")  # the example runs 400
     acc = re.search(r"quotient_adam.*from θ\s+([0-9.]+)%, from g·θ\s+([0-9.]+)%; final max "
@@ -43,6 +45,7 @@ def test_digits_cnn_reaches_95_percent_from_both_starts():
     assert re.search(r"adam\(3e-3\)\s+test accuracy", out) and "sgd(0.1" in out, out
 
 
+@pytest.mark.slow
 def test_own_model_guide_runs():
     out = _run("examples.own_model")
     assert "embed+down1+down2: 16 units, relu; permutable, rescalable" in out, out

@@ -511,6 +511,7 @@ def test_symmetrize_is_constant_on_orbits(seed, log_scale, name):
             np.testing.assert_allclose(i, o, rtol=1e-10)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", QUOTIENT_ZOO)
 def test_quotient_distance_on_the_zoo(name):
     m = zoo.build(name, jnp.float64)
@@ -638,6 +639,7 @@ def test_neb_between_the_fit_and_a_symmetric_copy(sawtooth, sawtooth_sym):
     assert float(plain.barrier) > 1e-3, float(plain.barrier)
 
 
+@pytest.mark.slow
 def test_neb_on_the_balanced_section(sawtooth, sawtooth_sym):
     loss, exact, init = sawtooth
     sym = sawtooth_sym
@@ -655,6 +657,7 @@ def test_neb_on_the_balanced_section(sawtooth, sawtooth_sym):
         canonical_section(sym, permutations=True)
 
 
+@pytest.mark.slow
 def test_landscape_benchmark_quick(tmp_path):
     from benchmarks import landscape as bench
 

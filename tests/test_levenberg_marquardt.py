@@ -94,6 +94,7 @@ def _mlp_problem(n_points, width=4, seed=0):
     return x, y, params, apply
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n_points", [40, 7])  # P = 33: the parameter- and the data-space solve
 def test_per_example_and_data_space_forms_agree(n_points):
     with jax.enable_x64(True):

@@ -182,6 +182,7 @@ def path_mask(prob: Problem, keep) -> Any:
 # --------------------------------------------------------------------------- extra args
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", BATTERY, ids=IDS)
 def test_ignores_unknown_extra_args_without_recompiling(case):
     """Optax: update accepts extra args it does not know, and a second call does not compile."""
@@ -221,6 +222,7 @@ def sawtooth() -> Problem:
 STEPS = {"levenberg_marquardt": 20}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", BATTERY, ids=IDS)
 def test_converges_on_sawtooth_in_scan_float64(case):
     """Optax: optimization works inside ``lax.scan`` (the loss drops below 30%); float64
@@ -283,6 +285,7 @@ def _injected_state(state):
     return None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", BATTERY, ids=IDS)
 def test_works_under_inject_hyperparams(case):
     """Optax: same updates and inner states under ``optax.inject_hyperparams``, two steps."""
@@ -310,6 +313,7 @@ def test_works_under_inject_hyperparams(case):
 FLOAT16_RUNS = {"levenberg_marquardt"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("case", BATTERY, ids=IDS)
 def test_keeps_half_precision_dtypes(case, dtype):
@@ -494,6 +498,7 @@ def test_apply_if_finite(case):
 # --------------------------------------------------------------------------- vmap, pickle
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", BATTERY, ids=IDS)
 def test_vmap_over_networks(case):
     """``jax.vmap`` of init and update over two networks equals each network's own step."""

@@ -93,6 +93,7 @@ def brute_force_gamma(layers: list[qo.Dense], params) -> dict:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["nnx_maxpool", "eqx_mlp", "sawtooth_small"])
 def test_matches_brute_force_path_enumeration(which):
     if which == "nnx_maxpool":
@@ -144,6 +145,7 @@ def test_curvature_transforms_like_a_second_moment(seed):
         np.testing.assert_allclose(lhs[p], rhs[p], rtol=1e-11)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 2e-5), (jnp.float64, 1e-11)])
 def test_step_is_equivariant(dtype, tol):
     """One Path-SGD step at g.theta with the transformed gradient is g times the step."""

@@ -118,6 +118,7 @@ def fits():
 # --------------------------------------------------------------------------- training
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["fast", "generic"])
 def test_trains_and_matches_per_net_fit(which, runs, fits):
     """Loss decreases; network i follows qo.fit from init_fn(fold_in(key, i))."""
@@ -194,6 +195,7 @@ def _assert_same_run(ref, res):
     np.testing.assert_array_equal(ref.best_losses, res.best_losses)
 
 
+@pytest.mark.slow
 def test_resume_gives_the_uninterrupted_result(tmp_path, monkeypatch, runs):
     """Killed after a finished chunk and a save inside the next one, with that save then cut
     short (a truncated ``current.npz``): the rerun sets it aside with a warning naming it,

@@ -35,6 +35,7 @@ def _setup(dtype=jnp.float64, seed=0):
     return apply, p, sym, loss, x
 
 
+@pytest.mark.slow
 def test_first_step_holds_the_canonical_element_and_never_jumps():
     """At lr 0 the params do not move; the element held reaches the canonical point."""
     apply, p, sym, loss, x = _setup()
@@ -99,6 +100,7 @@ def test_off_steps_are_the_inner_step_in_held_coordinates():
     assert _maxdiff(s2.log_scales, s.log_scales) == 0.0  # off-step: the element stays
 
 
+@pytest.mark.slow
 def test_chained_after_clipping_preserves_the_function_at_lr_0():
     """No hidden jump: ``chain(wrapper(lr=0), clip_by_global_norm)`` keeps the function."""
     apply, p, sym, loss, x = _setup()

@@ -368,6 +368,7 @@ def _question_with(kernel, bias, dtype=jnp.float32):
     return sym, params, loss
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("min_support", [0.05, 0.0])
 def test_starved_piece_is_revived_only_with_min_support(min_support):
     # piece 0 is the plane (3, 1); piece 1 = (1, 2) - 0.8 wins ~1% of the points:
@@ -390,6 +391,7 @@ def test_starved_piece_is_revived_only_with_min_support(min_support):
         assert float(loss(params)) == pytest.approx(l0)
 
 
+@pytest.mark.slow
 def test_periodic_polish_finishes_a_nearly_right_fit():
     # Both pieces alive and nearly right (where Adam converges only linearly).
     sym, params, loss = _question_with([[3.0, 0.97], [1.0, 2.009]], [0.0, -0.001])
@@ -404,6 +406,7 @@ def test_periodic_polish_finishes_a_nearly_right_fit():
         assert (float(loss(p)) < 1e-10) == expect_fit, (polish_every, float(loss(p)))
 
 
+@pytest.mark.slow
 def test_window_polish_under_vmap_matches_unbatched():
     # Regression: under vmap, the polish inside a lax loop dropped the step of
     # one batch member (the second set of weights below).
@@ -498,6 +501,7 @@ def _population(tx, nets, steps, seed=0):
     return jax.vmap(loss)(p), history
 
 
+@pytest.mark.slow
 def test_population_revives_only_due_networks_as_if_each_trained_alone():
     """With ``axis_name``, the due networks are gathered and revived once; each network's run
     is the one it has under a plain ``vmap`` (where every network computes every revival).
@@ -534,6 +538,7 @@ def test_population_revives_only_due_networks_as_if_each_trained_alone():
     assert int(s.revivals.sum()) > 0
 
 
+@pytest.mark.slow
 def test_converged_population_is_not_flagged_starved():
     """Regression: in the population's compiled scan the support check once found most
     converged networks starved at every check (a wrong curvature), costing a revival each."""

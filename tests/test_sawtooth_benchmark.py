@@ -7,12 +7,14 @@ import json
 import os
 import subprocess
 import sys
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIGURES = ["sawtooth_average_fit.png", "sawtooth_best_fit.png", "sawtooth_loss_hist.png",
            "sawtooth_curves.png", "sawtooth_basin.png", "sawtooth_wide.png"]
 
 
+@pytest.mark.slow
 def test_quick_run_writes_json_and_figures(tmp_path):
     out, js = tmp_path / "png", tmp_path / "saw.json"
     env = dict(os.environ, JAX_PLATFORMS="cpu")

@@ -246,6 +246,7 @@ def test_zoo_inference_finds_the_symmetry(name):
         assert moved & {r.path for r in grp.refs}, grp.name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["nnx_cnn", "nnx_residual", "nnx_maxout", "eqx_cnn",
                                   "linen_cnn", "sawtooth_net"])
 def test_gram_structure_matches_the_jacobian(name):

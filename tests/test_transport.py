@@ -377,6 +377,7 @@ def replay_error(
 # --------------------------------------------------------------------------- replay
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 @FEW
 @given(seed=SEEDS)
