@@ -167,6 +167,7 @@ def _first_line(doc: str | None) -> str:
 def subpackage_page(sub: str) -> str:
     pkg = importlib.import_module(f"{PACKAGE}.{sub}")
     names = public_names(pkg)
+    where = documented_at()
     lines = _title(f"``{pkg.__name__}``", "=")
     lines += [f".. automodule:: {pkg.__name__}", ""]
     # group by defining module, in order of first appearance in __all__ (sorted for stability)
@@ -186,7 +187,11 @@ def subpackage_page(sub: str) -> str:
             lines += _title("Contents", "-") if len(groups) > 1 else []
         lines += [f".. py:currentmodule:: {pkg.__name__}", ""]
         for n in members:
-            lines += _directive(f"{pkg.__name__}.{n}", getattr(pkg, n), defmod) + [""]
+            full, obj = f"{pkg.__name__}.{n}", getattr(pkg, n)
+            directive = _directive(full, obj, defmod)
+            if where.get(id(obj), full) != full:  # also public in an earlier subpackage
+                directive.insert(1, "   :no-index:")
+            lines += directive + [""]
     return "\n".join(lines) + "\n"
 
 
