@@ -132,6 +132,7 @@ def test_extreme_scales(dtype, log_scale):
     assert float(jnp.max(jnp.abs(apply(c2, x) - f))) <= 1e4 * eps * float(jnp.max(jnp.abs(f)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["incoming", "outgoing", "both"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
 def test_dead_units(dtype, which):

@@ -155,6 +155,7 @@ def test_dtypes(wrapper, dtype):
     assert bool(jnp.all(jnp.isfinite(losses)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("make", [
     lambda sym: qo.rebalance(optax.adam(1e-2), sym),
     lambda sym: qo.rebalance(optax.sgd(1e-2, momentum=0.9), sym, every=3),

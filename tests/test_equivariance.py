@@ -67,6 +67,7 @@ def test_float32_500_steps_sawtooth():
     assert not res["optax.sgd"]["out"] <= 1e-2
 
 
+@pytest.mark.slow
 def test_mlp_permutation_and_rescaling_float64():
     prob = E.mlp_problem(jnp.float64)
     g = prob.sym.sample(jax.random.key(1), log_scale=3.0, dtype=jnp.float64)

@@ -104,6 +104,7 @@ def test_plain_functions_and_linen_work_and_others_are_refused():
         qo.place_kinks(mlp, p, x, jax.random.key(0), low=0.8, high=0.2)
 
 
+@pytest.mark.slow
 def test_kink_init_in_a_population_keeps_the_fast_path():
     apply, _ = sawtooth()
 

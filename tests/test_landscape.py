@@ -562,6 +562,7 @@ def _normal(abstract, rng):
     return jax.tree.map(lambda s: jnp.asarray(rng.normal(0.0, 1.0, s.shape), s.dtype), abstract)
 
 
+@pytest.mark.slow
 @settings(max_examples=4)
 @given(seed=st.integers(0, 2**16), log_scale=st.floats(0.0, 2.0))
 def test_quotient_distance_is_symmetric(seed, log_scale):
@@ -624,6 +625,7 @@ def test_assignment_solvers_agree():
     np.testing.assert_allclose(val(auction_assignment(s)), val(exact_assignment(s)))
 
 
+@pytest.mark.slow
 def test_neb_between_the_fit_and_a_symmetric_copy(sawtooth, sawtooth_sym):
     loss, exact, _ = sawtooth
     sym = sawtooth_sym

@@ -54,6 +54,7 @@ def test_first_step_holds_the_canonical_element_and_never_jumps():
     np.testing.assert_allclose(apply(new, x), apply(p, x), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("move_params", [False, True])
 def test_matches_manual_adam_with_gather_based_transport(move_params):
     """Inner coordinates = canonical point; adam's state transported; the user's step is the
@@ -133,6 +134,7 @@ def test_scan_converges_and_vmap():
     assert _maxdiff(jax.tree.map(lambda a: a[0], u), u0) < 1e-10
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64, jnp.bfloat16])
 def test_dtype_preserved(dtype):
     _, p, sym, loss, _ = _setup(jnp.float32)

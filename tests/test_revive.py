@@ -253,6 +253,7 @@ def test_inner_state_of_revived_piece_is_reset():
 # --------------------------------------------------------------------------- generality
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pieces,windows,d", [(3, 2, 4), (4, 3, 1)])
 def test_k_pieces_several_windows_any_dim(pieces, windows, d):
     sym, apply, params = _maxpool(pieces, windows, d, dtype=jnp.float64, seed=3)

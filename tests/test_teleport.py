@@ -14,6 +14,7 @@ def _gnorm(loss, p):
     return float(sum(jnp.sum(g**2) for g in jax.tree.leaves(jax.grad(loss)(p))))
 
 
+@pytest.mark.slow
 def test_increases_gradient_norm_function_unchanged_and_bounded():
     apply, p, sym, loss, x = _setup()
     opt = qo.teleport(optax.sgd(0.0), sym, every=1, steps=20, learning_rate=0.2, max_log_scale=1.0,
