@@ -139,6 +139,69 @@ class BatchNormCNN(nnx.Module):
         return self.head(nnx.relu(self.fc(h.reshape(h.shape[0], -1))))
 
 
+class BNCNN(nnx.Module):
+    """Two Conv-BatchNorm-ReLU stages, max_pool, flatten, Linear (train or eval mode)."""
+
+    def __init__(self, dtype: Any, rngs: nnx.Rngs):
+        self.conv1 = nnx.Conv(1, 4, (3, 3), param_dtype=dtype, rngs=rngs)
+        self.bn1 = nnx.BatchNorm(4, param_dtype=dtype, rngs=rngs)
+        self.conv2 = nnx.Conv(4, 6, (3, 3), param_dtype=dtype, rngs=rngs)
+        self.bn2 = nnx.BatchNorm(6, param_dtype=dtype, rngs=rngs)
+        self.head = nnx.Linear(4 * 4 * 6, 2, param_dtype=dtype, rngs=rngs)
+
+    def __call__(self, x):
+        h = nnx.relu(self.bn1(self.conv1(x)))
+        h = nnx.max_pool(nnx.relu(self.bn2(self.conv2(h))), (2, 2), (2, 2))
+        return self.head(h.reshape(h.shape[0], -1))
+
+
+class BNResBlock(nnx.Module):
+    """A stem conv, then a ResNet block (conv-BN-ReLU-conv-BN, added to the stream), ReLU."""
+
+    def __init__(self, dtype: Any, rngs: nnx.Rngs):
+        conv = functools.partial(nnx.Conv, kernel_size=(3, 3), param_dtype=dtype, rngs=rngs)
+        self.stem = conv(1, 4)
+        self.conv1, self.bn1 = conv(4, 5), nnx.BatchNorm(5, param_dtype=dtype, rngs=rngs)
+        self.conv2, self.bn2 = conv(5, 4), nnx.BatchNorm(4, param_dtype=dtype, rngs=rngs)
+        self.head = nnx.Linear(4, 2, param_dtype=dtype, rngs=rngs)
+
+    def __call__(self, x):
+        h = self.stem(x)
+        r = self.bn2(self.conv2(nnx.relu(self.bn1(self.conv1(h)))))
+        h = nnx.relu(h + r)
+        return self.head(h.mean(axis=(1, 2)))
+
+
+class EqxLNMLP(eqx.Module):
+    """Linear-ReLU, Linear-LayerNorm-ReLU, Linear (one sample at a time)."""
+
+    l1: eqx.nn.Linear
+    l2: eqx.nn.Linear
+    norm: eqx.nn.LayerNorm
+    l3: eqx.nn.Linear
+
+    def __init__(self, dtype: Any, key: jax.Array):
+        k1, k2, k3 = jax.random.split(key, 3)
+        self.l1 = eqx.nn.Linear(3, 6, key=k1, dtype=dtype)
+        self.l2 = eqx.nn.Linear(6, 5, key=k2, dtype=dtype)
+        self.norm = eqx.nn.LayerNorm(5, dtype=dtype)
+        self.l3 = eqx.nn.Linear(5, 2, key=k3, dtype=dtype)
+
+    def __call__(self, x):
+        return self.l3(jax.nn.relu(self.norm(self.l2(jax.nn.relu(self.l1(x))))))
+
+
+def rms_mlp_apply(p: dict, x: jax.Array) -> jax.Array:
+    """A hand-written RMSNorm MLP: ``x W1 -> RMSNorm(g) -> tanh -> W2 -> RMSNorm -> ReLU -> W3``."""
+
+    def rms(h, g):
+        return h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + 1e-6) * g
+
+    h = jnp.tanh(rms(x @ p["w1"], p["g1"]))
+    h = jax.nn.relu(rms(h @ p["w2"] + p["b2"], p["g2"]))
+    return h @ p["w3"]
+
+
 class RNNNet(nnx.Module):
     """A ReLU layer, an ``nnx.RNN`` over time (a ``SimpleCell``), a head on the last step."""
 
@@ -246,6 +309,26 @@ EXPECT: dict[str, list[tuple[int, int, bool, bool]]] = {
 }
 NAMES = tuple(EXPECT)
 
+#: normalization models: (windows, pieces, permutable, rescalable) per group, as above
+NORM_EXPECT: dict[str, list[tuple[int, int, bool, bool]]] = {
+    "nnx_bn_cnn_train": [(4, 1, True, True), (6, 1, True, True)],
+    "nnx_bn_cnn_eval": [],
+    "nnx_bn_resblock": [(4, 1, True, True), (5, 1, True, True)],
+    "eqx_ln_mlp": [(6, 1, True, True), (5, 1, True, True)],
+    "rms_mlp": [(6, 1, True, False), (5, 1, True, True)],
+}
+NORM_NAMES = tuple(NORM_EXPECT)
+
+#: the factors inference must find on them: (kind, name, units, blocks) in order
+FACTOR_EXPECT: dict[str, list[tuple[str, str, int, int]]] = {
+    "nnx_bn_cnn_train": [("norm_scale", "conv1", 4, 4), ("norm_scale", "conv2", 6, 6)],
+    "nnx_bn_cnn_eval": [],
+    "nnx_bn_resblock": [("norm_scale", "conv2", 4, 4), ("norm_scale", "conv1", 5, 5)],
+    "eqx_ln_mlp": [("norm_scale", "l2", 5, 1)],
+    "rms_mlp": [("norm_scale", "w1", 6, 1), ("sign_flip", "w1", 6, 6),
+                ("norm_scale", "w2", 5, 1)],
+}
+
 #: train-mode nnx models (not in ``NAMES``: the transformation battery needs no more of
 #: them; ``tests/test_adapters.py`` checks them). Dropout keeps the rescalings (a mask
 #: times ``1/keep`` is positively homogeneous) but not the permutations (the mask stays);
@@ -297,6 +380,27 @@ def build(name: str, dtype: Any = jnp.float32) -> Model:
         return _nnx_train(name, lambda: DropoutMLP(dtype, rbg_rngs(0)), (8, 3), dtype)
     if name == "nnx_batchnorm_train":
         return _nnx_train(name, lambda: BatchNormCNN(dtype, rbg_rngs(0)), (4, 8, 8, 1), dtype)
+    if name in ("nnx_bn_cnn_train", "nnx_bn_cnn_eval"):
+        def bn_cnn():
+            m = BNCNN(dtype, rbg_rngs(0))
+            if name.endswith("eval"):
+                m.eval()
+            return m
+        return _nnx_train(name, bn_cnn, (4, 8, 8, 1), dtype)
+    if name == "nnx_bn_resblock":
+        return _nnx_train(name, lambda: BNResBlock(dtype, rbg_rngs(0)), (4, 6, 6, 1), dtype)
+    if name == "eqx_ln_mlp":
+        return _eqx(name, lambda: EqxLNMLP(dtype, jax.random.key(0)), (8, 3), dtype)
+    if name == "rms_mlp":
+        abstract = {"w1": jax.ShapeDtypeStruct((3, 6), dtype),
+                    "g1": jax.ShapeDtypeStruct((6,), dtype),
+                    "w2": jax.ShapeDtypeStruct((6, 5), dtype),
+                    "b2": jax.ShapeDtypeStruct((5,), dtype),
+                    "g2": jax.ShapeDtypeStruct((5,), dtype),
+                    "w3": jax.ShapeDtypeStruct((5, 2), dtype)}
+        x = jax.ShapeDtypeStruct((8, 3), dtype)
+        sym = qo.infer_symmetry(rms_mlp_apply, x, params=abstract)
+        return Model(name, sym, rms_mlp_apply, abstract, x.shape, dtype)
     if name == "nnx_rnn":
         return _nnx_train(name, lambda: RNNNet(dtype, rbg_rngs(0)), (2, 5, 3), dtype)
     raise ValueError(name)  # pragma: no cover

@@ -10,6 +10,9 @@ from quotient_opt.symmetry._canonical import (
     unit_energies,
 )
 from quotient_opt.symmetry._infer import infer_symmetry
+from quotient_opt.symmetry._kinds import Kind, register_kind
+from quotient_opt.symmetry._norm_scale import NormScale
+from quotient_opt.symmetry._sign_flip import SignFlip
 from quotient_opt.symmetry._paths import leaves_by_path, map_with_path, path_str
 from quotient_opt.symmetry._program import Program
 from quotient_opt.symmetry._spec import (
@@ -28,7 +31,10 @@ __all__ = [
     "CanonicalInfo",
     "Dense",
     "GroupElement",
+    "Kind",
+    "NormScale",
     "Program",
+    "SignFlip",
     "Symmetry",
     "UnitGroup",
     "canonical_log_scales",
@@ -38,6 +44,7 @@ __all__ = [
     "map_with_path",
     "path_str",
     "register_adapter",
+    "register_kind",
     "register_rule",
     "sort_permutation",
     "symmetry_from_axes",

@@ -38,13 +38,13 @@ def _dtype(x: Any) -> Any:
     return x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype
 
 
-def _output_scale(y: PyTree) -> float:
+def output_scale(y: PyTree) -> float:
     leaves = [np.asarray(v, np.float64) for v in jax.tree.leaves(y)]
     s = max((float(np.max(np.abs(v))) for v in leaves if v.size), default=0.0)
     return s if s > 0 else 1.0
 
 
-def _difference(a: PyTree, b: PyTree) -> float:
+def difference(a: PyTree, b: PyTree) -> float:
     la = [np.asarray(v, np.float64) for v in jax.tree.leaves(a)]
     lb = [np.asarray(v, np.float64) for v in jax.tree.leaves(b)]
     d = max((float(np.max(np.abs(u - v))) for u, v in zip(la, lb) if u.size), default=0.0)
@@ -128,7 +128,7 @@ def group_errors(
     rng = np.random.default_rng(seed)
     f = jax.jit(apply_fn)
     y0 = f(params, x)
-    scale = _output_scale(y0)
+    scale = output_scale(y0)
     dtype = jnp.float64 if tolerance(params) < 1e-6 else jnp.float32
     ident = sym.identity(dtype)
     out = []
@@ -139,7 +139,7 @@ def group_errors(
             for _ in range(trials):
                 g = list(ident)
                 g[gi] = _element(grp, rng, kind, log_scale, dtype)
-                worst = max(worst, _difference(f(sym.act(params, tuple(g)), x), y0) / scale)
+                worst = max(worst, difference(f(sym.act(params, tuple(g)), x), y0) / scale)
             errs[kind] = worst
         out.append(errs)
     return out

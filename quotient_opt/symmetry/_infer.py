@@ -20,7 +20,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from quotient_opt.symmetry._adapters import adapt
-from quotient_opt.symmetry._check import check_points, concrete, group_errors, moves, tolerance
+from quotient_opt.symmetry import _kinds, _norm_scale, _sign_flip  # noqa: F401 - registered kinds
+from quotient_opt.symmetry._check import (
+    check_points,
+    concrete,
+    difference,
+    group_errors,
+    moves,
+    output_scale,
+    tolerance,
+)
 from quotient_opt.symmetry._paths import normalize_path
 from quotient_opt.symmetry._program import Program
 from quotient_opt.symmetry._spec import Symmetry
@@ -98,6 +107,63 @@ def _downgrade(sym: Symmetry, apply_fn: Callable, params: PyTree, x: Any, seed: 
     kept = tuple(g for g in groups if g.symmetric)
     dropped = sym.dropped + tuple(g for g in groups if not g.symmetric)
     return dataclasses.replace(sym, groups=kept, dropped=dropped)
+
+
+class _Probe:
+    """The function at the check points and inputs, compiled once, to test candidate factors."""
+
+    def __init__(self, apply_fn: Callable, params: PyTree, x: Any, seed: int):
+        self.f = jax.jit(apply_fn)
+        self.points = [(p, xx, self.f(p, xx)) for p in check_points(params, seed)
+                       for xx in _check_inputs(x, seed)]
+        self.tol = tolerance(params)
+        self.dtype = jnp.float64 if self.tol < 1e-6 else jnp.float32
+        self.rng = np.random.default_rng(seed + 2)
+
+    def holds(self, sym: Symmetry, rec: Any, *, trials: int = 2, bound: float = 0.5) -> bool:
+        """Whether random elements of the factor ``rec`` keep the function everywhere."""
+        kind = _kinds.kind_of(rec)
+        tol = kind.check_tolerance(self.tol)
+        for p, xx, y0 in self.points:
+            scale = output_scale(y0)
+            for _ in range(trials):
+                h = kind.sample(rec, self.rng, bound, self.dtype)
+                y = self.f(_kinds.act(sym, p, (h,), factors=(rec,)), xx)
+                if not difference(y, y0) / scale <= tol:
+                    return False
+        return True
+
+    def rescaling_holds(self, sym: Symmetry, grp: Any, log_scale: float) -> bool:
+        trial = dataclasses.replace(sym, groups=(grp,), factors=())
+        for p, xx, _ in self.points:
+            err = group_errors(trial, self.f, p, xx, trials=2, log_scale=log_scale)[0]
+            if not err.get("rescaling", np.inf) <= self.tol:
+                return False
+        return True
+
+
+def _find_factors(sym: Symmetry, probe: _Probe, log_scale: float) -> Symmetry:
+    """Tests every registered kind's candidates on every traced group; keeps what holds.
+
+    A normalization scale invariance found on a group whose rescaling was lost to the
+    normalization re-anchors that rescaling at the normalization's gain and shift
+    (:func:`~quotient_opt.symmetry._norm_scale.reanchor`), where that holds.
+    """
+    shapes = dict(sym.shapes)
+    factors: list[Any] = []
+    groups = list(sym.groups)
+    for grp in sym.groups + sym.dropped:
+        for kind in _kinds.KINDS.values():
+            for rec in kind.candidates(grp, shapes):
+                if not probe.holds(sym, rec):
+                    continue
+                rec = next((r for r in kind.refinements(rec) if probe.holds(sym, r)), rec)
+                factors.append(rec)
+                again = _norm_scale.reanchor(grp, rec) if grp in groups else None
+                if again is not None and probe.rescaling_holds(sym, again, log_scale):
+                    groups[groups.index(grp)] = again
+                break
+    return dataclasses.replace(sym, groups=tuple(groups), factors=tuple(factors))
 
 
 # --------------------------------------------------------------------------- entry point
@@ -181,4 +247,6 @@ def infer_symmetry(
                    dropped=tuple(without), program=Program(apply_fn, params, x))
     if check and sym.groups:
         sym = _downgrade(sym, apply_fn, params, x, seed, log_scale)
+    if check:
+        sym = _find_factors(sym, _Probe(apply_fn, params, x, seed), log_scale)
     return sym

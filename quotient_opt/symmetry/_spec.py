@@ -275,6 +275,11 @@ class Symmetry:
         (and, after :meth:`restrict`, the groups that are no symmetry of the subtree).
       masked: the leaves masked out of the tree this symmetry was restricted to
         (:meth:`restrict`); :meth:`validate` does not ask for them.
+      factors: symmetry factors of other kinds (records of a registered
+        :class:`~quotient_opt.symmetry.Kind`: normalization scale invariance
+        :class:`~quotient_opt.symmetry.NormScale`, sign flips
+        :class:`~quotient_opt.symmetry.SignFlip`, ...), acting on top of the groups.
+      dropped_factors: factors that are no symmetry of a subtree (:meth:`restrict`).
       program: the traced forward computation (inference only), used by the
         path norm; ``None`` for hand-written specs. Not part of equality or
         hashing: two symmetries with the same groups compare equal, so code
@@ -286,6 +291,8 @@ class Symmetry:
     shapes: tuple[tuple[Path, tuple[int, ...]], ...]
     dropped: tuple[UnitGroup, ...] = ()
     masked: tuple[Path, ...] = ()
+    factors: tuple[Any, ...] = ()
+    dropped_factors: tuple[Any, ...] = ()
     program: Any = dataclasses.field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -306,6 +313,14 @@ class Symmetry:
                             f"'{other}' and '{grp.name}' claim the same positions"
                         )
                 claimed.setdefault((ref.path, ref.axis), []).append((grp.name, pos))
+        for fac in self.factors + self.dropped_factors:
+            for ref in fac.refs:
+                if ref.path not in shapes:
+                    raise ValueError(f"factor '{fac.name}': parameter '{path_str(ref.path)}' "
+                                     "is not in shapes")
+                if ref.axis >= len(shapes[ref.path]):
+                    raise ValueError(f"factor '{fac.name}': parameter '{path_str(ref.path)}' "
+                                     f"has no axis {ref.axis}")
 
     # ------------------------------------------------------------ description
 
@@ -316,6 +331,12 @@ class Symmetry:
             lines.append(f"restricted to a subtree: {len(self.masked)} leaf/leaves masked out "
                          f"({paths_str(self.masked)})")
         lines += [g.describe() for g in self.groups]
+        if self.factors:
+            lines.append(f"other kinds: {len(self.factors)} factor(s)")
+            lines += [f.describe() for f in self.factors]
+        if self.dropped_factors:
+            lines.append(f"factors dropped on this subtree: {len(self.dropped_factors)}")
+            lines += [f.describe() for f in self.dropped_factors]
         if self.dropped:
             lines.append(f"without symmetry: {len(self.dropped)} group(s)")
             lines += [g.describe() for g in self.dropped]
@@ -440,8 +461,11 @@ class Symmetry:
                     notes=(*grp.notes, (f"dropped on this subtree: {names} is masked out, "
                                         "and moving the other leaves alone changes the "
                                         "function"))))
+        facs = [f for f in self.factors if not any(r.path in gone for r in f.refs)]
+        lost_facs = tuple(f for f in self.factors if f not in facs)
         out = Symmetry(groups=tuple(kept), shapes=self.shapes,
-                       dropped=tuple(dropped) + self.dropped, masked=masked)
+                       dropped=tuple(dropped) + self.dropped, masked=masked,
+                       factors=tuple(facs), dropped_factors=self.dropped_factors + lost_facs)
         out.validate(tree, what=what)  # the shapes of the leaves present
         return out
 

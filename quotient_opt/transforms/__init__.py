@@ -5,6 +5,7 @@
 to it."""
 
 from quotient_opt._lazy import moved_getattr
+from quotient_opt.transforms._adamp import adamp, add_decayed_weights, normalized_mask, sgdp
 from quotient_opt.transforms._aliases import quotient_adam, quotient_sgd
 from quotient_opt.transforms._path_norm import path_norm_curvature, path_sgd, scale_by_path_norm
 from quotient_opt.transforms._order import (
@@ -31,6 +32,10 @@ __all__ = [
     "ADAMAX_LAWS",
     "ADOPT_LAWS",
     "ChainOrderWarning",
+    "adamp",
+    "add_decayed_weights",
+    "normalized_mask",
+    "sgdp",
     "NotEquivariantWarning",
     "check_chain",
     "check_transportable",

@@ -70,14 +70,24 @@ References:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from quotient_opt.symmetry._gram import Structure, couplings, gram_solve, structure, tangent, window_sums
-from quotient_opt.symmetry._paths import leaves_by_path
+from quotient_opt.symmetry import _kinds
+from quotient_opt.symmetry._gram import (
+    Structure,
+    cg,
+    couplings,
+    gram_solve,
+    structure,
+    tangent,
+    window_sums,
+)
+from quotient_opt.symmetry._paths import leaves_by_path, map_with_path
 from quotient_opt.symmetry._spec import Symmetry, solve_dtype
 from quotient_opt import _validate as validate
 from quotient_opt.transforms._common import stateless_with_params
@@ -132,11 +142,92 @@ def horizontal_component(
       ``v`` minus its vertical component, same structure and dtypes as ``v``.
     """
     st = structure(sym)
-    if not st.windows:
-        return v
-    a, dtype = _vertical_coefficients(st, params, v, eps, tol, max_iter)
-    ja = tangent(st, params, a, dtype)
-    return jax.tree.map(lambda x, y: (x.astype(dtype) - y.astype(dtype)).astype(x.dtype), v, ja)
+    facs = _kinds.continuous(sym)
+    if facs and _overlap(st, facs):
+        return _joint_horizontal(sym, st, facs, params, v, eps, tol, max_iter)
+    if st.windows:
+        a, dtype = _vertical_coefficients(st, params, v, eps, tol, max_iter)
+        ja = tangent(st, params, a, dtype)
+        v = jax.tree.map(lambda x, y: (x.astype(dtype) - y.astype(dtype)).astype(x.dtype), v, ja)
+    if facs:
+        v = _radial_horizontal(sym, facs, params, v, eps)
+    return v
+
+
+def _overlap(st: Structure, facs: tuple[Any, ...]) -> bool:
+    """Whether a factor moves a leaf that a rescalable unit group also moves."""
+    moved = {r.path for rs in st.refs for r in rs}
+    return any(r.path in moved for f in facs for r in f.refs)
+
+
+def _subtract(v: PyTree, ja: dict, dtype: Any) -> PyTree:
+    return map_with_path(
+        lambda p, x: (x.astype(dtype) - ja[p].astype(dtype)).astype(x.dtype) if p in ja else x, v)
+
+
+def _radial_horizontal(sym: Symmetry, facs: tuple[Any, ...], params: PyTree, v: PyTree,
+                       eps: jax.typing.ArrayLike | None) -> PyTree:
+    """Factors on entries no unit group moves: their Gram matrices are diagonal (each
+    block's squared norm), so the projection is one division per block."""
+    dtype = solve_dtype(params)
+    finfo = jnp.finfo(dtype)
+    eps = finfo.eps if eps is None else jnp.asarray(eps, dtype)
+    vv = {p: x.astype(dtype) for p, x in leaves_by_path(v).items()}
+    b = _kinds.cotangent(sym, params, vv, factors=facs, dtype=dtype)
+    th = {p: x.astype(dtype) for p, x in leaves_by_path(params).items()}
+    diag = [_kinds.kind_of(f).gram_diagonal(f, {r.path: th[r.path] for r in f.refs})
+            for f in facs]
+    a = [bi / ((1 + eps) * di + finfo.tiny) for bi, di in zip(b, diag)]
+    a = [jnp.where(jnp.isfinite(ai), ai, 0.0) for ai in a]
+    return _subtract(v, _kinds.tangent(sym, params, a, factors=facs, dtype=dtype), dtype)
+
+
+def _joint_horizontal(sym: Symmetry, st: Structure, facs: tuple[Any, ...], params: PyTree,
+                      v: PyTree, eps: jax.typing.ArrayLike | None,
+                      tol: jax.typing.ArrayLike | None, max_iter: jax.typing.ArrayLike) -> PyTree:
+    """The general case, for any kinds: Jacobi-scaled CG on the joint Gram system
+    :math:`J^\top J a = J^\top v` over the unit groups' and the factors' algebras,
+    with :math:`J^\top J` applied matrix-free (one tangent and one cotangent per
+    iteration)."""
+    dtype = solve_dtype(params)
+    finfo = jnp.finfo(dtype)
+    eps = finfo.eps if eps is None else jnp.asarray(eps, dtype)
+    tol = 10 * finfo.eps if tol is None else jnp.asarray(tol, dtype)
+    th = {p: x.astype(dtype) for p, x in leaves_by_path(params).items()}
+    n = len(st.windows)
+
+    def jt(w: dict) -> list[jax.Array]:
+        full = {p: w.get(p, jnp.zeros_like(x)) for p, x in th.items()}
+        unit = window_sums(st, lambda p: th[p] * full[p], lambda x: x, dtype) if n else []
+        return list(unit) + list(_kinds.cotangent(sym, params, full, factors=facs, dtype=dtype))
+
+    def j(a: list[jax.Array]) -> dict:
+        out = dict(_kinds.tangent(sym, params, a[n:], factors=facs, dtype=dtype))
+        if n:
+            unit = leaves_by_path(tangent(st, params, a[:n], dtype))
+            for p, t in unit.items():
+                out[p] = out[p] + t if p in out else t
+        return out
+
+    sq = {p: jnp.square(x) for p, x in th.items()}
+    diag = list(window_sums(st, sq.__getitem__, lambda w: w * w, dtype) if n else [])
+    diag += [_kinds.kind_of(f).gram_diagonal(f, {r.path: th[r.path] for r in f.refs})
+             for f in facs]
+    reg = [eps * dg + finfo.tiny for dg in diag]
+    d = [jnp.sqrt(dg + r) for dg, r in zip(diag, reg)]
+
+    def matvec(x: list[jax.Array]) -> list[jax.Array]:
+        a = [xi / di for xi, di in zip(x, d)]
+        y = jt(j(a))
+        return [(yi + ri * ai) / di for yi, ri, ai, di in zip(y, reg, a, d)]
+
+    vv = {p: x.astype(dtype) for p, x in leaves_by_path(v).items()}
+    b = [bi / di for bi, di in zip(jt(vv), d)]
+    x = cg(matvec, b, tol, jnp.asarray(max_iter))
+    a = [xi / di for xi, di in zip(x, d)]
+    finite = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(ai)) for ai in a]))
+    a = [jnp.where(finite, ai, 0.0) for ai in a]
+    return _subtract(v, j(a), dtype)
 
 
 def project_horizontal(
@@ -145,8 +236,9 @@ def project_horizontal(
     eps: jax.typing.ArrayLike | None = None,
     tol: jax.typing.ArrayLike | None = None,
     max_iter: jax.typing.ArrayLike = 64,
+    kinds: Sequence[str] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
-    """Projects updates onto the horizontal space of the rescaling orbit.
+    """Projects updates onto the horizontal space of the symmetry orbits.
 
     .. math::
 
@@ -182,6 +274,8 @@ def project_horizontal(
       tol: relative tolerance of the scaled CG residual (default: 10 machine
         epsilons).
       max_iter: cap on CG iterations.
+      kinds: project along these families only (``'units'`` for the unit groups,
+        ``'norm_scale'``, ...; default: all).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` with an empty state; its
@@ -195,6 +289,7 @@ def project_horizontal(
       Deep Learning Dynamics*, 2020. https://arxiv.org/abs/2012.04728
     """
     validate.symmetry(sym)
+    sym = _kinds.only(sym, kinds)
     validate.number("max_iter", max_iter, minimum=1)
     validate.number("eps", eps)
     validate.number("tol", tol)

@@ -1,0 +1,321 @@
+"""Group families beyond the unit groups: normalization scale invariance and sign flips.
+
+The property battery of the kind protocol (``quotient_opt/symmetry/_kinds.py``),
+parametric over the kinds found on the normalization zoo (BatchNorm CNN in train
+and eval mode, a BatchNorm ResNet block, an equinox LayerNorm MLP, a hand-written
+RMSNorm MLP) and a tanh layer's sign flips, in float32 and float64: invariance
+of the function, inverse and composition, adjointness of tangent and cotangent,
+horizontal gradients, the section; then what the methods do with the new kinds
+(projection, AdamP as a chain and against a direct reimplementation, decay).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import quotient_opt as qo
+from quotient_opt.symmetry import _kinds
+
+import zoo
+
+NAMES = zoo.NORM_NAMES + ("nnx_maxout",)
+DTYPES = (jnp.float32, jnp.float64)
+CASES = [(n, d) for n in NAMES for d in DTYPES]
+
+
+def _model(name, dtype):
+    return zoo.build(name, dtype)
+
+
+def _tol(dtype):
+    return 1e-4 if dtype == jnp.float32 else 1e-9
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+
+def _tree_rel(a, b):
+    return max(_rel(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def _leaf_dict(tree):
+    return qo.symmetry.leaves_by_path(tree)
+
+
+# ------------------------------------------------------------------- inference
+
+
+@pytest.mark.parametrize("name", zoo.NORM_NAMES)
+def test_inference_finds_every_kind(name):
+    sym = _model(name, jnp.float32).sym
+    got = [(g.windows, g.pieces, g.permutable, g.rescalable) for g in sym.groups]
+    assert got == zoo.NORM_EXPECT[name], sym.describe()
+    facs = [(f.kind, f.name, f.units, getattr(f, "blocks", f.units)) for f in sym.factors]
+    assert facs == zoo.FACTOR_EXPECT[name], sym.describe()
+    text = sym.describe()
+    for f in sym.factors:
+        assert f.describe().splitlines()[0] in text
+
+
+def test_eval_mode_batchnorm_claims_nothing():
+    # running statistics are constants: no scale invariance, and no permutation either
+    # (permuting channels would need the statistics permuted, and they are not params)
+    sym = _model("nnx_bn_cnn_eval", jnp.float32).sym
+    assert not sym.groups and not sym.factors
+
+
+def test_sign_flips_of_tanh_found_relu_not():
+    sym = _model("nnx_maxout", jnp.float32).sym
+    flips = [f for f in sym.factors if f.kind == "sign_flip"]
+    assert [f.name for f in flips] == ["layers/4"]  # the tanh layer; not the max or leaky ReLU
+
+
+# ------------------------------------------------------------------- the group
+
+
+def _output_change(m, p, q, x):
+    return _rel(m.apply(q, x), m.apply(p, x))
+
+
+@pytest.mark.parametrize("name,dtype", CASES)
+@settings(max_examples=4, deadline=None)
+@given(seed=st.integers(0, 2**16))
+def test_every_factor_is_a_symmetry(name, dtype, seed):
+    m = _model(name, dtype)
+    rng = np.random.default_rng(seed)
+    p, x = m.params(seed % 7), m.inputs(seed % 5)
+    for f in m.sym.factors:
+        kind = _kinds.kind_of(f)
+        h = kind.sample(f, rng, 1.0, dtype)
+        q = _kinds.act(m.sym, p, (h,), factors=(f,))
+        assert _output_change(m, p, q, x) <= kind.check_tolerance(_tol(dtype)), f.name
+    # every factor and every unit group at once
+    g = zoo.random_element(m.sym, rng, 1.0, dtype)
+    q = _kinds.act(m.sym, m.sym.act(p, g), _kinds.sample(m.sym, rng, 1.0, dtype))
+    bound = max([_kinds.kind_of(f).check_tolerance(_tol(dtype)) for f in m.sym.factors]
+                + [_tol(dtype)])
+    assert _output_change(m, p, q, x) <= 10 * bound
+
+
+@pytest.mark.parametrize("name,dtype", CASES)
+def test_inverse_and_compose(name, dtype):
+    m = _model(name, dtype)
+    rng = np.random.default_rng(1)
+    p = m.params(0)
+    a = _kinds.sample(m.sym, rng, 1.0, dtype)
+    b = _kinds.sample(m.sym, rng, 1.0, dtype)
+    pa = _kinds.act(m.sym, p, a)
+    assert _tree_rel(_kinds.act(m.sym, pa, _kinds.inverse(m.sym, a)), p) <= 10 * _tol(dtype)
+    assert _tree_rel(_kinds.act(m.sym, pa, b),
+                     _kinds.act(m.sym, p, _kinds.compose(m.sym, a, b))) <= 10 * _tol(dtype)
+    ident = _kinds.act(m.sym, p, _kinds.identity(m.sym, dtype))
+    assert _tree_rel(ident, p) == 0.0
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_tangent_and_cotangent_are_adjoint(name):
+    m = _model(name, jnp.float64)
+    rng = np.random.default_rng(2)
+    p = m.params(1)
+    facs = _kinds.continuous(m.sym)
+    a = [jnp.asarray(rng.normal(size=_kinds.kind_of(f).dim(f))) for f in facs]
+    v = {k: jnp.asarray(rng.normal(size=np.shape(x))) for k, x in _leaf_dict(p).items()}
+    ja = _kinds.tangent(m.sym, p, a)
+    lhs = sum(float(jnp.vdot(ja[k], v[k])) for k in ja)
+    rhs = sum(float(jnp.vdot(ai, bi)) for ai, bi in zip(a, _kinds.cotangent(m.sym, p, v)))
+    assert lhs == pytest.approx(rhs, rel=1e-10, abs=1e-12)
+    # and the tangent is the derivative of the action
+    if facs:
+        t = 1e-6
+        moved = _kinds.act(m.sym, p, tuple(t * ai for ai in a), factors=facs)
+        fd = {k: (_leaf_dict(moved)[k] - _leaf_dict(p)[k]) / t for k in ja}
+        assert max(_rel(fd[k], ja[k]) for k in ja) < 1e-5
+
+
+@pytest.mark.parametrize("name", zoo.NORM_NAMES[:1] + zoo.NORM_NAMES[2:])
+def test_gradient_is_horizontal_for_norm_scale(name):
+    # L(c W_b) = L(W_b) to O(eps / var): the gradient has no radial component
+    m = _model(name, jnp.float64)
+    p, x = m.params(3), m.inputs(3)
+    grad = jax.grad(lambda q: jnp.sum(m.apply(q, x) ** 2))(p)
+    gl = _leaf_dict(grad)
+    facs = [f for f in m.sym.factors if f.kind == "norm_scale"]
+    assert facs
+    for f, ct in zip(facs, _kinds.cotangent(m.sym, p, gl, factors=facs)):
+        w = np.sqrt(sum(float(jnp.sum(_leaf_dict(p)[r.path] ** 2)) for r in f.refs))
+        g = np.sqrt(sum(float(jnp.sum(gl[r.path] ** 2)) for r in f.refs))
+        assert float(jnp.max(jnp.abs(ct))) <= 1e-4 * w * g, f.name
+
+
+@pytest.mark.parametrize("name,dtype", CASES)
+def test_section_is_idempotent_and_orbit_invariant(name, dtype):
+    m = _model(name, dtype)
+    rng = np.random.default_rng(4)
+    p = m.params(2)
+    for f in m.sym.factors:
+        c = _kinds.canonical(m.sym, p, factors=(f,))
+        assert _tree_rel(_kinds.canonical(m.sym, c, factors=(f,)), c) <= 10 * _tol(dtype)
+        h = _kinds.kind_of(f).sample(f, rng, 1.0, dtype)
+        moved = _kinds.act(m.sym, p, (h,), factors=(f,))
+        assert _tree_rel(_kinds.canonical(m.sym, moved, factors=(f,)), c) <= 10 * _tol(dtype)
+        if f.kind == "norm_scale":
+            leaves = {r.path: _leaf_dict(c)[r.path] for r in f.refs}
+            norms = _kinds.kind_of(f).gram_diagonal(f, leaves)
+            np.testing.assert_allclose(norms, 1.0, rtol=10 * _tol(dtype))
+
+
+def test_unknown_kind_is_refused_with_its_name():
+    sym = _model("eqx_ln_mlp", jnp.float32).sym
+    bad = dataclasses.replace(sym.factors[0], kind="nope")
+    with pytest.raises(ValueError, match="factor 'l2': no kind 'nope'"):
+        _kinds.kind_of(bad)
+    with pytest.raises(TypeError, match="Kind"):
+        qo.symmetry.register_kind("x", object())
+
+
+# ------------------------------------------------------------------- the methods
+
+
+def _adam_update(m, p, x, steps=3, tx=None):
+    tx = tx or optax.chain(optax.adam(1e-2), qo.project_horizontal(m.sym))
+    state = tx.init(p)
+    loss = lambda q: jnp.sum(m.apply(q, x) ** 2)  # noqa: E731
+    for _ in range(steps):
+        u, state = tx.update(jax.grad(loss)(p), state, p)
+        p_next = optax.apply_updates(p, u)
+        last, p = (u, p), p_next
+    return last
+
+
+@pytest.mark.parametrize("name", ["nnx_bn_cnn_train", "nnx_bn_resblock", "eqx_ln_mlp",
+                                  "rms_mlp"])
+def test_projection_removes_every_kinds_component(name):
+    # nnx_bn_resblock and eqx_ln_mlp move leaves with both a unit group and a factor:
+    # the joint CG path; the others the per-block division
+    m = _model(name, jnp.float64)
+    u, p = _adam_update(m, m.params(5), m.inputs(5))
+    ul = _leaf_dict(u)
+    unorm = np.sqrt(sum(float(jnp.sum(v ** 2)) for v in ul.values()))
+    pnorm = np.sqrt(sum(float(jnp.sum(v ** 2)) for v in _leaf_dict(p).values()))
+    for ct in _kinds.cotangent(m.sym, p, ul):
+        assert float(jnp.max(jnp.abs(ct))) <= 1e-10 * unorm * pnorm
+    for ct, g in zip(m.sym.cotangent(p, u), m.sym.groups):
+        if g.rescalable:
+            assert float(jnp.max(jnp.abs(ct))) <= 1e-10 * unorm * pnorm
+    # and it changes the update: Adam's own is not horizontal
+    raw, _ = _adam_update(m, m.params(5), m.inputs(5), tx=optax.adam(1e-2))
+    assert _tree_rel(raw, u) > 1e-3
+
+
+def _bn_mlp(p, x):
+    """A bias-free layer, batch normalization (train mode, no affine), ReLU, readout."""
+    h = x @ p["w1"]
+    h = (h - h.mean(0)) * jax.lax.rsqrt(h.var(0) + 1e-5)
+    return jax.nn.relu(h) @ p["w2"]
+
+
+def _adamp_reference(params, grads_fn, lr, steps, *, b1=0.9, b2=0.999, eps=1e-8, wd=0.0,
+                     wd_ratio=0.1):
+    """AdamP (Heo et al. 2021, Algorithm 2) with its cosine test forced on for ``w1``
+    (channel-wise view: the columns, flax's output axis) and off for ``w2``."""
+    p = {k: np.asarray(v, np.float64) for k, v in params.items()}
+    m = {k: np.zeros_like(v) for k, v in p.items()}
+    v = {k: np.zeros_like(x) for k, x in p.items()}
+    for t in range(1, steps + 1):
+        g = {k: np.asarray(x, np.float64) for k, x in grads_fn(p).items()}
+        for k in p:
+            m[k] = b1 * m[k] + (1 - b1) * g[k]
+            v[k] = b2 * v[k] + (1 - b2) * g[k] ** 2
+            denom = np.sqrt(v[k]) / np.sqrt(1 - b2**t) + eps
+            perturb = m[k] / (1 - b1**t) / denom
+            ratio = 1.0
+            if k == "w1":
+                unit = p[k] / np.linalg.norm(p[k], axis=0, keepdims=True)
+                perturb = perturb - unit * np.sum(unit * perturb, axis=0, keepdims=True)
+                ratio = wd_ratio
+            p[k] = p[k] * (1 - lr * wd * ratio) - lr * perturb
+    return p
+
+
+@pytest.mark.parametrize("wd", [0.0, 0.5])
+def test_adamp_as_a_chain_matches_a_direct_reimplementation(wd):
+    rng = np.random.default_rng(0)
+    params = {"w1": jnp.asarray(rng.normal(size=(4, 6))), "w2": jnp.asarray(rng.normal(size=(6, 2)))}
+    x = jnp.asarray(rng.normal(size=(16, 4)))
+    sym = qo.infer_symmetry(_bn_mlp, x, params=params)
+    (f,) = [f for f in sym.factors if f.kind == "norm_scale"]
+    assert (f.name, f.blocks) == ("w1", 6)
+    loss = lambda q: jnp.sum(jnp.sin(_bn_mlp(q, x)))  # noqa: E731
+    grad = jax.jit(jax.grad(loss))
+    tx = qo.adamp(0.05, sym, weight_decay=wd, wd_ratio=0.1)
+    p, state = params, tx.init(params)
+    for _ in range(6):
+        u, state = tx.update(grad(p), state, p)
+        # every step is orthogonal to each column of w1 (to rounding)
+        cols = np.sum(np.asarray(u["w1"]) * np.asarray(p["w1"]), axis=0)
+        radial = wd * 0.1 * 0.05 * np.sum(np.asarray(p["w1"]) ** 2, axis=0)
+        np.testing.assert_allclose(cols, -radial, atol=1e-12)
+        p = optax.apply_updates(p, u)
+    ref = _adamp_reference(params, lambda q: grad({k: jnp.asarray(v) for k, v in q.items()}),
+                           0.05, 6, wd=wd)
+    for k in p:
+        np.testing.assert_allclose(np.asarray(p[k]), ref[k], rtol=1e-9, atol=1e-12)
+
+
+def test_adamp_chain_spelling_is_the_same_as_the_alias():
+    rng = np.random.default_rng(1)
+    params = {"w1": jnp.asarray(rng.normal(size=(4, 6))), "w2": jnp.asarray(rng.normal(size=(6, 2)))}
+    x = jnp.asarray(rng.normal(size=(16, 4)))
+    sym = qo.infer_symmetry(_bn_mlp, x, params=params)
+    g = jax.grad(lambda q: jnp.sum(_bn_mlp(q, x) ** 3))(params)
+    a = optax.chain(optax.adam(1e-2), qo.project_horizontal(sym, kinds=("norm_scale",)))
+    b = qo.adamp(1e-2, sym)
+    ua, _ = a.update(g, a.init(params), params)
+    ub, _ = b.update(g, b.init(params), params)
+    assert _tree_rel(ua, ub) < 1e-12
+
+
+def test_sgdp_steps_are_tangent():
+    m = _model("nnx_bn_cnn_train", jnp.float64)
+    u, p = _adam_update(m, m.params(6), m.inputs(6), tx=qo.sgdp(1e-3, m.sym, momentum=0.9))
+    ul = _leaf_dict(u)
+    unorm = np.sqrt(sum(float(jnp.sum(v ** 2)) for v in ul.values()))
+    pnorm = np.sqrt(sum(float(jnp.sum(v ** 2)) for v in _leaf_dict(p).values()))
+    for ct in _kinds.cotangent(m.sym, p, ul):
+        assert float(jnp.max(jnp.abs(ct))) <= 1e-12 * unorm * pnorm
+
+
+def test_decay_ratio_on_invariant_entries_and_mask():
+    m = _model("nnx_bn_cnn_train", jnp.float32)
+    p = m.params(0)
+    zeros = jax.tree.map(jnp.zeros_like, p)
+    tx = qo.add_decayed_weights(0.5, m.sym, normalized_ratio=0.1)
+    u, _ = tx.update(zeros, tx.init(p), p)
+    ul, pl = _leaf_dict(u), _leaf_dict(p)
+    mask = _leaf_dict(qo.normalized_mask(m.sym, p))
+    for k in pl:
+        want = 0.05 if mask[k] else 0.5
+        np.testing.assert_allclose(ul[k], want * pl[k], rtol=1e-6)
+    assert sum(mask.values()) == 4  # conv1 and conv2, kernel and bias
+
+
+def test_restrict_drops_a_factor_whose_leaf_is_masked():
+    m = _model("eqx_ln_mlp", jnp.float32)
+    p = m.params(0)
+    leaves = _leaf_dict(p)
+    masked = qo.symmetry.map_with_path(lambda path, x: optax.MaskedNode() if path == ("l2", "weight")
+                              else x, p)
+    sub = m.sym.restrict(masked)
+    assert not sub.factors and len(sub.dropped_factors) == 1
+    assert "factors dropped on this subtree" in sub.describe()
+    assert leaves  # the tree had the leaf
