@@ -79,6 +79,11 @@ TARGETS = {
             "rebalance(adam, every=1)": 1.3},
     "cnn": {"adam+project_horizontal": 1.2, "path_norm+adam": 1.2,
             "rebalance(adam, every=1)": 1.3},
+    # normalization models (issue 18): every method within 1.2x Adam
+    "bn_cnn": {m: 1.2 for m in ("adam+project_horizontal", "adamp", "path_norm+adam",
+                                "rebalance(adam, every=1)", "teleport(adam, every=10)")},
+    "ln_mlp": {m: 1.2 for m in ("adam+project_horizontal", "adamp", "path_norm+adam",
+                                "rebalance(adam, every=1)", "teleport(adam, every=10)")},
 }
 
 
@@ -98,12 +103,43 @@ class CNN(nnx.Module):
         return self.fc2(nnx.relu(self.fc1(h.reshape(h.shape[0], -1))))
 
 
+class BNCNN(nnx.Module):
+    """The CNN with a BatchNorm (train mode: batch statistics) after each conv."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.conv1 = nnx.Conv(1, 32, (3, 3), use_bias=False, rngs=rngs)
+        self.bn1 = nnx.BatchNorm(32, rngs=rngs)
+        self.conv2 = nnx.Conv(32, 64, (3, 3), use_bias=False, rngs=rngs)
+        self.bn2 = nnx.BatchNorm(64, rngs=rngs)
+        self.fc1 = nnx.Linear(7 * 7 * 64, 128, rngs=rngs)
+        self.fc2 = nnx.Linear(128, 10, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = nnx.max_pool(nnx.relu(self.bn1(self.conv1(x))), (2, 2), (2, 2))
+        h = nnx.max_pool(nnx.relu(self.bn2(self.conv2(h))), (2, 2), (2, 2))
+        return self.fc2(nnx.relu(self.fc1(h.reshape(h.shape[0], -1))))
+
+
+def ln_mlp(seed: int = 0) -> nnx.Sequential:
+    """784-512-LayerNorm-ReLU-512-LayerNorm-ReLU-10."""
+    rngs = nnx.Rngs(seed)
+    return nnx.Sequential(
+        nnx.Linear(784, 512, rngs=rngs), nnx.LayerNorm(512, rngs=rngs), nnx.relu,
+        nnx.Linear(512, 512, rngs=rngs), nnx.LayerNorm(512, rngs=rngs), nnx.relu,
+        nnx.Linear(512, 10, rngs=rngs),
+    )
+
+
 POPULATION_TARGET = 1.5
 
 MODELS = {
     "mlp": ("MLP 784-512-512-10 (ReLU), batch 256, softmax CE, float32", (256, 784)),
     "cnn": ("CNN 28x28x1-conv32-pool-conv64-pool-128-10 (ReLU), batch 256, softmax CE, "
             "float32", (256, 28, 28, 1)),
+    "bn_cnn": ("CNN 28x28x1-conv32-BN-pool-conv64-BN-pool-128-10 (ReLU, BatchNorm in train "
+               "mode), batch 256, softmax CE, float32", (256, 28, 28, 1)),
+    "ln_mlp": ("MLP 784-512-LN-512-LN-10 (LayerNorm, ReLU), batch 256, softmax CE, float32",
+               (256, 784)),
     "population": ("periodic wrappers in a vmapped population (100 steps per call)", None),
     "revive": ("revive_dead_units with its defaults, 3-piece maxout, whole runs of both "
                "population drivers", None),
@@ -332,13 +368,20 @@ def methods(sym: qo.Symmetry, lr: float = 1e-3) -> dict[str, tuple[Callable[[], 
         c = CASES_BY_NAME[name]
         return (lambda: c.build(sym, lr=lr, **options)), c.needs_value_fn
 
-    return {
+    out = {
         "adam": ((lambda: optax.adam(lr)), False),
         "adam+project_horizontal": case("project_horizontal"),
         "path_norm+adam": case("scale_by_path_norm"),
         "rebalance(adam, every=1)": case("rebalance", every=1),
         "teleport(adam, every=10)": case("teleport", every=10, steps=10),
     }
+    if sym.factors:
+        out["adamp"] = ((lambda: qo.adamp(lr, sym)), False)
+    return out
+
+
+BUILDERS = {"mlp": mlp, "cnn": lambda seed: CNN(nnx.Rngs(seed)),
+            "bn_cnn": lambda seed: BNCNN(nnx.Rngs(seed)), "ln_mlp": ln_mlp}
 
 
 def make_step(apply, tx, x, y, needs_value_fn: bool):
@@ -357,11 +400,11 @@ def make_step(apply, tx, x, y, needs_value_fn: bool):
 
 def run(*, quick: bool, seed: int = 0, model_name: str = "mlp") -> dict:
     title, x_shape = MODELS[model_name]
-    model = mlp(seed) if model_name == "mlp" else CNN(nnx.Rngs(seed))
+    model = BUILDERS[model_name](seed)
     kx, ky = jax.random.split(jax.random.key(seed))
     x = jax.random.normal(kx, x_shape, jnp.float32)
     y = jax.random.randint(ky, (x_shape[0],), 0, 10)
-    sym = qo.infer_symmetry(model, x[:2])
+    sym = qo.infer_symmetry(model, x[:8])
     apply, params0 = functional(model)
     targets = TARGETS[model_name]
     rounds, per_round, warmup = (20, 3, 3) if quick else (60, 3, 5)
@@ -488,8 +531,8 @@ def plot(results: dict[str, dict], out: str) -> None:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer rounds (CI-sized)")
-    ap.add_argument("--models", default="mlp,cnn,population,revive",
-                    help="comma-separated: mlp, cnn, population, revive")
+    ap.add_argument("--models", default="mlp,cnn,bn_cnn,ln_mlp,population,revive",
+                    help="comma-separated: mlp, cnn, bn_cnn, ln_mlp, population, revive")
     ap.add_argument("--nets", type=int, default=1024, help="population size")
     ap.add_argument("--json", help="write results to this JSON file")
     ap.add_argument("--out", help="write a PNG figure into this directory")

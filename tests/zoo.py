@@ -300,7 +300,7 @@ EXPECT: dict[str, list[tuple[int, int, bool, bool]]] = {
     "nnx_cnn": [(4, 1, True, True), (5, 1, True, True)],
     "nnx_residual": [(4, 1, True, True), (6, 1, True, True), (5, 1, True, True)],
     "nnx_maxout": [(4, 3, True, True), (5, 1, True, True), (3, 1, True, False)],
-    "nnx_layernorm": [(6, 1, True, False)],
+    "nnx_layernorm": [(6, 1, True, True)],  # the rescaling moves LayerNorm's gain and shift
     "eqx_mlp": [(4, 1, True, True), (4, 1, True, True)],
     "eqx_cnn": [(4, 1, True, True)],
     "linen_cnn": [(3, 1, True, True), (5, 1, True, True)],
@@ -332,11 +332,12 @@ FACTOR_EXPECT: dict[str, list[tuple[str, str, int, int]]] = {
 #: train-mode nnx models (not in ``NAMES``: the transformation battery needs no more of
 #: them; ``tests/test_adapters.py`` checks them). Dropout keeps the rescalings (a mask
 #: times ``1/keep`` is positively homogeneous) but not the permutations (the mask stays);
-#: the BatchNorm group is permutable only (normalization scale invariance is issue 18);
-#: nothing is followed into the RNN's scan.
+#: the BatchNorm group's rescaling moves BatchNorm's gain and shift (its conv kernel is
+#: scale-invariant: a ``NormScale`` factor, see ``tests/test_kinds.py``); nothing is
+#: followed into the RNN's scan.
 TRAIN_EXPECT: dict[str, list[tuple[int, int, bool, bool]]] = {
     "nnx_dropout_train": [(6, 1, False, True), (5, 1, False, True)],
-    "nnx_batchnorm_train": [(4, 1, True, False), (5, 1, True, True)],
+    "nnx_batchnorm_train": [(4, 1, True, True), (5, 1, True, True)],
     "nnx_rnn": [],
 }
 TRAIN_NAMES = tuple(TRAIN_EXPECT)

@@ -197,6 +197,18 @@ def infer_symmetry(
     and at random parameters and inputs, and any move that changes the
     output is removed.
 
+    With ``check``, inference then looks for symmetry factors of the other
+    registered kinds (``Symmetry.factors``, see :mod:`quotient_opt.symmetry`'s
+    :class:`~quotient_opt.symmetry.Kind`): the weights feeding a normalization
+    (:class:`~quotient_opt.symmetry.NormScale`; BatchNorm in train mode per
+    channel, LayerNorm/RMSNorm per vector, GroupNorm per group) and the sign
+    flips of units behind odd activations
+    (:class:`~quotient_opt.symmetry.SignFlip`). Each kind proposes candidates
+    on the traced groups and only those that keep the function at the given and
+    at random parameters and inputs are kept; a group whose rescaling the
+    normalization removed gets it back on the normalization's gain and shift
+    where a homogeneous activation follows.
+
     Supported models and their parameters (the pytree the symmetry acts on):
 
     * any ``flax.nnx.Module``: ``nnx.state(model, nnx.Param)``, in eval or
