@@ -319,3 +319,16 @@ def test_restrict_drops_a_factor_whose_leaf_is_masked():
     assert not sub.factors and len(sub.dropped_factors) == 1
     assert "factors dropped on this subtree" in sub.describe()
     assert leaves  # the tree had the leaf
+
+
+def test_check_verifies_factors_and_names_a_wrong_one():
+    m = _model("eqx_ln_mlp", jnp.float64)
+    p, x = m.params(0), m.inputs(0)
+    m.sym.check(m.apply, p, x)
+    # l1 feeds a ReLU, not a normalization: claiming it scale-invariant is caught
+    (f,) = m.sym.factors
+    l1 = [r for g in m.sym.groups if g.name == "l1" for r in g.incoming]
+    wrong = dataclasses.replace(m.sym, factors=(dataclasses.replace(f, name="l1", units=6,
+                                                                    refs=tuple(l1)),))
+    with pytest.raises(ValueError, match="factor 'l1' \\(norm_scale\\) is not a symmetry"):
+        wrong.check(m.apply, p, x)

@@ -170,3 +170,31 @@ def check(sym: Symmetry, apply_fn: Callable[[PyTree, Any], Any], params: PyTree,
                 f"group '{grp.name}' is not a symmetry of this function: {what} "
                 f"(relative to the output scale; tolerance {tol:g}){where}"
             )
+    _check_factors(sym, apply_fn, params, x, tol, seed, options.get("trials", 2))
+
+
+def _check_factors(sym: Symmetry, apply_fn: Callable, params: PyTree, x: Any, tol: float,
+                   seed: int, trials: int) -> None:
+    """Every factor of another kind: random elements keep the function (its kind's
+    tolerance), at the given and at random parameters."""
+    if not sym.factors:
+        return
+    from quotient_opt.symmetry import _kinds
+
+    rng = np.random.default_rng(seed + 3)
+    f = jax.jit(apply_fn)
+    dtype = jnp.float64 if tolerance(params) < 1e-6 else jnp.float32
+    for p in check_points(params, seed):
+        y0 = f(p, x)
+        scale = output_scale(y0)
+        for rec in sym.factors:
+            kind = _kinds.kind_of(rec)
+            for _ in range(trials):
+                h = kind.sample(rec, rng, 1.0, dtype)
+                err = difference(f(_kinds.act(sym, p, (h,), factors=(rec,)), x), y0) / scale
+                limit = kind.check_tolerance(tol)
+                if not err <= limit:
+                    raise ValueError(
+                        f"factor '{rec.name}' ({rec.kind}) is not a symmetry of this function: "
+                        f"a random element changes it by {err:.3g} (relative to the output "
+                        f"scale; tolerance {limit:g})")
