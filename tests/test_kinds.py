@@ -332,3 +332,19 @@ def test_check_verifies_factors_and_names_a_wrong_one():
                                                                     refs=tuple(l1)),))
     with pytest.raises(ValueError, match="factor 'l1' \\(norm_scale\\) is not a symmetry"):
         wrong.check(m.apply, p, x)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_symmetrize_quotients_sign_flips(dtype):
+    m = _model("rms_mlp", dtype)
+    rng = np.random.default_rng(7)
+    p, x = m.params(1), m.inputs(1)
+    g = zoo.random_element(m.sym, rng, 1.0, dtype)
+    flips = _kinds.discrete(m.sym)
+    h = tuple(_kinds.kind_of(f).sample(f, rng, 1.0, dtype) for f in flips)
+    moved = _kinds.act(m.sym, m.sym.act(p, g), h, factors=flips)
+    a, b = qo.landscape.symmetrize(m.sym, p), qo.landscape.symmetrize(m.sym, moved)
+    assert _tree_rel(a, b) <= 1e3 * _tol(dtype)
+    assert _rel(m.apply(a, x), m.apply(p, x)) <= 10 * _tol(dtype)
+    assert len(flips) == 1
+    assert np.all(np.sum(np.asarray(a["w1"]), axis=0) >= 0)  # the section: no bias, summed weights

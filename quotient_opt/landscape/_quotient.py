@@ -22,6 +22,7 @@ import jax.numpy as jnp
 
 from quotient_opt.landscape._assignment import auction_assignment, exact_assignment
 from quotient_opt.landscape._common import PyTree, check_floating, check_same_tree, flatten
+from quotient_opt.symmetry import _kinds
 from quotient_opt.symmetry import _views as views
 from quotient_opt.symmetry._canonical import (
     canonical_log_scales,
@@ -67,7 +68,10 @@ def symmetrize(sym: Symmetry, params: PyTree, **canonicalize_kwargs: Any) -> PyT
     which for a trained network means dead units whose incoming parameters
     are all exactly zero (their key is 0, and their scale is left at 1, so
     their outgoing weights are not canonical either), and keys closer than
-    rounding. jit- and vmap-safe.
+    rounding. Sign flips of odd units (:class:`~quotient_opt.symmetry.SignFlip`
+    factors) are quotiented out last, by their section (each unit's bias, or
+    its summed incoming weights, made non-negative; sorting keys are
+    sign-invariant). jit- and vmap-safe.
 
     Args:
       sym: the symmetry.
@@ -89,9 +93,12 @@ def symmetrize(sym: Symmetry, params: PyTree, **canonicalize_kwargs: Any) -> PyT
 
 @functools.partial(jax.jit, static_argnames=("sym",))
 def _rescale_and_sort(sym: Symmetry, params: PyTree, s: tuple[jax.Array, ...]) -> PyTree:
-    """``canonicalize(permutations=True)`` after its solve, compiled once (eager calls)."""
+    """``canonicalize(permutations=True)`` after its solve, compiled once (eager calls),
+    then the section of every discrete factor (sign flips: each unit's bias made
+    non-negative)."""
     out = sym.rescale(params, s)
-    return sym.act(out, sort_permutation(sym, out), power=0)
+    out = sym.act(out, sort_permutation(sym, out), power=0)
+    return _kinds.canonical(sym, out, factors=_kinds.discrete(sym))
 
 
 # --------------------------------------------------------------------------- distance

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from quotient_opt.symmetry._adapters import adapt
-from quotient_opt.symmetry import _kinds, _norm_scale, _sign_flip  # noqa: F401 - registered kinds
+from quotient_opt.symmetry import _kinds
 from quotient_opt.symmetry._check import (
     check_points,
     concrete,
@@ -145,9 +145,9 @@ class _Probe:
 def _find_factors(sym: Symmetry, probe: _Probe, log_scale: float) -> Symmetry:
     """Tests every registered kind's candidates on every traced group; keeps what holds.
 
-    A normalization scale invariance found on a group whose rescaling was lost to the
-    normalization re-anchors that rescaling at the normalization's gain and shift
-    (:func:`~quotient_opt.symmetry._norm_scale.reanchor`), where that holds.
+    A kind may then replace the group (:meth:`~quotient_opt.symmetry.Kind.regroup`: a
+    normalization scale invariance moves a rescaling the normalization removed to its
+    gain and shift), where the new group's rescaling holds.
     """
     shapes = dict(sym.shapes)
     factors: list[Any] = []
@@ -159,7 +159,7 @@ def _find_factors(sym: Symmetry, probe: _Probe, log_scale: float) -> Symmetry:
                     continue
                 rec = next((r for r in kind.refinements(rec) if probe.holds(sym, r)), rec)
                 factors.append(rec)
-                again = _norm_scale.reanchor(grp, rec) if grp in groups else None
+                again = kind.regroup(grp, rec) if grp in groups else None
                 if again is not None and probe.rescaling_holds(sym, again, log_scale):
                     groups[groups.index(grp)] = again
                 break

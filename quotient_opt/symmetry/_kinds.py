@@ -113,6 +113,12 @@ class Kind:
         """Finer records to try once ``rec`` holds (the first that holds replaces it)."""
         return []
 
+    def regroup(self, grp: UnitGroup, rec: Any) -> UnitGroup | None:
+        """A replacement for the unit group ``grp`` now that ``rec`` holds on it (e.g. a
+        rescaling moved to where the factor leaves it), or ``None``; inference keeps it
+        only if its rescaling passes the numerical check."""
+        return None
+
     def check_tolerance(self, tol: float) -> float:
         """The tolerance of the numerical check, given the exact symmetries' ``tol``."""
         return tol
@@ -215,6 +221,11 @@ def act(sym: Symmetry, params: PyTree, h: Sequence[jax.Array], *, power: int = 1
 def continuous(sym: Symmetry) -> tuple[Any, ...]:
     """The factors with a Lie algebra on the parameters."""
     return tuple(f for f in sym.factors if kind_of(f).continuous and kind_of(f).dim(f) > 0)
+
+
+def discrete(sym: Symmetry) -> tuple[Any, ...]:
+    """The factors without a Lie algebra (finite groups: sign flips)."""
+    return tuple(f for f in sym.factors if not kind_of(f).continuous)
 
 
 def tangent(sym: Symmetry, params: PyTree, a: Sequence[jax.Array], *,

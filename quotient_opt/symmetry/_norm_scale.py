@@ -182,6 +182,9 @@ class NormScaleKind(Kind):
         divs = [d for d in range(rec.units, 1, -1) if rec.units % d == 0]
         return [dataclasses.replace(rec, blocks=d) for d in divs]
 
+    def regroup(self, grp: UnitGroup, rec: NormScale) -> UnitGroup | None:
+        return reanchor(grp, rec)
+
     def check_tolerance(self, tol: float) -> float:
         # exact up to the normalization's stabilizer: eps / variance, ~1e-5 relative
         return max(tol, _EPS_TOL)
