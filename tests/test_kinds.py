@@ -26,6 +26,9 @@ from quotient_opt.symmetry import _kinds
 
 import zoo
 
+# flax keeps BatchNorm's running statistics in float32, and warns when float64 meets them
+pytestmark = pytest.mark.filterwarnings("ignore:scatter inputs have incompatible types")
+
 NAMES = zoo.NORM_NAMES + ("nnx_maxout",)
 DTYPES = (jnp.float32, jnp.float64)
 CASES = [(n, d) for n in NAMES for d in DTYPES]
@@ -348,3 +351,32 @@ def test_symmetrize_quotients_sign_flips(dtype):
     assert _rel(m.apply(a, x), m.apply(p, x)) <= 10 * _tol(dtype)
     assert len(flips) == 1
     assert np.all(np.sum(np.asarray(a["w1"]), axis=0) >= 0)  # the section: no bias, summed weights
+
+
+def test_keep_norms_holds_every_invariant_block_on_its_sphere():
+    m = _model("nnx_bn_resblock", jnp.float64)
+    p, x = m.params(2), m.inputs(2)
+    facs = [f for f in m.sym.factors if f.kind == "norm_scale"]
+
+    def norms(q):
+        leaves = _leaf_dict(q)
+        return [np.sqrt(np.asarray(_kinds.kind_of(f).gram_diagonal(
+            f, {r.path: leaves[r.path] for r in f.refs}))) for f in facs]
+
+    start = norms(p)
+    tx = optax.chain(optax.adam(3e-2), qo.project_horizontal(m.sym), qo.keep_norms(m.sym))
+    free = optax.chain(optax.adam(3e-2), qo.project_horizontal(m.sym))
+    loss = jax.jit(lambda q: jnp.sum(m.apply(q, x) ** 2))
+    grad = jax.jit(jax.grad(lambda q: jnp.sum(m.apply(q, x) ** 2)))
+    q, s, r, t = p, tx.init(p), p, free.init(p)
+    for _ in range(20):
+        u, s = tx.update(grad(q), s, q)
+        q = optax.apply_updates(q, u)
+        v, t = free.update(grad(r), t, r)
+        r = optax.apply_updates(r, v)
+    for a, b in zip(norms(q), start):
+        np.testing.assert_allclose(a, b, rtol=1e-12)
+    grown = max(float(np.max(a / b)) for a, b in zip(norms(r), start))
+    assert grown > 1 + 1e-4  # without it the blocks grow (second order in the step)
+    assert float(loss(q)) < float(loss(p))
+    assert "jump" in repr(qo.transforms._order.mark_of(qo.keep_norms(m.sym)).roles)

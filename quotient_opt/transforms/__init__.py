@@ -15,6 +15,7 @@ from quotient_opt.transforms._order import (
 )
 from quotient_opt.transforms._projection import horizontal_component, project_horizontal
 from quotient_opt.transforms._rebalance import RebalanceState, rebalance
+from quotient_opt.transforms._sphere import KeepNormsState, keep_norms
 from quotient_opt.transforms._revive import ReviveDeadUnitsState, revive_dead_units
 from quotient_opt.transforms._teleport import TeleportState, teleport, teleport_log_scales
 from quotient_opt.transforms._transport import (
@@ -40,6 +41,8 @@ __all__ = [
     "check_chain",
     "check_transportable",
     "horizontal_component",
+    "keep_norms",
+    "KeepNormsState",
     "map_state",
     "measure_laws",
     "path_norm_curvature",
