@@ -89,34 +89,22 @@ TARGETS = {
 
 class CNN(nnx.Module):
     """28×28×1 → conv 3×3 (32) → ReLU → max-pool 2 → conv 3×3 (64) → ReLU → max-pool 2 →
-    dense 128 → ReLU → 10."""
+    dense 128 → ReLU → 10; with ``batch_norm``, a BatchNorm (train mode: batch statistics)
+    after each bias-free conv."""
 
-    def __init__(self, rngs: nnx.Rngs):
-        self.conv1 = nnx.Conv(1, 32, (3, 3), rngs=rngs)
-        self.conv2 = nnx.Conv(32, 64, (3, 3), rngs=rngs)
+    def __init__(self, rngs: nnx.Rngs, batch_norm: bool = False):
+        self.conv1 = nnx.Conv(1, 32, (3, 3), use_bias=not batch_norm, rngs=rngs)
+        self.conv2 = nnx.Conv(32, 64, (3, 3), use_bias=not batch_norm, rngs=rngs)
+        self.bn1 = nnx.BatchNorm(32, rngs=rngs) if batch_norm else None
+        self.bn2 = nnx.BatchNorm(64, rngs=rngs) if batch_norm else None
         self.fc1 = nnx.Linear(7 * 7 * 64, 128, rngs=rngs)
         self.fc2 = nnx.Linear(128, 10, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = nnx.max_pool(nnx.relu(self.conv1(x)), (2, 2), (2, 2))
-        h = nnx.max_pool(nnx.relu(self.conv2(h)), (2, 2), (2, 2))
-        return self.fc2(nnx.relu(self.fc1(h.reshape(h.shape[0], -1))))
-
-
-class BNCNN(nnx.Module):
-    """The CNN with a BatchNorm (train mode: batch statistics) after each conv."""
-
-    def __init__(self, rngs: nnx.Rngs):
-        self.conv1 = nnx.Conv(1, 32, (3, 3), use_bias=False, rngs=rngs)
-        self.bn1 = nnx.BatchNorm(32, rngs=rngs)
-        self.conv2 = nnx.Conv(32, 64, (3, 3), use_bias=False, rngs=rngs)
-        self.bn2 = nnx.BatchNorm(64, rngs=rngs)
-        self.fc1 = nnx.Linear(7 * 7 * 64, 128, rngs=rngs)
-        self.fc2 = nnx.Linear(128, 10, rngs=rngs)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        h = nnx.max_pool(nnx.relu(self.bn1(self.conv1(x))), (2, 2), (2, 2))
-        h = nnx.max_pool(nnx.relu(self.bn2(self.conv2(h))), (2, 2), (2, 2))
+        h = x
+        for conv, bn in ((self.conv1, self.bn1), (self.conv2, self.bn2)):
+            h = conv(h)
+            h = nnx.max_pool(nnx.relu(h if bn is None else bn(h)), (2, 2), (2, 2))
         return self.fc2(nnx.relu(self.fc1(h.reshape(h.shape[0], -1))))
 
 
@@ -381,7 +369,7 @@ def methods(sym: qo.Symmetry, lr: float = 1e-3) -> dict[str, tuple[Callable[[], 
 
 
 BUILDERS = {"mlp": mlp, "cnn": lambda seed: CNN(nnx.Rngs(seed)),
-            "bn_cnn": lambda seed: BNCNN(nnx.Rngs(seed)), "ln_mlp": ln_mlp}
+            "bn_cnn": lambda seed: CNN(nnx.Rngs(seed), batch_norm=True), "ln_mlp": ln_mlp}
 
 
 def make_step(apply, tx, x, y, needs_value_fn: bool):

@@ -143,7 +143,8 @@ class _Probe:
 
 
 def _find_factors(sym: Symmetry, probe: _Probe, log_scale: float) -> Symmetry:
-    """Tests every registered kind's candidates on every traced group; keeps what holds.
+    """Tests every registered kind's candidates on every traced group, in the kind's
+    order; keeps each that holds and shares no entry with one kept before.
 
     A kind may then replace the group (:meth:`~quotient_opt.symmetry.Kind.regroup`: a
     normalization scale invariance moves a rescaling the normalization removed to its
@@ -154,15 +155,18 @@ def _find_factors(sym: Symmetry, probe: _Probe, log_scale: float) -> Symmetry:
     groups = list(sym.groups)
     for grp in sym.groups + sym.dropped:
         for kind in _kinds.KINDS.values():
+            kept: list[Any] = []
+            taken: set[tuple] = set()
             for rec in kind.candidates(grp, shapes):
-                if not probe.holds(sym, rec):
+                keys = {(r.path, r.axis) for r in rec.refs}
+                if keys & taken or not probe.holds(sym, rec):
                     continue
-                rec = next((r for r in kind.refinements(rec) if probe.holds(sym, r)), rec)
-                factors.append(rec)
-                again = kind.regroup(grp, rec) if grp in groups else None
-                if again is not None and probe.rescaling_holds(sym, again, log_scale):
-                    groups[groups.index(grp)] = again
-                break
+                kept.append(next((r for r in kind.refinements(rec) if probe.holds(sym, r)), rec))
+                taken |= keys
+            factors += kept
+            again = kind.regroup(grp, kept) if kept and grp in groups else None
+            if again is not None and probe.rescaling_holds(sym, again, log_scale):
+                groups[groups.index(grp)] = again
     return dataclasses.replace(sym, groups=tuple(groups), factors=tuple(factors))
 
 

@@ -105,16 +105,16 @@ class Kind:
         return -degree
 
     def candidates(self, grp: UnitGroup, shapes: dict[Path, tuple[int, ...]]) -> list[Any]:
-        """Records to test on a traced unit group, in order (inference keeps the first
-        that holds)."""
+        """Records to test on a traced unit group, finest first (inference keeps each
+        that holds and shares no entry with one kept before)."""
         return []
 
     def refinements(self, rec: Any) -> list[Any]:
         """Finer records to try once ``rec`` holds (the first that holds replaces it)."""
         return []
 
-    def regroup(self, grp: UnitGroup, rec: Any) -> UnitGroup | None:
-        """A replacement for the unit group ``grp`` now that ``rec`` holds on it (e.g. a
+    def regroup(self, grp: UnitGroup, recs: list[Any]) -> UnitGroup | None:
+        """A replacement for the unit group ``grp`` now that ``recs`` hold on it (e.g. a
         rescaling moved to where the factor leaves it), or ``None``; inference keeps it
         only if its rescaling passes the numerical check."""
         return None

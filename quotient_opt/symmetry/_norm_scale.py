@@ -160,30 +160,36 @@ class NormScaleKind(Kind):
         return jnp.where(ok, jnp.log(rec.radius) - 0.5 * jnp.log(jnp.where(ok, sq, 1.0)), 0.0)
 
     def candidates(self, grp: UnitGroup, shapes: dict) -> list[NormScale]:
-        # every producing kernel together, then each alone (a residual stream merges a
-        # normalized branch with other writers), each with subsets of the biases (a bias
-        # added after the normalization is not invariant): most biases first
+        # each producing kernel alone with or without its own layer's bias (a residual
+        # stream merges several normalized branches), then every kernel together with
+        # subsets of the biases (a stream normalized as a whole, as by a pre-LN reader;
+        # a bias added after the normalization, its beta, is not invariant)
         kernels = tuple(r for r in grp.incoming if r.role != "bias")
         biases = tuple(r for r in grp.incoming if r.role == "bias")
         if not kernels:
             return []
-        kernel_sets = [kernels] + ([(k,) for k in kernels] if len(kernels) > 1 else [])
+        sets = []
+        if len(kernels) > 1:
+            for k in kernels:
+                own = tuple(b for b in biases if b.path[:-1] == k.path[:-1])
+                sets += [(k, *own), (k,)] if own else [(k,)]
         if len(biases) <= 4:
-            bias_sets = [sub for k in range(len(biases), -1, -1)
-                         for sub in itertools.combinations(biases, k)]
+            subsets = [sub for n in range(len(biases), -1, -1)
+                       for sub in itertools.combinations(biases, n)]
         else:
-            bias_sets = [biases, ()] + [(b,) for b in biases]
-        return [NormScale(_layers(ks) or grp.name, grp.units, 1,
-                          tuple(dataclasses.replace(r, power=1) for r in ks + bs))
-                for ks in kernel_sets for bs in bias_sets]
+            subsets = [biases, ()] + [(b,) for b in biases]
+        sets += [kernels + sub for sub in subsets]
+        return [NormScale(_layers(refs) or grp.name, grp.units, 1,
+                          tuple(dataclasses.replace(r, power=1) for r in refs))
+                for refs in sets]
 
     def refinements(self, rec: NormScale) -> list[NormScale]:
         """Finer blockings of a whole-vector invariance, finest first."""
         divs = [d for d in range(rec.units, 1, -1) if rec.units % d == 0]
         return [dataclasses.replace(rec, blocks=d) for d in divs]
 
-    def regroup(self, grp: UnitGroup, rec: NormScale) -> UnitGroup | None:
-        return reanchor(grp, rec)
+    def regroup(self, grp: UnitGroup, recs: list[NormScale]) -> UnitGroup | None:
+        return reanchor(grp, recs)
 
     def check_tolerance(self, tol: float) -> float:
         # exact up to the normalization's stabilizer: eps / variance, ~1e-5 relative
@@ -197,19 +203,19 @@ class NormScaleKind(Kind):
 _EPS_TOL = 1e-3
 
 
-def reanchor(grp: UnitGroup, rec: NormScale) -> UnitGroup | None:
+def reanchor(grp: UnitGroup, recs: list[NormScale]) -> UnitGroup | None:
     """The compensated rescaling a normalization leaves to its gain and shift.
 
     Behind a normalization :math:`\\gamma \\hat z + \\beta` followed by a
     positively homogeneous activation, :math:`(\\gamma, \\beta) \\times c` and the
     reading kernel's rows :math:`\\times 1/c` keep the function; the producing
-    entries (``rec``'s, scale-invariant anyway) are left alone (``power=0``).
+    entries (``recs``', scale-invariant anyway) are left alone (``power=0``).
     ``None`` when the group keeps its own rescaling or has no gain or shift.
     Inference verifies the result numerically before it replaces ``grp``.
     """
     if grp.rescalable or not grp.outgoing:
         return None
-    pre = {(r.path, r.axis) for r in rec.refs}
+    pre = {(r.path, r.axis) for rec in recs for r in rec.refs}
     after = [r for r in grp.refs if r.level == "unit" and (r.path, r.axis) not in pre
              and (r.role == "scale" or (r.role == "bias" and r.power > 0))]
     if not after:
