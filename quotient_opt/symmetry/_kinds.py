@@ -21,8 +21,6 @@ A kind implements, for one record acting on the leaves it names
   :math:`J^\\top v` (adjoint of each other);
 * a *section* :meth:`Kind.section`: the canonical representative of an orbit
   (idempotent, and the same for every point of an orbit);
-* the law of an optimizer-state field of degree ``d`` in the gradient
-  (:meth:`Kind.state_power`), so that state transport asks the kind;
 * :meth:`Kind.candidates`: the records inference should test on a traced unit
   group (each is verified numerically before it is kept).
 
@@ -99,10 +97,6 @@ class Kind:
     def section(self, rec: Any, leaves: Leaves) -> jax.Array:
         """The element taking ``leaves`` to the canonical point of their orbit."""
         raise NotImplementedError
-
-    def state_power(self, rec: Any, degree: int) -> int:
-        """How a state field of ``degree`` in the gradient transforms (``power`` of :meth:`act`)."""
-        return -degree
 
     def candidates(self, grp: UnitGroup, shapes: dict[Path, tuple[int, ...]]) -> list[Any]:
         """Records to test on a traced unit group, finest first (inference keeps each

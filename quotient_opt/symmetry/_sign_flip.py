@@ -92,9 +92,6 @@ class SignFlipKind(Kind):
         piv = sum(views.sums(leaves[r.path], r, rec.units) for r in pivots)
         return jnp.where(piv < 0, -1.0, 1.0).astype(piv.dtype)
 
-    def state_power(self, rec: SignFlip, degree: int) -> int:
-        return -degree
-
     def candidates(self, grp: UnitGroup, shapes: dict) -> list[SignFlip]:
         if grp.pieces != 1 or any(a in grp.activation for a in _NOT_ODD):
             return []
