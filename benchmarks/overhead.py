@@ -399,7 +399,11 @@ def run(*, quick: bool, seed: int = 0, model_name: str = "mlp") -> dict:
     runners = {}
     status = {}
     for name, (factory, needs_value_fn) in methods(sym).items():
-        tx = factory()
+        try:
+            tx = factory()
+        except ValueError as e:  # e.g. the path norm of a normalized network is not defined
+            status[name] = f"not applicable: {str(e).splitlines()[0][:160]}"
+            continue
         step = make_step(apply, tx, x, y, needs_value_fn=needs_value_fn)
         state = tx.init(params0)
         params = params0
