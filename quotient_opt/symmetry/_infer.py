@@ -24,10 +24,9 @@ from quotient_opt.symmetry import _kinds
 from quotient_opt.symmetry._check import (
     check_points,
     concrete,
-    difference,
+    factor_error,
     group_errors,
     moves,
-    output_scale,
     tolerance,
 )
 from quotient_opt.symmetry._paths import normalize_path
@@ -122,16 +121,10 @@ class _Probe:
 
     def holds(self, sym: Symmetry, rec: Any, *, trials: int = 2, bound: float = 0.5) -> bool:
         """Whether random elements of the factor ``rec`` keep the function everywhere."""
-        kind = _kinds.kind_of(rec)
-        tol = kind.check_tolerance(self.tol)
-        for p, xx, y0 in self.points:
-            scale = output_scale(y0)
-            for _ in range(trials):
-                h = kind.sample(rec, self.rng, bound, self.dtype)
-                y = self.f(_kinds.act(sym, p, (h,), factors=(rec,)), xx)
-                if not difference(y, y0) / scale <= tol:
-                    return False
-        return True
+        tol = _kinds.kind_of(rec).check_tolerance(self.tol)
+        return all(factor_error(sym, self.f, p, xx, y0, rec, self.rng, trials=trials,
+                                bound=bound, dtype=self.dtype) <= tol
+                   for p, xx, y0 in self.points)
 
     def rescaling_holds(self, sym: Symmetry, grp: Any, log_scale: float) -> bool:
         trial = dataclasses.replace(sym, groups=(grp,), factors=())
