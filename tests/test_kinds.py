@@ -380,3 +380,83 @@ def test_keep_norms_holds_every_invariant_block_on_its_sphere():
     assert grown > 1 + 1e-4  # without it the blocks grow (second order in the step)
     assert float(loss(q)) < float(loss(p))
     assert "jump" in repr(qo.transforms._order.mark_of(qo.keep_norms(m.sym)).roles)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Shift:
+    """A user's record: adding one constant to every logit bias (softmax is invariant)."""
+
+    name: str
+    refs: tuple
+    kind: str = "test_logit_shift"
+
+    def describe(self):
+        return f"{self.name}: logit shift"
+
+
+class _ShiftKind(qo.symmetry.Kind):
+    def dim(self, rec):
+        return 1
+
+    def identity(self, rec, dtype):
+        return jnp.zeros((1,), dtype)
+
+    def sample(self, rec, rng, bound, dtype):
+        return jnp.asarray(rng.uniform(-bound, bound, 1), dtype)
+
+    def compose(self, rec, first, second):
+        return first + second
+
+    def inverse(self, rec, h):
+        return -h
+
+    def act(self, rec, leaves, h, power):
+        (r,) = rec.refs  # a translation moves parameters; covectors do not change
+        return {r.path: leaves[r.path] + h[0]} if power == 1 else {}
+
+    def tangent(self, rec, leaves, a):
+        (r,) = rec.refs
+        return {r.path: jnp.full_like(leaves[r.path], a[0])}
+
+    def cotangent(self, rec, leaves, v):
+        (r,) = rec.refs
+        return jnp.sum(v[r.path]).reshape(1)
+
+    def gram_diagonal(self, rec, leaves):
+        (r,) = rec.refs
+        return jnp.full((1,), leaves[r.path].size, leaves[r.path].dtype)
+
+    def section(self, rec, leaves):
+        (r,) = rec.refs
+        return -jnp.mean(leaves[r.path]).reshape(1)
+
+    def describe(self, rec):
+        return rec.describe()
+
+
+def test_a_user_registered_kind_is_checked_projected_and_sectioned():
+    qo.symmetry.register_kind("test_logit_shift", _ShiftKind())
+    try:
+        rng = np.random.default_rng(0)
+        params = {"w": jnp.asarray(rng.normal(size=(3, 4))), "b": jnp.asarray(rng.normal(size=4))}
+        x = jnp.asarray(rng.normal(size=(5, 3)))
+        apply = lambda p, x: jax.nn.softmax(x @ p["w"] + p["b"])  # noqa: E731
+        ref = qo.AxisRef(("b",), 0, role="bias")
+        sym = qo.Symmetry(groups=(), shapes=((("b",), (4,)), (("w",), (3, 4))),
+                          factors=(_Shift("b", (ref,)),))
+        sym.check(apply, params, x)
+        assert "b: logit shift" in sym.describe()
+        g = jax.grad(lambda p: jnp.sum(jnp.log(apply(p, x)[:, 0])))(params)
+        assert abs(float(jnp.sum(g["b"]))) < 1e-12  # the gradient is horizontal already
+        tx = optax.chain(optax.adam(1e-2), qo.project_horizontal(sym))
+        u, _ = tx.update(g, tx.init(params), params)
+        assert abs(float(jnp.sum(u["b"]))) < 1e-12
+        assert abs(float(jnp.sum(optax.adam(1e-2).update(g, optax.adam(1e-2).init(params))[0]["b"]))) > 1e-6
+        c = _kinds.canonical(sym, params)
+        assert abs(float(jnp.mean(c["b"]))) < 1e-12
+        np.testing.assert_allclose(apply(c, x), apply(params, x), rtol=1e-12)
+        logits = lambda p, x: x @ p["w"] + p["b"]  # noqa: E731 - no softmax: no symmetry
+        with pytest.raises(ValueError, match="factor 'b' \\(test_logit_shift\\) is not a symm"):
+            sym.check(logits, params, x)
+    finally:
+        _kinds.KINDS.pop("test_logit_shift", None)
