@@ -353,6 +353,7 @@ def test_symmetrize_quotients_sign_flips(dtype):
     assert np.all(np.sum(np.asarray(a["w1"]), axis=0) >= 0)  # the section: no bias, summed weights
 
 
+@pytest.mark.slow  # ~35 worker-seconds (compiling the BatchNorm ResNet block's runs)
 def test_keep_norms_holds_every_invariant_block_on_its_sphere():
     m = _model("nnx_bn_resblock", jnp.float64)
     p, x = m.params(2), m.inputs(2)
@@ -368,12 +369,15 @@ def test_keep_norms_holds_every_invariant_block_on_its_sphere():
     free = optax.chain(optax.adam(3e-2), qo.project_horizontal(m.sym))
     loss = jax.jit(lambda q: jnp.sum(m.apply(q, x) ** 2))
     grad = jax.jit(jax.grad(lambda q: jnp.sum(m.apply(q, x) ** 2)))
-    q, s, r, t = p, tx.init(p), p, free.init(p)
-    for _ in range(20):
-        u, s = tx.update(grad(q), s, q)
-        q = optax.apply_updates(q, u)
-        v, t = free.update(grad(r), t, r)
-        r = optax.apply_updates(r, v)
+    def run(opt, q):
+        def body(c, _):
+            q, s = c
+            u, s = opt.update(grad(q), s, q)
+            return (optax.apply_updates(q, u), s), None
+
+        return jax.jit(lambda q: jax.lax.scan(body, (q, opt.init(q)), length=20)[0][0])(q)
+
+    q, r = run(tx, p), run(free, p)
     for a, b in zip(norms(q), start):
         np.testing.assert_allclose(a, b, rtol=1e-12)
     grown = max(float(np.max(a / b)) for a, b in zip(norms(r), start))
