@@ -34,8 +34,7 @@ def transpose(an: Analysis, eqn: Any, ins: list[Info]) -> list[Info]:
     (x,) = ins
     inv = {old: new for new, old in enumerate(perm)}
     if isinstance(x, Param):
-        return [Param(out_shapes[0], x.leaf, tuple(x.axes[o] for o in perm),
-                      tuple(x.starts[o] for o in perm))]
+        return [x.pick(out_shapes[0], perm)]
     if isinstance(x, Opaque):
         return [Opaque(out_shapes[0], x.leaves)]
     labs = tuple(remap(lb, inv) for lb in x.labs)
@@ -78,8 +77,7 @@ def squeeze(an: Analysis, eqn: Any, ins: list[Info]) -> list[Info]:
     keep = [a for a in range(len(x.shape)) if a not in dims]
     mapping = {a: i for i, a in enumerate(keep)}
     if isinstance(x, Param):
-        return [Param(out_shapes[0], x.leaf, tuple(x.axes[a] for a in keep),
-                      tuple(x.starts[a] for a in keep))]
+        return [x.pick(out_shapes[0], keep)]
     if isinstance(x, Opaque):
         return [Opaque(out_shapes[0], x.leaves)]
     labs = []

@@ -73,6 +73,12 @@ class Param:
     axes: tuple[int | None, ...]
     starts: tuple[int, ...]
 
+    def pick(self, shape: tuple[int, ...], order: Sequence[int]) -> Param:
+        """The view whose axis ``i`` is this view's axis ``order[i]`` (a transpose or a
+        squeeze)."""
+        return Param(shape, self.leaf, tuple(self.axes[o] for o in order),
+                     tuple(self.starts[o] for o in order))
+
 
 @dataclasses.dataclass(frozen=True)
 class Opaque:
