@@ -248,6 +248,19 @@ def cotangent(sym: Symmetry, params: PyTree, v: Leaves, *, factors: Sequence[Any
     return tuple(out)
 
 
+def gram_diagonal(sym: Symmetry, params: PyTree, *, factors: Sequence[Any] | None = None,
+                  dtype: Any = None) -> tuple[jax.Array, ...]:
+    """The diagonal of :math:`J_f^\top J_f` of every continuous factor (a preconditioner;
+    for :class:`~quotient_opt.symmetry.NormScale`, each block's squared norm)."""
+    factors = continuous(sym) if factors is None else tuple(factors)
+    leaves = leaves_by_path(params)
+    out = []
+    for f in factors:
+        lv = {p: (x if dtype is None else x.astype(dtype)) for p, x in _leaves(f, leaves).items()}
+        out.append(kind_of(f).gram_diagonal(f, lv))
+    return tuple(out)
+
+
 def section(sym: Symmetry, params: PyTree, *, factors: Sequence[Any] | None = None
             ) -> tuple[jax.Array, ...]:
     """The element taking ``params`` to every factor's canonical representative."""

@@ -62,6 +62,9 @@ from quotient_opt.symmetry._spec import AxisRef, UnitGroup
 
 __all__ = ["NormScale"]
 
+#: the kind's registry name
+NAME = "norm_scale"
+
 
 @dataclasses.dataclass(frozen=True)
 class NormScale:
@@ -83,7 +86,7 @@ class NormScale:
     blocks: int
     refs: tuple[AxisRef, ...]
     radius: float = 1.0
-    kind: str = "norm_scale"
+    kind: str = NAME
 
     @property
     def per_block(self) -> int:
@@ -227,4 +230,4 @@ def reanchor(grp: UnitGroup, recs: list[NormScale]) -> UnitGroup | None:
     return dataclasses.replace(grp, refs=refs, rescalable=True, notes=(note,))
 
 
-register_kind("norm_scale", NormScaleKind())
+register_kind(NAME, NormScaleKind())

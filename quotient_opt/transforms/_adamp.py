@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import optax
 
 from quotient_opt import _validate as validate
+from quotient_opt.symmetry._norm_scale import NAME as NORM_SCALE
 from quotient_opt.symmetry._paths import map_with_path
 from quotient_opt.symmetry._spec import Symmetry
 from quotient_opt.symmetry import _views as views
@@ -48,7 +49,6 @@ PyTree = Any
 
 __all__ = ["adamp", "add_decayed_weights", "normalized_mask", "sgdp"]
 
-NORM_SCALE = "norm_scale"
 
 
 def _entry_masks(sym: Symmetry, params: PyTree) -> dict:
@@ -134,6 +134,15 @@ def add_decayed_weights(
     return stateless_with_params(sym, "qo.add_decayed_weights", decay)
 
 
+def _finish(parts: list, sym: Symmetry, learning_rate: optax.ScalarOrSchedule,
+            weight_decay: jax.typing.ArrayLike, wd_ratio: jax.typing.ArrayLike
+            ) -> optax.GradientTransformationExtraArgs:
+    """``parts``, then the decoupled decay (unless zero), then the learning rate."""
+    if not (isinstance(weight_decay, (int, float)) and weight_decay == 0):
+        parts = [*parts, add_decayed_weights(weight_decay, sym, normalized_ratio=wd_ratio)]
+    return optax.chain(*parts, optax.scale_by_learning_rate(learning_rate))
+
+
 def adamp(
     learning_rate: optax.ScalarOrSchedule,
     sym: Symmetry,
@@ -172,10 +181,7 @@ def adamp(
     """
     parts = [optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
              project_horizontal(sym, kinds=(NORM_SCALE,))]
-    if not (isinstance(weight_decay, (int, float)) and weight_decay == 0):
-        parts.append(add_decayed_weights(weight_decay, sym, normalized_ratio=wd_ratio))
-    parts.append(optax.scale_by_learning_rate(learning_rate))
-    return optax.chain(*parts)
+    return _finish(parts, sym, learning_rate, weight_decay, wd_ratio)
 
 
 def sgdp(
@@ -212,7 +218,4 @@ def sgdp(
     if momentum is not None:
         parts.append(optax.trace(decay=momentum, nesterov=nesterov))
     parts.append(project_horizontal(sym, kinds=(NORM_SCALE,)))
-    if not (isinstance(weight_decay, (int, float)) and weight_decay == 0):
-        parts.append(add_decayed_weights(weight_decay, sym, normalized_ratio=wd_ratio))
-    parts.append(optax.scale_by_learning_rate(learning_rate))
-    return optax.chain(*parts)
+    return _finish(parts, sym, learning_rate, weight_decay, wd_ratio)

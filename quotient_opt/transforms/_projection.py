@@ -174,9 +174,7 @@ def _radial_horizontal(sym: Symmetry, facs: tuple[Any, ...], params: PyTree, v: 
     eps = finfo.eps if eps is None else jnp.asarray(eps, dtype)
     vv = {p: x.astype(dtype) for p, x in leaves_by_path(v).items()}
     b = _kinds.cotangent(sym, params, vv, factors=facs, dtype=dtype)
-    th = {p: x.astype(dtype) for p, x in leaves_by_path(params).items()}
-    diag = [_kinds.kind_of(f).gram_diagonal(f, {r.path: th[r.path] for r in f.refs})
-            for f in facs]
+    diag = _kinds.gram_diagonal(sym, params, factors=facs, dtype=dtype)
     a = [bi / ((1 + eps) * di + finfo.tiny) for bi, di in zip(b, diag)]
     a = [jnp.where(jnp.isfinite(ai), ai, 0.0) for ai in a]
     return _subtract(v, _kinds.tangent(sym, params, a, factors=facs, dtype=dtype), dtype)
@@ -211,8 +209,7 @@ def _joint_horizontal(sym: Symmetry, st: Structure, facs: tuple[Any, ...], param
 
     sq = {p: jnp.square(x) for p, x in th.items()}
     diag = list(window_sums(st, sq.__getitem__, lambda w: w * w, dtype) if n else [])
-    diag += [_kinds.kind_of(f).gram_diagonal(f, {r.path: th[r.path] for r in f.refs})
-             for f in facs]
+    diag += list(_kinds.gram_diagonal(sym, params, factors=facs, dtype=dtype))
     reg = [eps * dg + finfo.tiny for dg in diag]
     d = [jnp.sqrt(dg + r) for dg, r in zip(diag, reg)]
 

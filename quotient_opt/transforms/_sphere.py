@@ -35,14 +35,14 @@ import optax
 
 from quotient_opt import _validate as validate
 from quotient_opt.symmetry import _kinds
-from quotient_opt.symmetry._paths import leaves_by_path, map_with_path
+from quotient_opt.symmetry._norm_scale import NAME as NORM_SCALE
+from quotient_opt.symmetry._paths import map_with_path
 from quotient_opt.symmetry._spec import Symmetry
 from quotient_opt.transforms._common import on_subtree
 from quotient_opt.transforms._order import JUMP, mark
 
 PyTree = Any
 
-NORM_SCALE = "norm_scale"
 
 
 class KeepNormsState(NamedTuple):
@@ -53,12 +53,6 @@ class KeepNormsState(NamedTuple):
     """
 
     radii: tuple[jax.Array, ...]
-
-
-def _block_sq(facs: tuple[Any, ...], params: PyTree) -> tuple[jax.Array, ...]:
-    leaves = leaves_by_path(params)
-    return tuple(_kinds.kind_of(f).gram_diagonal(f, {r.path: leaves[r.path] for r in f.refs})
-                 for f in facs)
 
 
 def keep_norms(sym: Symmetry) -> optax.GradientTransformationExtraArgs:
@@ -88,7 +82,7 @@ def keep_norms(sym: Symmetry) -> optax.GradientTransformationExtraArgs:
     def init_fn(params: PyTree) -> KeepNormsState:
         if not jax.tree.leaves(params):
             return KeepNormsState(())
-        return KeepNormsState(tuple(jnp.sqrt(s) for s in _block_sq(factors(params), params)))
+        return KeepNormsState(tuple(jnp.sqrt(s) for s in _kinds.gram_diagonal(sym, params, factors=factors(params))))
 
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args
@@ -98,7 +92,7 @@ def keep_norms(sym: Symmetry) -> optax.GradientTransformationExtraArgs:
             return updates, state
         new = jax.tree.map(lambda p, u: p + u.astype(p.dtype), params, updates)
         logs = []
-        for r, sq in zip(state.radii, _block_sq(facs, new)):
+        for r, sq in zip(state.radii, _kinds.gram_diagonal(sym, new, factors=facs)):
             ok = (sq > 0) & (r > 0)
             logs.append(jnp.where(ok, jnp.log(jnp.where(ok, r, 1.0))
                                   - 0.5 * jnp.log(jnp.where(ok, sq, 1.0)), 0.0))
