@@ -10,7 +10,7 @@ from quotient_opt.symmetry._canonical import (
     unit_energies,
 )
 from quotient_opt.symmetry._infer import infer_symmetry
-from quotient_opt.symmetry._kinds import Kind, register_kind
+from quotient_opt.symmetry._kinds import Kind, only, register_kind
 from quotient_opt.symmetry._norm_scale import NormScale
 from quotient_opt.symmetry._sign_flip import SignFlip
 from quotient_opt.symmetry._paths import leaves_by_path, map_with_path, path_str
@@ -42,6 +42,7 @@ __all__ = [
     "infer_symmetry",
     "leaves_by_path",
     "map_with_path",
+    "only",
     "path_str",
     "register_adapter",
     "register_kind",

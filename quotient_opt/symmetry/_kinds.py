@@ -59,6 +59,10 @@ class Kind:
 
     #: whether the group is a Lie group with an algebra on the params (``dim > 0``)
     continuous: bool = True
+    #: whether :meth:`act` is linear in the leaves (scalings, sign flips, permutations,
+    #: GL), so that a displacement moves by ``act(u, h, power=1)``; an affine kind
+    #: (a translation) sets ``False`` and the wrappers pull steps back as differences
+    linear: bool = True
 
     def dim(self, rec: Any) -> int:
         """Number of Lie-algebra coordinates (0 for a discrete kind)."""
@@ -81,6 +85,20 @@ class Kind:
     def act(self, rec: Any, leaves: Leaves, h: jax.Array, power: int) -> Leaves:
         """The record's leaves after ``h`` (only those it changes)."""
         raise NotImplementedError
+
+    def moves(self, rec: Any, power: int) -> bool:
+        """Whether :meth:`act` with this ``power`` is the exact law of a statistic of that
+        power (an optimizer-state field: ``-1`` first moments, ``-2`` second moments,
+        ``0`` scale-free statistics), so that a wrapper may carry such a field along the
+        kind's moves. ``False`` makes the wrappers refuse the field, naming it."""
+        return True
+
+    def exp(self, rec: Any, a: jax.Array) -> jax.Array:
+        """The element :math:`\\exp(a)` of the algebra element ``a`` (continuous kinds).
+
+        The default is for kinds whose elements are their algebra coordinates
+        (log-scales: ``compose`` adds them)."""
+        return a
 
     def tangent(self, rec: Any, leaves: Leaves, a: jax.Array) -> Leaves:
         """:math:`J a`: the parameter change of the algebra element ``a`` (its leaves)."""
@@ -155,8 +173,23 @@ UNITS = "units"
 
 
 def only(sym: Symmetry, kinds: Sequence[str] | None) -> Symmetry:
-    """``sym`` keeping the families named in ``kinds`` (``None``: all): factor kind
-    names, and :data:`UNITS` for the unit groups."""
+    """The symmetry restricted to some group families.
+
+    E.g. ``qo.rebalance(adam, qo.symmetry.only(sym, ["units"]))`` balances the unit
+    groups and leaves the normalization's scale-invariant weights where they are.
+
+    Args:
+      sym: a :class:`~quotient_opt.Symmetry`.
+      kinds: the families to keep: factor kind names (``"norm_scale"``,
+        ``"sign_flip"``, a registered kind's name) and ``"units"`` for the unit
+        groups; ``None`` keeps all.
+
+    Returns:
+      ``sym`` with the other families' groups and factors removed.
+
+    Raises:
+      ValueError: an unknown family name.
+    """
     import dataclasses
 
     if kinds is None:
@@ -269,9 +302,40 @@ def section(sym: Symmetry, params: PyTree, *, factors: Sequence[Any] | None = No
     return tuple(kind_of(f).section(f, _leaves(f, leaves)) for f in factors)
 
 
+def sections(sym: Symmetry, params: PyTree, *, factors: Sequence[Any] | None = None
+             ) -> tuple[tuple[jax.Array, ...], PyTree]:
+    """Every factor's section taken in order (each at the point the ones before reached):
+    ``(elements, params moved by them)``."""
+    factors = sym.factors if factors is None else tuple(factors)
+    out = []
+    for f in factors:
+        e = section(sym, params, factors=(f,))
+        params = act(sym, params, e, factors=(f,))
+        out.append(e[0])
+    return tuple(out), params
+
+
 def canonical(sym: Symmetry, params: PyTree, *, factors: Sequence[Any] | None = None) -> PyTree:
     """``params`` moved to the section of every factor (applied in order)."""
-    factors = sym.factors if factors is None else tuple(factors)
-    for f in factors:
-        params = act(sym, params, section(sym, params, factors=(f,)), factors=(f,))
-    return params
+    return sections(sym, params, factors=factors)[1]
+
+
+def exp(sym: Symmetry, a: Sequence[jax.Array], *, factors: Sequence[Any] | None = None
+        ) -> tuple[jax.Array, ...]:
+    """The elements :math:`\\exp(a_f)` of the continuous factors' algebra elements."""
+    factors = continuous(sym) if factors is None else tuple(factors)
+    return tuple(kind_of(f).exp(f, af) for f, af in zip(factors, a))
+
+
+def refuse_unmoved(sym: Symmetry, fields: Sequence[tuple[str, int]], who: str) -> None:
+    """Raises ValueError naming the first state field (``(where, power)``, as
+    :func:`~quotient_opt.check_transportable` lists them) that some factor of ``sym``
+    has no exact law for (:meth:`Kind.moves`)."""
+    for where, power in fields:
+        for f in sym.factors:
+            if not kind_of(f).moves(f, power):
+                raise ValueError(
+                    f"{who}: {where} is a statistic of power {power}, which the {f.kind} "
+                    f"factor '{f.name}' has no exact law for, so it cannot follow that "
+                    "factor's moves; use an inner optimizer without it, or restrict the "
+                    f"symmetry (qo.symmetry.only(sym, kinds=[...]) without '{f.kind}')")

@@ -86,6 +86,11 @@ class SignFlipKind(Kind):
                 out[r.path] = views.scale(out.get(r.path, leaves[r.path]), r, rec.units, h)
         return out
 
+    def moves(self, rec: SignFlip, power: int) -> bool:
+        # a flip multiplies a statistic by (-1)^k for its degree k in the gradients; a
+        # scale-free statistic (power 0: normalized updates, m/sqrt(v)) may be odd or even
+        return power != 0
+
     def section(self, rec: SignFlip, leaves: Leaves) -> jax.Array:
         bias = [r for r in rec.refs if r.role == "bias" and r.power > 0]
         pivots = bias or [r for r in rec.refs if r.power > 0]

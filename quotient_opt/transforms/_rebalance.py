@@ -43,10 +43,9 @@ from typing import Any, NamedTuple
 import jax
 import optax
 
-from quotient_opt.symmetry._canonical import canonical_log_scales
 from quotient_opt.symmetry._spec import LogScales, Symmetry
 from quotient_opt import _validate as validate
-from quotient_opt.transforms._orbit import orbit_wrapper
+from quotient_opt.transforms._orbit import canonical_move, orbit_wrapper
 from quotient_opt.transforms._transport import Laws, register_wrapper_state
 
 PyTree = Any
@@ -61,11 +60,15 @@ class RebalanceState(NamedTuple):
       log_scales: the element held: the inner optimizer works at
         ``e^{log_scales} · params`` (one array per group).
       inner_state: the inner optimizer's state, in those coordinates.
+      factors: the element held of every factor of the symmetry
+        (:attr:`~quotient_opt.Symmetry.factors`, e.g. the log-scale of each
+        scale-invariant block), applied after ``log_scales``.
     """
 
     count: jax.Array
     log_scales: LogScales
     inner_state: optax.OptState
+    factors: tuple[jax.Array, ...] = ()
 
 
 def rebalance(
@@ -122,8 +125,8 @@ def rebalance(
       Stock et al. 2019, https://arxiv.org/abs/1902.10416
     """
     validate.number("every", every, minimum=1)
+
     return orbit_wrapper(
         inner, sym, "rebalance", RebalanceState,
-        lambda sub, here, updates, state: canonical_log_scales(
-            sub, here, tol=tol, max_iter=max_iter)[0],
-        every=every, move_params=move_params, laws=laws)
+        lambda sub, here, updates, state: canonical_move(sub, here, tol=tol, max_iter=max_iter),
+                         every=every, move_params=move_params, laws=laws)

@@ -50,10 +50,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from quotient_opt.symmetry._canonical import canonical_log_scales, solve_dtype
+from quotient_opt.symmetry._canonical import solve_dtype
 from quotient_opt.symmetry._spec import LogScales, Symmetry
 from quotient_opt import _validate as validate
-from quotient_opt.transforms._orbit import orbit_wrapper
+from quotient_opt.symmetry import _kinds
+from quotient_opt.transforms._orbit import Move, act, canonical_move, orbit_wrapper
 from quotient_opt.transforms._order import READS_GRADIENT
 from quotient_opt.transforms._transport import Laws, register_wrapper_state
 
@@ -69,11 +70,14 @@ class TeleportState(NamedTuple):
       log_scales: the element held: the inner optimizer works at
         ``e^{log_scales} · params``.
       inner_state: the inner optimizer's state, in those coordinates.
+      factors: the element held of every factor of the symmetry
+        (:attr:`~quotient_opt.Symmetry.factors`), applied after ``log_scales``.
     """
 
     count: jax.Array
     log_scales: LogScales
     inner_state: optax.OptState
+    factors: tuple[jax.Array, ...] = ()
 
 
 def teleport_log_scales(
@@ -96,7 +100,9 @@ def teleport_log_scales(
     objective needs one gradient only:
     :math:`F(s) = \\lVert e^{-s}\\cdot\\nabla L(\\theta)\\rVert^2`, and each
     ascent step costs one pass over the parameters (no further backward
-    passes through the model).
+    passes through the model). The unit groups' rescalings only; the
+    :func:`teleport` wrapper ascends over the factors' algebras too
+    (:func:`teleport_element`).
 
     Args:
       sym: the symmetry.
@@ -117,34 +123,105 @@ def teleport_log_scales(
     Raises:
       ValueError: if neither ``value_fn`` nor ``grads`` is given.
     """
+    units = _kinds.only(sym, [_kinds.UNITS]) if sym.factors else sym
+    return teleport_element(units, params, value_fn, grads=grads, steps=steps,
+                            learning_rate=learning_rate, max_log_scale=max_log_scale,
+                            from_canonical=from_canonical, tol=tol, max_iter=max_iter
+                            ).log_scales
+
+
+def teleport_element(
+    sym: Symmetry,
+    params: PyTree,
+    value_fn: Callable[[PyTree], jax.Array] | None = None,
+    *,
+    grads: PyTree | None = None,
+    steps: int = 10,
+    learning_rate: jax.typing.ArrayLike = 0.1,
+    max_log_scale: jax.typing.ArrayLike = 2.0,
+    from_canonical: bool = True,
+    tol: jax.typing.ArrayLike | None = None,
+    max_iter: int = 50,
+) -> Move:
+    """:func:`teleport_log_scales` over every continuous kind of ``sym`` at once.
+
+    The ascent runs on the unit groups' log-scales :math:`s` and on the Lie-algebra
+    coordinates :math:`a_f` of every continuous factor
+    (:meth:`~quotient_opt.symmetry.Kind.exp`; for
+    :class:`~quotient_opt.symmetry.NormScale`, each block's log-scale):
+    :math:`F(s, a) = \\lVert (e^{s}, f_0 e^{a})\\cdot_{-1}\\nabla L(\\theta)\\rVert^2`,
+    each step normalized over all coordinates together and each coordinate clipped
+    to ``±max_log_scale`` around the start. Discrete factors (sign flips) take their
+    section (``from_canonical``) or stay. Since a scale-invariant block's gradient
+    grows as its norm shrinks, the ascent shrinks such blocks, raising their
+    effective learning rate, up to the bound.
+
+    Args:
+      sym: the symmetry.
+      params: parameters.
+      value_fn: the loss (used for its gradient when ``grads`` is not given).
+      grads: the gradient of the (invariant) loss at ``params``.
+      steps: ascent steps.
+      learning_rate: Euclidean length of each (normalized) ascent step.
+      max_log_scale: bound on each coordinate relative to the start.
+      from_canonical: start from the canonical point of the orbit (the unit
+        groups' minimal-energy point, then every factor's section).
+      tol: canonicalization tolerance.
+      max_iter: canonicalization iteration cap.
+
+    Returns:
+      A :class:`~quotient_opt.transforms._orbit.Move`: the unit groups' log-scales
+      and every factor's element, relative to ``params``.
+
+    Raises:
+      ValueError: if neither ``value_fn`` nor ``grads`` is given.
+    """
     if grads is None:
         if value_fn is None:
             raise ValueError("teleport_log_scales: pass grads= or value_fn=")
         grads = jax.grad(value_fn)(params)
     dt = solve_dtype(params)
     if from_canonical:
-        s0 = canonical_log_scales(sym, params, tol=tol, max_iter=max_iter)[0]
+        s0, f0 = canonical_move(sym, params, tol=tol, max_iter=max_iter)
     else:
         s0 = sym.zero_log_scales(dt)
+        f0 = _kinds.identity(sym, dt)
+    flows = [i for i, f in enumerate(sym.factors)
+             if _kinds.kind_of(f).continuous and _kinds.kind_of(f).dim(f) > 0]
+    a0 = tuple(jnp.zeros((_kinds.kind_of(sym.factors[i]).dim(sym.factors[i]),), dt)
+               for i in flows)
     mask = tuple(jnp.full((g.windows,), g.rescalable, bool) for g in sym.groups)
     g = jax.tree.map(lambda x: x.astype(dt), grads)
 
-    def objective(s):
-        moved = sym.rescale(g, s, power=-1)
+    def factor_elements(a: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
+        out = list(f0)
+        for i, ai in zip(flows, a):
+            f = sym.factors[i]
+            out[i] = _kinds.kind_of(f).compose(f, f0[i], _kinds.kind_of(f).exp(f, ai))
+        return tuple(out)
+
+    def objective(x):
+        s, a = x
+        moved = act(sym, g, Move(s, factor_elements(a)), power=-1)
         return sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(moved))
 
-    def body(_, s):
-        d = jax.grad(objective)(s)
-        d = tuple(jnp.where(m, x, 0) for x, m in zip(d, mask))
-        n = jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in d))
+    def body(_, x):
+        ds, da = jax.grad(objective)(x)
+        ds = tuple(jnp.where(m, d, 0) for d, m in zip(ds, mask))
+        n = jnp.sqrt(sum(jnp.sum(jnp.square(d)) for d in (*ds, *da)))
         ok = jnp.isfinite(n) & (n > 0)
         step = jnp.where(ok, learning_rate / jnp.where(ok, n, 1), 0)
-        return tuple(
-            jnp.clip(x + jnp.where(ok, step * dx, 0), a - max_log_scale, a + max_log_scale)
-            for x, dx, a in zip(s, d, s0)
-        )
 
-    return jax.lax.fori_loop(0, steps, body, s0)
+        def move(v, dv, start):
+            return jnp.clip(v + jnp.where(ok, step * dv, 0), start - max_log_scale,
+                            start + max_log_scale)
+
+        s, a = x
+        return (tuple(move(v, dv, st) for v, dv, st in zip(s, ds, s0)),
+                tuple(move(v, dv, st) for v, dv, st in zip(a, da, a0)))
+
+    s, a = jax.lax.fori_loop(0, steps, body, (s0, a0))
+    return Move(s, factor_elements(a))
 
 
 def teleport(
@@ -206,8 +283,9 @@ def teleport(
     validate.number("steps", steps)
     return orbit_wrapper(
         inner, sym, "teleport", TeleportState,
-        lambda sub, here, updates, state: teleport_log_scales(
-            sub, here, grads=sub.rescale(updates, state.log_scales, power=-1), steps=steps,
+        lambda sub, here, updates, state: teleport_element(
+            sub, here, grads=act(sub, updates, Move(state.log_scales, state.factors), -1),
+            steps=steps,
             learning_rate=learning_rate, max_log_scale=max_log_scale,
             from_canonical=from_canonical, tol=tol, max_iter=max_iter),
         every=every, move_params=move_params, laws=laws, roles=(READS_GRADIENT,))
