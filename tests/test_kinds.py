@@ -399,6 +399,8 @@ class _Shift:
 
 
 class _ShiftKind(qo.symmetry.Kind):
+    linear = False  # a translation: displacements do not move
+
     def dim(self, rec):
         return 1
 
@@ -459,8 +461,155 @@ def test_a_user_registered_kind_is_checked_projected_and_sectioned():
         c = _kinds.canonical(sym, params)
         assert abs(float(jnp.mean(c["b"]))) < 1e-12
         np.testing.assert_allclose(apply(c, x), apply(params, x), rtol=1e-12)
+        # rebalance takes its section: the inner optimizer steps at zero-mean biases, and
+        # the user's update is the inner one (a translation leaves displacements alone)
+        tx = qo.rebalance(optax.sgd(1e-1), sym)
+        st = tx.init(params)
+        u, st = tx.update(g, st, params)
+        np.testing.assert_allclose(st.factors[0], -jnp.mean(params["b"]).reshape(1), rtol=1e-12)
+        np.testing.assert_allclose(u["b"], -0.1 * g["b"], rtol=1e-12)
         logits = lambda p, x: x @ p["w"] + p["b"]  # noqa: E731 - no softmax: no symmetry
         with pytest.raises(ValueError, match="factor 'b' \\(test_logit_shift\\) is not a symm"):
             sym.check(logits, params, x)
     finally:
         _kinds.KINDS.pop("test_logit_shift", None)
+
+
+# ------------------------------------------------------------------- every method on every kind
+
+
+def _step(m, tx, p, x, steps):
+    y = jnp.cos(jnp.arange(np.prod(m.apply(p, x).shape))).reshape(m.apply(p, x).shape)
+    grad = jax.jit(jax.grad(lambda q: jnp.mean((m.apply(q, x) - y) ** 2)))
+    upd = jax.jit(tx.update)
+    st = tx.init(p)
+    for _ in range(steps):
+        p_old = p
+        u, st = upd(grad(p), st, p)
+        p = optax.apply_updates(p, u)
+    return p, st, p_old
+
+
+def _norms(sym, q):
+    facs = [f for f in sym.factors if f.kind == "norm_scale"]
+    return [np.sqrt(np.asarray(s)) for s in _kinds.gram_diagonal(sym, q, factors=facs)]
+
+
+@pytest.mark.parametrize("name", [pytest.param("nnx_bn_resblock", marks=pytest.mark.slow),
+                                  pytest.param("eqx_ln_mlp", marks=pytest.mark.slow), "rms_mlp"])
+def test_rebalance_steps_with_every_invariant_block_on_its_sphere(name):
+    from quotient_opt.transforms._orbit import Move, act
+
+    m = _model(name, jnp.float64)
+    p, x = m.params(1), m.inputs(1)
+    p, st, p_old = _step(m, qo.rebalance(optax.adam(1e-2), m.sym), p, x, 3)
+    here = act(m.sym, p_old, Move(st.log_scales, st.factors))  # where the last step was taken
+    for n in _norms(m.sym, here):
+        np.testing.assert_allclose(n, 1.0, rtol=1e-12)
+    assert any(float(jnp.max(jnp.abs(f))) > 1e-3 for f in st.factors)
+    np.testing.assert_allclose(m.apply(here, x), m.apply(p_old, x), rtol=1e-2, atol=1e-4)
+
+
+def test_rebalance_is_exactly_equivariant_under_the_unit_groups_with_factors():
+    m = _model("nnx_bn_resblock", jnp.float64)
+    p, x = m.params(3), m.inputs(3)
+    g = zoo.random_element(m.sym, np.random.default_rng(5), 1.0, jnp.float64)
+    tx = qo.rebalance(optax.adam(1e-2), m.sym)
+    y = jnp.cos(jnp.arange(np.prod(m.apply(p, x).shape))).reshape(m.apply(p, x).shape)
+    grad = jax.jit(jax.grad(lambda q: jnp.mean((m.apply(q, x) - y) ** 2)))
+    upd = jax.jit(tx.update)
+    a, b = p, m.sym.act(p, g)
+    sa, sb = tx.init(a), tx.init(b)
+    for _ in range(4):
+        ua, sa = upd(grad(a), sa, a)
+        ub, sb = upd(grad(b), sb, b)
+        a, b = optax.apply_updates(a, ua), optax.apply_updates(b, ub)
+    assert _tree_rel(b, m.sym.act(a, g)) < 1e-9
+
+
+def test_teleport_moves_the_invariant_blocks_and_keeps_the_function():
+    from quotient_opt.transforms._orbit import Move, act
+
+    m = _model("nnx_bn_resblock", jnp.float64)
+    p, x = m.params(4), m.inputs(4)
+    tx = qo.teleport(optax.adam(1e-2), m.sym, every=1, steps=3)
+    p2, st, p_old = _step(m, tx, p, x, 2)
+    here = act(m.sym, p_old, Move(st.log_scales, st.factors))
+    facs = [f for f, e in zip(m.sym.factors, st.factors) if f.kind == "norm_scale"]
+    assert facs and all(float(jnp.max(jnp.abs(e))) > 1e-3 for e in st.factors)
+    # the ascent shrank every block below its section's radius (larger gradients there)
+    assert max(float(np.max(n)) for n in _norms(m.sym, here)) < 1.0
+    np.testing.assert_allclose(m.apply(here, x), m.apply(p_old, x), rtol=1e-2, atol=1e-4)
+
+
+def test_a_field_no_law_moves_is_refused_naming_it():
+    m = _model("rms_mlp", jnp.float32)
+    p = m.params(0)
+    with pytest.raises(ValueError, match=r"TraceState.trace.*power 0.*sign_flip factor 'w1'"):
+        qo.rebalance(optax.rmsprop(1e-2, momentum=0.9), m.sym).init(p)
+    qo.rebalance(optax.rmsprop(1e-2, momentum=0.9),
+                 qo.symmetry.only(m.sym, ["units", "norm_scale"])).init(p)
+    with pytest.raises(ValueError, match="unknown"):
+        qo.symmetry.only(m.sym, ["nope"])
+
+
+def _every_kind(m, rng, dtype):
+    """A point moved by a random element of every unit group and every factor."""
+    def moved(p):
+        q = m.sym.act(p, zoo.random_element(m.sym, rng, 1.0, dtype))
+        return _kinds.act(m.sym, q, _kinds.sample(m.sym, rng, 1.0, dtype))
+    return moved
+
+
+@pytest.mark.parametrize("name", [n if n in ("nnx_bn_cnn_train", "rms_mlp") else
+                                  pytest.param(n, marks=pytest.mark.slow) for n in NAMES])
+def test_canonicalize_with_factors_is_a_section_of_every_kind(name):
+    m = _model(name, jnp.float64)
+    p = m.params(0)
+    c, g = qo.canonicalize(m.sym, p, permutations=True, factors=True)
+    assert isinstance(g, qo.OrbitElement)
+    assert _tree_rel(m.sym.act(p, g), c) < 1e-12
+    c2, _ = qo.canonicalize(m.sym, _every_kind(m, np.random.default_rng(7), jnp.float64)(p),
+                            permutations=True, factors=True)
+    assert _tree_rel(c2, c) < 1e-10
+    assert _tree_rel(qo.canonicalize(m.sym, c, permutations=True, factors=True)[0], c) < 1e-12
+    for n in _norms(m.sym, c):
+        np.testing.assert_allclose(n, 1.0, rtol=1e-12)
+
+
+@pytest.mark.parametrize("name", [pytest.param("nnx_maxout", marks=pytest.mark.slow), "rms_mlp"])
+def test_quotient_distance_searches_sign_flips(name):
+    m = _model(name, jnp.float64)
+    a = m.params(0)
+    rng = np.random.default_rng(3)
+    flips = _kinds.discrete(m.sym)
+    signs = [_kinds.kind_of(f).sample(f, rng, 1.0, jnp.float64) for f in flips]
+    b = _kinds.act(m.sym, m.sym.act(a, zoo.random_element(m.sym, rng, 1.0, jnp.float64)),
+                   signs, factors=flips)
+    r = qo.landscape.quotient_distance(m.sym, a, b)
+    assert float(r.distance) < 1e-10
+    assert isinstance(r.element, qo.OrbitElement)
+    assert _tree_rel(m.sym.act(b, r.element), r.aligned) < 1e-12
+    assert _tree_rel(m.sym.act(a, r.reference_element), r.reference) < 1e-12
+    c = m.params(1)
+    r1, r2 = qo.landscape.quotient_distance(m.sym, a, c), qo.landscape.quotient_distance(m.sym, c, a)
+    assert float(r1.distance) == float(r2.distance)
+    assert _tree_rel(m.sym.act(c, r1.element), r1.aligned) < 1e-12
+    # without the flips' search the same pair is farther apart
+    units = qo.symmetry.only(m.sym, ["units"])
+    assert float(qo.landscape.quotient_distance(units, a, b).distance) > 1e-2
+
+
+@pytest.mark.slow
+def test_orbit_directions_include_every_continuous_kind():
+    m = _model("nnx_bn_cnn_train", jnp.float64)
+    p, x = m.params(0), m.inputs(0)
+    d = qo.landscape.orbit_directions(m.sym)(p)
+    n = jax.tree.leaves(d)[0].shape[0]
+    assert n == (sum(g.windows for g in m.sym.groups if g.rescalable)
+                 + sum(f.blocks for f in m.sym.factors))
+    g = jax.grad(lambda q: jnp.sum(m.apply(q, x) ** 2))(p)
+    gn = float(jnp.sqrt(sum(jnp.sum(v * v) for v in jax.tree.leaves(g))))
+    for i in range(n):
+        dot = sum(jnp.sum(a[i] * b) for a, b in zip(jax.tree.leaves(d), jax.tree.leaves(g)))
+        assert abs(float(dot)) < 1e-3 * gn  # the normalization's epsilon

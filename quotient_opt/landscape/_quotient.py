@@ -30,8 +30,15 @@ from quotient_opt.symmetry._canonical import (
     sort_permutation,
 )
 from quotient_opt.symmetry._gram import structure
-from quotient_opt.symmetry._paths import leaves_by_path
-from quotient_opt.symmetry._spec import Element, GroupElement, Symmetry, UnitGroup, solve_dtype
+from quotient_opt.symmetry._paths import leaves_by_path, map_with_path
+from quotient_opt.symmetry._spec import (
+    Element,
+    GroupElement,
+    OrbitElement,
+    Symmetry,
+    UnitGroup,
+    solve_dtype,
+)
 from quotient_opt.transforms._projection import _vertical_coefficients
 
 Method = Literal["exact", "auction"]
@@ -198,6 +205,16 @@ def quotient_distance(
        so on until an iteration improves the squared distance by less than
        ``tol`` (relative).
 
+    4. **Sign flips** (models with odd activations,
+       :class:`~quotient_opt.symmetry.SignFlip`): both points start at the flips'
+       section (each odd unit's bias non-negative, so units of one orbit meet with
+       equal signs), and after the alignment each factor's signs are chosen in closed
+       form (a unit flips where its entries correlate negatively with the
+       reference's), kept where the distance decreases. The elements are then
+       :class:`~quotient_opt.symmetry.OrbitElement` (the unit groups' element, then
+       the signs). Normalization scale invariance is not searched: pass points
+       quotiented by it (``qo.canonicalize(sym, p, factors=True)[0]``).
+
     Every step decreases the distance, so the result with ``rescale=True`` is
     never above the permutation-only one (``rescale=False``, which stops
     after step 2), and for ``b`` in the orbit of ``a`` it is zero to
@@ -280,6 +297,14 @@ def quotient_distance(
             jnp.asarray(newton_steps, jnp.int32))
     fwd = _align(sym, a0, ga, b0, gb, *opts, method=method)
     bwd = _align(sym, b0, gb, a0, ga, *opts, method=method)
+    if _kinds.discrete(sym):
+        fwd, bwd = (_sign_sweep(sym, r) for r in (fwd, bwd))
+        fwd = fwd._replace(element=_with_signs(sym, b, fwd.element, fwd.aligned),
+                           reference_element=_with_signs(sym, a, fwd.reference_element,
+                                                         fwd.reference))
+        bwd = bwd._replace(element=_with_signs(sym, a, bwd.element, bwd.aligned),
+                           reference_element=_with_signs(sym, b, bwd.reference_element,
+                                                         bwd.reference))
     return _better_side(fwd, bwd)
 
 
@@ -351,12 +376,53 @@ def _match_group(
 
 
 def _balanced(sym: Symmetry, a: PyTree, b: PyTree, balance: bool):
-    """``(a0, g_a0, b0, g_b0)``: the minimal-energy points (``balance``) or the inputs."""
+    """``(a0, g_a0, b0, g_b0)``: the minimal-energy points (``balance``) or the inputs,
+    then every sign flip at its section (so that matched units have matching signs;
+    the elements are the unit groups' only, the signs are read back at the end,
+    :func:`_with_signs`)."""
     if not balance:
-        return a, sym.identity(solve_dtype(a)), b, sym.identity(solve_dtype(b))
-    a0, ga = canonicalize(sym, a)
-    b0, gb = canonicalize(sym, b)
+        a0, ga, b0, gb = a, sym.identity(solve_dtype(a)), b, sym.identity(solve_dtype(b))
+    else:
+        (a0, ga), (b0, gb) = canonicalize(sym, a), canonicalize(sym, b)
+    flips = _kinds.discrete(sym)
+    if flips:
+        a0, b0 = (_kinds.canonical(sym, x, factors=flips) for x in (a0, b0))
     return a0, ga, b0, gb
+
+
+def _signs_towards(sym: Symmetry, rec: Any, ref: PyTree, cur: PyTree, dt: Any) -> jax.Array:
+    """The signs of ``rec``'s units that bring ``cur`` closest to ``ref`` (every other
+    factor held): a unit flips where its entries correlate negatively."""
+    la, lb = leaves_by_path(ref), leaves_by_path(cur)
+    corr = sum(views.sums(la[r.path].astype(dt) * lb[r.path].astype(dt), r, rec.units)
+               for r in rec.refs)
+    return jnp.where(corr < 0, -1.0, 1.0).astype(dt)
+
+
+def _sign_sweep(sym: Symmetry, res: QuotientDistance) -> QuotientDistance:
+    """Coordinate descent over the sign-flip factors after the alignment: each factor's
+    best signs in closed form, kept where the distance decreases (two passes)."""
+    dt = solve_dtype(res.reference)
+    cur, f = res.aligned, jnp.square(res.distance)
+    for _ in range(2):
+        for rec in _kinds.discrete(sym):
+            h = _signs_towards(sym, rec, res.reference, cur, dt)
+            cand = _kinds.act(sym, cur, (h,), factors=(rec,))
+            fc = _sq_dist(res.reference, cand, dt)
+            ok = fc < f
+            cur, f = _where_tree(ok, cand, cur), jnp.where(ok, fc, f)
+    return res._replace(distance=jnp.sqrt(jnp.maximum(f, 0)), aligned=cur)
+
+
+def _with_signs(sym: Symmetry, src: PyTree, g: Element, point: PyTree) -> OrbitElement:
+    """The element taking ``src`` to ``point``, which is ``g`` then a sign per odd unit:
+    the signs are read off ``point`` against ``sym.act(src, g)`` (``+1`` where a unit's
+    entries are all zero)."""
+    dt = solve_dtype(point)
+    y = sym.act(src, g)
+    flips = _kinds.discrete(sym)
+    signs = [_signs_towards(sym, rec, point, y, dt) for rec in flips]
+    return OrbitElement(g, _kinds.by_factor(sym, point, (flips, signs)))
 
 
 @functools.partial(jax.jit, static_argnames=("sym", "method"))
@@ -521,8 +587,10 @@ def orbit_directions(sym: Symmetry) -> Callable[[PyTree], PyTree]:
     """A ``project_out`` hook for :func:`~quotient_opt.landscape.hessian_spectrum`.
 
     ``directions(params)`` is an orthonormal basis of the tangent space of the
-    rescaling orbit at ``params``: the columns of :math:`J` (one per window of
-    every rescalable group, :meth:`~quotient_opt.Symmetry.tangent`)
+    continuous orbit at ``params``: the columns of :math:`J` (one per window of
+    every rescalable group, :meth:`~quotient_opt.Symmetry.tangent`, and one per
+    Lie-algebra coordinate of every continuous factor, e.g. each scale-invariant
+    block's radial direction)
     orthonormalized by an SVD in ``ravel_pytree`` order, as a stacked params
     pytree (leading axis ``m``). Outside jit, directions that are linearly
     dependent (a unit whose incoming or outgoing parameters are all exactly
@@ -544,7 +612,9 @@ def orbit_directions(sym: Symmetry) -> Callable[[PyTree], PyTree]:
     def directions(params: PyTree) -> PyTree:
         dt = solve_dtype(params)
         flat, unravel = flatten(params)
+        flows = _kinds.continuous(sym)
         sizes = [g.windows for g in sym.groups if g.rescalable]
+        sizes += [_kinds.kind_of(f).dim(f) for f in flows]
         if not sizes:
             return jax.tree.map(lambda x: jnp.zeros((0, *jnp.shape(x)), x.dtype), params)
         cuts = list(itertools.accumulate(sizes))[:-1]
@@ -553,7 +623,12 @@ def orbit_directions(sym: Symmetry) -> Callable[[PyTree], PyTree]:
             parts = iter(jnp.split(e, cuts))
             a = tuple(next(parts) if g.rescalable else jnp.zeros((g.windows,), dt)
                       for g in sym.groups)
-            return flatten(sym.tangent(params, a))[0].astype(dt)
+            t = sym.tangent(params, a)
+            if flows:
+                tf = _kinds.tangent(sym, params, [next(parts) for _ in flows], dtype=dt)
+                t = map_with_path(lambda path, x: x + tf[path].astype(x.dtype)
+                                  if path in tf else x, t)
+            return flatten(t)[0].astype(dt)
 
         j = jax.vmap(column, out_axes=1)(jnp.eye(sum(sizes), dtype=dt))  # (n, m)
         u, s, _ = jnp.linalg.svd(j, full_matrices=False)

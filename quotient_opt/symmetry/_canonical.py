@@ -76,6 +76,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from quotient_opt.symmetry import _kinds
 from quotient_opt.symmetry import _views as views
 from quotient_opt.symmetry._gram import (
     couplings,
@@ -89,6 +90,7 @@ from quotient_opt.symmetry._spec import (
     Element,
     GroupElement,
     LogScales,
+    OrbitElement,
     Symmetry,
     UnitGroup,
     solve_dtype,
@@ -440,6 +442,75 @@ def sort_permutation(sym: Symmetry, params: PyTree) -> Element:
         out.append(GroupElement(wp, pp[wp], jnp.zeros((grp.windows,), dt)))
     return tuple(out)
 
+def canonical_elements(
+    sym: Symmetry,
+    params: PyTree,
+    *,
+    tol: jax.typing.ArrayLike | None = None,
+    max_iter: int = 50,
+    rounds: int = 100,
+    round_tol: jax.typing.ArrayLike | None = None,
+) -> tuple[LogScales, tuple[jax.Array, ...], PyTree]:
+    """The joint section of the unit groups' rescalings and the continuous factors.
+
+    Where the factors share no leaf with the unit groups' rescalings this is the
+    minimal-energy point of the unit groups (:func:`canonical_log_scales`), then every
+    continuous factor's section. Where they do (BatchNorm → ReLU → conv → BatchNorm: a
+    group's readers are the next normalization's scale-invariant kernel) the two
+    sections fight, and the canonical point is the one that is balanced *and* has
+    every scale-invariant block at its radius :math:`r_b`: the minimum of the convex
+
+    .. math::
+
+       \\Phi(s, t) = \\lVert (e^{s}, e^{t})\\cdot\\theta\\rVert^2 - \\sum_b r_b^2\\, 2 t_b
+
+    (its stationarity in :math:`s` is the balance, in :math:`t_b` the block's norm
+    :math:`r_b`), reached by exact block coordinate descent: balance, then
+    normalize, repeated until a round moves no block by more than ``round_tol``
+    (linear convergence; measured on the zoo's BatchNorm and LayerNorm nets: a factor
+    about 2 per round, 30–40 rounds from a random point to float64 rounding).
+
+    Args:
+      sym: the symmetry.
+      params: parameters.
+      tol: balance tolerance of each unit solve (:func:`canonical_log_scales`).
+      max_iter: iteration cap of each unit solve.
+      rounds: cap on the rounds (``1``: balance, then the sections, once).
+      round_tol: stop when no block moves by more than this in log-scale (default
+        ``10 · eps`` of the solve dtype).
+
+    Returns:
+      ``(log_scales, elements, point)``: the unit groups' log-scales and the element of
+      every continuous factor (:func:`~quotient_opt.symmetry._kinds.continuous` order),
+      relative to ``params``, and the point they reach.
+    """
+    cont = _kinds.continuous(sym)
+    round_tol = default_tol(solve_dtype(params)) if round_tol is None else round_tol
+
+    def one(q):
+        s = canonical_log_scales(sym, q, tol=tol, max_iter=max_iter)[0]
+        f, q = _kinds.sections(sym, sym.rescale(q, s), factors=cont)
+        return s, f, q
+
+    s, f, q = one(params)
+    if not cont or rounds <= 1:
+        return s, f, q
+
+    def going(c):  # the last round's move is carried beside the totals
+        *_, k, last = c
+        moved = jnp.max(jnp.stack([jnp.max(jnp.abs(x), initial=0) for x in last]))
+        return (k < rounds) & (moved > round_tol)
+
+    def round_(c):
+        s, f, q, k, _ = c
+        ds, df, q = one(q)
+        f = tuple(_kinds.kind_of(r).compose(r, a, b) for r, a, b in zip(cont, f, df))
+        return tuple(a + b for a, b in zip(s, ds)), f, q, k + 1, df
+
+    s, f, q, _, _ = jax.lax.while_loop(going, round_, (s, f, q, jnp.ones((), jnp.int32), f))
+    return s, f, q
+
+
 def canonicalize(
     sym: Symmetry,
     params: PyTree,
@@ -448,7 +519,8 @@ def canonicalize(
     max_iter: int = 50,
     permutations: bool = False,
     max_log_scale: float | None = None,
-) -> tuple[PyTree, Element]:
+    factors: bool = False,
+) -> tuple[PyTree, Element | OrbitElement]:
     """The canonical representative of ``params``' orbit and the element reaching it.
 
     Rescaling: the minimal-energy (balanced, "equinormalized") point
@@ -457,7 +529,12 @@ def canonicalize(
     solved to ``tol`` by coordinate sweeps + damped Newton. With
     ``permutations=True`` the units of every group are then sorted by
     incoming energy (:func:`sort_permutation`), so that two points of one
-    orbit of the full group canonicalize to the same parameters.
+    orbit of the full group canonicalize to the same parameters. With
+    ``factors=True`` every factor of :attr:`~quotient_opt.Symmetry.factors` is
+    quotiented too (:func:`canonical_elements`): each scale-invariant block of a
+    :class:`~quotient_opt.symmetry.NormScale` at its radius, balanced jointly with the
+    unit groups, and each odd unit of a :class:`~quotient_opt.symmetry.SignFlip` with
+    a non-negative bias (after the sort: the sort keys are sign-invariant).
 
     Args:
       sym: the symmetry.
@@ -465,15 +542,27 @@ def canonicalize(
       tol: balance tolerance (default ``10 · eps`` of the dtype).
       max_iter: iteration cap.
       permutations: also sort units.
-      max_log_scale: bound on the log-scales.
+      max_log_scale: bound on the log-scales (unit groups only; not with ``factors``).
+      factors: also quotient every factor.
 
     Returns:
       ``(canonical_params, g)`` with ``canonical_params == sym.act(params, g)``
-      (up to rounding); the function computed is unchanged.
+      (up to rounding); the function computed is unchanged (up to the
+      normalization's epsilon, with ``factors``). ``g`` is an
+      :class:`~quotient_opt.symmetry.OrbitElement` with ``factors=True``.
 
     References:
       Stock et al. 2019, https://arxiv.org/abs/1902.10416
     """
+    if factors:
+        s, _, out = canonical_elements(sym, params, tol=tol, max_iter=max_iter)
+        g = sym.scales_only(s)
+        if permutations:
+            g = sym.compose(g, sort_permutation(sym, out))
+        # the factors' elements in the permuted units' order: the sections of the point
+        # the groups reach (the blocks' radii and the units' signs are what ``out`` has)
+        f, out = _kinds.sections(sym, sym.act(params, g))
+        return out, OrbitElement(g, f)
     s, _ = canonical_log_scales(
         sym, params, tol=tol, max_iter=max_iter, max_log_scale=max_log_scale
     )

@@ -31,6 +31,7 @@ for every kind.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -190,8 +191,6 @@ def only(sym: Symmetry, kinds: Sequence[str] | None) -> Symmetry:
     Raises:
       ValueError: an unknown family name.
     """
-    import dataclasses
-
     if kinds is None:
         return sym
     unknown = set(kinds) - set(KINDS) - {UNITS}
@@ -300,6 +299,17 @@ def section(sym: Symmetry, params: PyTree, *, factors: Sequence[Any] | None = No
     factors = sym.factors if factors is None else tuple(factors)
     leaves = leaves_by_path(params)
     return tuple(kind_of(f).section(f, _leaves(f, leaves)) for f in factors)
+
+
+def by_factor(sym: Symmetry, params: PyTree, *parts: tuple[Sequence[Any], Sequence[jax.Array]]
+              ) -> tuple[jax.Array, ...]:
+    """One element per factor of ``sym``, in order, from ``(factors, elements)`` parts
+    (the identity for a factor no part names)."""
+    from quotient_opt.symmetry._spec import solve_dtype
+
+    got = {id(r): e for recs, els in parts for r, e in zip(recs, els)}
+    dt = solve_dtype(params)
+    return tuple(got[id(r)] if id(r) in got else kind_of(r).identity(r, dt) for r in sym.factors)
 
 
 def sections(sym: Symmetry, params: PyTree, *, factors: Sequence[Any] | None = None

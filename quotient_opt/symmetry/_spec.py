@@ -242,6 +242,25 @@ class GroupElement(NamedTuple):
 
 
 Element = tuple[GroupElement, ...]
+
+
+class OrbitElement(NamedTuple):
+    """An element of the whole symmetry: the unit groups' element, then every factor's.
+
+    :meth:`Symmetry.act` applies ``groups`` first (permutations and rescalings of the
+    unit groups), then ``factors`` (one element per record of
+    :attr:`Symmetry.factors`, e.g. the signs of each :class:`~quotient_opt.symmetry.SignFlip`),
+    so ``sym.act(params, OrbitElement(g, f))`` is
+    ``qo.symmetry`` ``act`` of ``f`` on ``sym.act(params, g)``. Returned where a
+    result reaches a point of the orbit with the factors' help
+    (:func:`~quotient_opt.canonicalize` with ``factors=True``,
+    :func:`~quotient_opt.landscape.quotient_distance` on a model with sign flips).
+    """
+
+    groups: Element
+    """The unit groups' element (one :class:`GroupElement` per group)."""
+    factors: tuple[jax.Array, ...]
+    """One element per factor, applied after ``groups``."""
 LogScales = tuple[jax.Array, ...]
 
 
@@ -575,7 +594,13 @@ class Symmetry:
 
         Returns:
           Their composition.
+
+        Raises:
+          TypeError: for an :class:`OrbitElement` (a factor's element does not in general
+            commute with the permutations; compose the ``groups`` parts).
         """
+        _groups_only(first, "compose")
+        _groups_only(second, "compose")
         out = []
         for a, b in zip(first, second):
             wp = a.window_perm[b.window_perm]
@@ -592,7 +617,12 @@ class Symmetry:
 
         Returns:
           Its inverse.
+
+        Raises:
+          TypeError: for an :class:`OrbitElement` (invert the ``groups`` part, and each
+            factor's with its kind).
         """
+        _groups_only(g, "inverse")
         out = []
         for a in g:
             wp = jnp.argsort(a.window_perm).astype(jnp.int32)
@@ -644,13 +674,14 @@ class Symmetry:
 
     # ------------------------------------------------------------ the action
 
-    def act(self, params: PyTree, g: Element, *, power: int = 1) -> PyTree:
+    def act(self, params: PyTree, g: Element | OrbitElement, *, power: int = 1) -> PyTree:
         """Applies the group element ``g`` to a parameter pytree.
 
         Args:
           params: parameters (any pytree holding the leaves this symmetry names:
             an nnx ``State``, a filtered equinox model, a linen params dict).
-          g: group element, e.g. from :meth:`sample`.
+          g: group element, e.g. from :meth:`sample`, or an :class:`OrbitElement`
+            (the unit groups' element, then every factor's).
           power: how the tree transforms under rescaling, relative to the
             parameters: ``1`` for parameters, ``-1`` for gradients and first
             moments (covectors), ``-2`` for second moments, ``0`` for
@@ -660,6 +691,11 @@ class Symmetry:
           The transformed pytree, same structure and dtypes.
         """
         self.validate(params)
+        if isinstance(g, OrbitElement):
+            from quotient_opt.symmetry import _kinds
+
+            out = _apply(params, list(zip(self.groups, g.groups)), power)
+            return _kinds.act(self, out, g.factors, power=power)
         return _apply(params, [(grp, e) for grp, e in zip(self.groups, g)], power)
 
     def act_group(self, params: PyTree, index: int, e: GroupElement, *, power: int = 1) -> PyTree:
@@ -748,6 +784,12 @@ class Symmetry:
     def num_parameters(self, params: PyTree) -> int:
         """The number of scalar parameters in ``params``."""
         return sum(int(np.size(x)) for x in jax.tree.leaves(params))
+
+
+def _groups_only(g: Any, who: str) -> None:
+    if isinstance(g, OrbitElement):
+        raise TypeError(f"Symmetry.{who}: takes the unit groups' element; this is an "
+                        f"OrbitElement (pass its .groups)")
 
 
 def _apply(params: PyTree, pairs: list[tuple[UnitGroup, GroupElement]], power: int) -> PyTree:

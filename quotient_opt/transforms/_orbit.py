@@ -33,7 +33,6 @@ parameters unchanged, so nothing that rescales or clips updates may follow.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -42,7 +41,7 @@ import jax.numpy as jnp
 import optax
 
 from quotient_opt.symmetry import _kinds
-from quotient_opt.symmetry._canonical import canonical_log_scales
+from quotient_opt.symmetry._canonical import canonical_elements
 from quotient_opt.symmetry._spec import LogScales, Symmetry, solve_dtype
 from quotient_opt import _validate as validate
 from quotient_opt.transforms._common import init_inner, on_subtree
@@ -97,36 +96,16 @@ def compose(sym: Symmetry, first: Move, second: Move) -> Move:
                 _kinds.compose(sym, first.factors, second.factors))
 
 
-def balanced(sym: Symmetry) -> Symmetry:
-    """``sym`` with the rescaling dropped from every unit group that rescales a leaf some
-    continuous factor also moves (BatchNorm → ReLU → conv → BatchNorm: the group's
-    readers are the next normalization's scale-invariant kernel).
-
-    The factor's section fixes those weights' scale, and balancing the group against them
-    fights it: the section of the one undoes the other's, and the held element drifts a
-    little at every move (measured on a LayerNorm MLP: the log-scales grew past 3 in 300
-    steps, and the inner point left the region where the normalization's epsilon is
-    negligible)."""
-    fixed = {r.path for f in _kinds.continuous(sym) for r in f.refs}
-    if not fixed:
-        return sym
-    groups = tuple(
-        dataclasses.replace(g, rescalable=False)
-        if g.rescalable and any(r.power != 0 and r.path in fixed for r in g.refs) else g
-        for g in sym.groups)
-    return dataclasses.replace(sym, groups=groups)
-
-
 def canonical_move(sym: Symmetry, here: PyTree, *, tol: jax.typing.ArrayLike | None,
-                   max_iter: int) -> Move:
-    """The move to the section of ``here``'s orbit: the minimal-energy point of the unit
-    groups' rescalings (:func:`~quotient_opt.canonical_log_scales`, over the groups
-    :func:`balanced` keeps), then every factor's section there, in order
-    (:func:`~quotient_opt.symmetry._kinds.sections`: each scale-invariant block at its
-    radius, each odd unit's sign)."""
-    bal = balanced(sym)
-    s = canonical_log_scales(bal, here, tol=tol, max_iter=max_iter)[0]
-    return Move(s, _kinds.sections(sym, bal.rescale(here, s))[0])
+                   max_iter: int, rounds: int = 1) -> Move:
+    """The move to the section of ``here``'s orbit: the unit groups' minimal-energy point
+    and the continuous factors' sections, alternated for up to ``rounds`` rounds
+    (:func:`~quotient_opt.symmetry._canonical.canonical_elements`), then every discrete
+    factor's section."""
+    s, f, q = canonical_elements(sym, here, tol=tol, max_iter=max_iter, rounds=rounds)
+    fd, _ = _kinds.sections(sym, q, factors=_kinds.discrete(sym))
+    return Move(s, _kinds.by_factor(sym, here, (_kinds.continuous(sym), f),
+                                    (_kinds.discrete(sym), fd)))
 
 
 def transport(sym: Symmetry, state: PyTree, params: PyTree, h: Move,
