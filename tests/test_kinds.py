@@ -613,3 +613,53 @@ def test_orbit_directions_include_every_continuous_kind():
     for i in range(n):
         dot = sum(jnp.sum(a[i] * b) for a, b in zip(jax.tree.leaves(d), jax.tree.leaves(g)))
         assert abs(float(dot)) < 1e-3 * gn  # the normalization's epsilon
+
+
+# ------------------------------------------------------------------- the unit groups' own kind
+
+
+@pytest.mark.parametrize("name", ["nnx_maxout", pytest.param("nnx_bn_resblock", marks=pytest.mark.slow),
+                                  pytest.param("nnx_residual", marks=pytest.mark.slow)])
+def test_unit_groups_are_a_registered_kind_with_the_same_action(name):
+    m = zoo.build(name, jnp.float64)
+    p, x = m.params(0), m.inputs(0)
+    rng = np.random.default_rng(2)
+    kind = _kinds.kind_of(m.sym.groups[0])
+    assert kind is _kinds.KINDS["units"]
+    leaves = _leaf_dict(p)
+    g = tuple(kind.sample(grp, rng, 1.0, jnp.float64) for grp in m.sym.groups)
+    moved = dict(leaves)
+    for grp, e in zip(m.sym.groups, g):
+        moved.update(kind.act(grp, {r.path: moved[r.path] for r in grp.refs}, e, 1))
+    want = _leaf_dict(m.sym.act(p, g))
+    assert max(_rel(moved[k], want[k]) for k in want) < 1e-14
+    np.testing.assert_allclose(m.apply(m.sym.act(p, g), x), m.apply(p, x), rtol=1e-9, atol=1e-12)
+    for grp, e in zip(m.sym.groups, g):
+        lv = {r.path: leaves[r.path] for r in grp.refs}
+        back = kind.act(grp, kind.act(grp, lv, e, 1), kind.inverse(grp, e), 1)
+        assert max(_rel(back[k], lv[k]) for k in back) < 1e-12
+        e2 = kind.sample(grp, rng, 1.0, jnp.float64)
+        two = kind.act(grp, kind.act(grp, lv, e, 1), e2, 1)
+        one = kind.act(grp, lv, kind.compose(grp, e, e2), 1)
+        assert max(_rel(two[k], one[k]) for k in two) < 1e-12
+        if not kind.dim(grp):
+            continue
+        a = jnp.asarray(rng.normal(size=grp.windows))
+        v = {k: jnp.asarray(rng.normal(size=np.shape(x))) for k, x in lv.items()}
+        ja = kind.tangent(grp, lv, a)
+        lhs = sum(float(jnp.sum(ja[k] * v[k])) for k in ja)
+        rhs = float(jnp.sum(a * kind.cotangent(grp, lv, v)))
+        assert abs(lhs - rhs) < 1e-10 * max(abs(lhs), 1.0)
+        diag = np.asarray(kind.gram_diagonal(grp, lv))
+        for w in range(min(grp.windows, 3)):
+            t = kind.tangent(grp, lv, jnp.eye(grp.windows)[w])
+            np.testing.assert_allclose(sum(float(jnp.sum(y ** 2)) for y in t.values()), diag[w],
+                                       rtol=1e-12)
+        # the section: idempotent, and the same from any rescaling of the group
+        s = kind.section(grp, lv)
+        at = {**lv, **kind.act(grp, lv, s, 1)}
+        assert float(jnp.max(jnp.abs(kind.section(grp, at).log_scale))) < 1e-12
+        r = kind.exp(grp, jnp.asarray(rng.uniform(-1, 1, grp.windows)))
+        lv2 = {**lv, **kind.act(grp, lv, r, 1)}
+        at2 = {**lv2, **kind.act(grp, lv2, kind.section(grp, lv2), 1)}
+        assert max(_rel(at2[k], at[k]) for k in at) < 1e-12

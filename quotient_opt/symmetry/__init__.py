@@ -13,6 +13,7 @@ from quotient_opt.symmetry._infer import infer_symmetry
 from quotient_opt.symmetry._kinds import Kind, only, register_kind
 from quotient_opt.symmetry._norm_scale import NormScale
 from quotient_opt.symmetry._sign_flip import SignFlip
+from quotient_opt.symmetry import _unit_kind  # noqa: F401  (registers the unit groups' kind)
 from quotient_opt.symmetry._paths import leaves_by_path, map_with_path, path_str
 from quotient_opt.symmetry._program import Program
 from quotient_opt.symmetry._spec import (

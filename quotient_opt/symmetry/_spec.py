@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal, NamedTuple
+from typing import Any, ClassVar, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -147,6 +147,9 @@ class UnitGroup:
       activation: what the units compute (``'relu'``, ``'max'``, ...).
       notes: why a symmetry is missing, for :meth:`Symmetry.describe`.
     """
+
+    #: the group family's registry name (:mod:`~quotient_opt.symmetry._unit_kind`)
+    kind: ClassVar[str] = "units"
 
     name: str
     windows: int
@@ -601,13 +604,7 @@ class Symmetry:
         """
         _groups_only(first, "compose")
         _groups_only(second, "compose")
-        out = []
-        for a, b in zip(first, second):
-            wp = a.window_perm[b.window_perm]
-            pp = jnp.take_along_axis(a.piece_perm[b.window_perm], b.piece_perm, axis=1)
-            ls = a.log_scale[b.window_perm] + b.log_scale
-            out.append(GroupElement(wp, pp, ls))
-        return tuple(out)
+        return tuple(compose_one(a, b) for a, b in zip(first, second))
 
     def inverse(self, g: Element) -> Element:
         """The element ``h`` with ``act(act(θ, g), h) == θ``.
@@ -623,13 +620,7 @@ class Symmetry:
             factor's with its kind).
         """
         _groups_only(g, "inverse")
-        out = []
-        for a in g:
-            wp = jnp.argsort(a.window_perm).astype(jnp.int32)
-            pp = jnp.argsort(a.piece_perm[wp], axis=1).astype(jnp.int32)
-            ls = -a.log_scale[wp]
-            out.append(GroupElement(wp, pp, ls))
-        return tuple(out)
+        return tuple(inverse_one(a) for a in g)
 
     def scales_only(self, log_scales: LogScales) -> Element:
         """The pure rescaling with the given per-window log-scales.
@@ -786,15 +777,32 @@ class Symmetry:
         return sum(int(np.size(x)) for x in jax.tree.leaves(params))
 
 
+def compose_one(a: GroupElement, b: GroupElement) -> GroupElement:
+    """One group's ``a`` then ``b`` (see :meth:`Symmetry.compose`)."""
+    wp = a.window_perm[b.window_perm]
+    pp = jnp.take_along_axis(a.piece_perm[b.window_perm], b.piece_perm, axis=1)
+    return GroupElement(wp, pp, a.log_scale[b.window_perm] + b.log_scale)
+
+
+def inverse_one(a: GroupElement) -> GroupElement:
+    """One group's inverse element (see :meth:`Symmetry.inverse`)."""
+    wp = jnp.argsort(a.window_perm).astype(jnp.int32)
+    pp = jnp.argsort(a.piece_perm[wp], axis=1).astype(jnp.int32)
+    return GroupElement(wp, pp, -a.log_scale[wp])
+
+
 def _groups_only(g: Any, who: str) -> None:
     if isinstance(g, OrbitElement):
         raise TypeError(f"Symmetry.{who}: takes the unit groups' element; this is an "
                         f"OrbitElement (pass its .groups)")
 
 
-def _apply(params: PyTree, pairs: list[tuple[UnitGroup, GroupElement]], power: int) -> PyTree:
-    """The action of the given ``(group, element)`` pairs (see :meth:`Symmetry.act`)."""
-    ops: dict[Path, list[tuple[AxisRef, int, jax.Array, jax.Array | None]]] = {}
+Ops = dict[Path, list[tuple[AxisRef, int, jax.Array, jax.Array | None]]]
+
+
+def action_ops(pairs: list[tuple[UnitGroup, GroupElement]], power: int) -> Ops:
+    """Per leaf path, the permutations and log-scales the ``(group, element)`` pairs apply."""
+    ops: Ops = {}
     for grp, e in pairs:
         unit_perm = (e.window_perm[:, None] * grp.pieces + e.piece_perm).reshape(-1)
         for ref in grp.refs:
@@ -805,15 +813,22 @@ def _apply(params: PyTree, pairs: list[tuple[UnitGroup, GroupElement]], power: i
                 ls = jnp.repeat(e.log_scale, grp.pieces) if unit else e.log_scale
                 logc = (power * ref.power) * ls
             ops.setdefault(ref.path, []).append((ref, grp.count(ref), perm, logc))
+    return ops
 
-    def apply(path: Path, x: jax.Array) -> jax.Array:
-        for ref, count, perm, logc in ops.get(path, ()):
-            x = views.permute(x, ref, count, perm)
-            if logc is not None:
-                x = views.scale(x, ref, count, jnp.exp(logc))
-        return x
 
-    return map_with_path(apply, params)
+def apply_ops(ops: Ops, path: Path, x: jax.Array) -> jax.Array:
+    """One leaf after :func:`action_ops`' moves."""
+    for ref, count, perm, logc in ops.get(path, ()):
+        x = views.permute(x, ref, count, perm)
+        if logc is not None:
+            x = views.scale(x, ref, count, jnp.exp(logc))
+    return x
+
+
+def _apply(params: PyTree, pairs: list[tuple[UnitGroup, GroupElement]], power: int) -> PyTree:
+    """The action of the given ``(group, element)`` pairs (see :meth:`Symmetry.act`)."""
+    ops = action_ops(pairs, power)
+    return map_with_path(lambda path, x: apply_ops(ops, path, x), params)
 
 
 def _is_masked_node(x: Any) -> bool:
