@@ -295,16 +295,19 @@ def quotient_distance(
     tol = jnp.sqrt(jnp.finfo(dt).eps) if tol is None else tol
     opts = (jnp.asarray(tol, dt), jnp.asarray(rescale, bool), jnp.asarray(max_iter, jnp.int32),
             jnp.asarray(newton_steps, jnp.int32))
-    fwd = _align(sym, a0, ga, b0, gb, *opts, method=method)
-    bwd = _align(sym, b0, gb, a0, ga, *opts, method=method)
-    if _kinds.discrete(sym):
-        fwd, bwd = (_sign_sweep(sym, r) for r in (fwd, bwd))
-        fwd = fwd._replace(element=_with_signs(sym, b, fwd.element, fwd.aligned),
-                           reference_element=_with_signs(sym, a, fwd.reference_element,
-                                                         fwd.reference))
-        bwd = bwd._replace(element=_with_signs(sym, a, bwd.element, bwd.aligned),
-                           reference_element=_with_signs(sym, b, bwd.reference_element,
-                                                         bwd.reference))
+    if not _kinds.discrete(sym):
+        fwd = _align(sym, a0, ga, b0, gb, *opts, method=method)
+        bwd = _align(sym, b0, gb, a0, ga, *opts, method=method)
+        return _better_side(fwd, bwd)
+    (a1, sa), (b1, sb) = _flipped(sym, a0), _flipped(sym, b0)
+    fwd = _unflip(sym, _sign_sweep(sym, _align(sym, a1, ga, b1, gb, *opts, method=method)), sa)
+    bwd = _unflip(sym, _sign_sweep(sym, _align(sym, b1, gb, a1, ga, *opts, method=method)), sb)
+    fwd = fwd._replace(element=_with_signs(sym, b, fwd.element, fwd.aligned),
+                       reference_element=_with_signs(sym, a, fwd.reference_element,
+                                                     fwd.reference))
+    bwd = bwd._replace(element=_with_signs(sym, a, bwd.element, bwd.aligned),
+                       reference_element=_with_signs(sym, b, bwd.reference_element,
+                                                     bwd.reference))
     return _better_side(fwd, bwd)
 
 
@@ -376,18 +379,27 @@ def _match_group(
 
 
 def _balanced(sym: Symmetry, a: PyTree, b: PyTree, balance: bool):
-    """``(a0, g_a0, b0, g_b0)``: the minimal-energy points (``balance``) or the inputs,
-    then every sign flip at its section (so that matched units have matching signs;
-    the elements are the unit groups' only, the signs are read back at the end,
-    :func:`_with_signs`)."""
+    """``(a0, g_a0, b0, g_b0)``: the minimal-energy points (``balance``) or the inputs."""
     if not balance:
-        a0, ga, b0, gb = a, sym.identity(solve_dtype(a)), b, sym.identity(solve_dtype(b))
-    else:
-        (a0, ga), (b0, gb) = canonicalize(sym, a), canonicalize(sym, b)
-    flips = _kinds.discrete(sym)
-    if flips:
-        a0, b0 = (_kinds.canonical(sym, x, factors=flips) for x in (a0, b0))
+        return a, sym.identity(solve_dtype(a)), b, sym.identity(solve_dtype(b))
+    a0, ga = canonicalize(sym, a)
+    b0, gb = canonicalize(sym, b)
     return a0, ga, b0, gb
+
+
+def _flipped(sym: Symmetry, x: PyTree) -> tuple[PyTree, tuple[jax.Array, ...]]:
+    """``x`` with every sign flip at its section (so that the units of one orbit meet
+    with equal signs), and the signs used."""
+    return _kinds.sections(sym, x, factors=_kinds.discrete(sym))[::-1]
+
+
+def _unflip(sym: Symmetry, res: QuotientDistance, signs: tuple[jax.Array, ...]
+            ) -> QuotientDistance:
+    """Undoes the reference's section flips on both points (an isometry: the distance
+    stays), so that ``reference`` is the balanced point again (``a`` itself unbalanced)."""
+    flips = _kinds.discrete(sym)
+    back = lambda x: _kinds.act(sym, x, signs, factors=flips)  # noqa: E731 - signs: own inverse
+    return res._replace(reference=back(res.reference), aligned=back(res.aligned))
 
 
 def _signs_towards(sym: Symmetry, rec: Any, ref: PyTree, cur: PyTree, dt: Any) -> jax.Array:

@@ -247,7 +247,9 @@ def teleport(
     docstring; no extra backward pass), the gradient and
     the inner state are transported there, and the inner step is taken there
     and returned in the user's coordinates (no jump; see
-    :func:`~quotient_opt.rebalance`).
+    :func:`~quotient_opt.rebalance`). The ascent runs over every continuous kind
+    of ``sym`` together (:func:`teleport_element`: the unit groups' log-scales and,
+    e.g., each scale-invariant block's), from the section of every kind.
 
     .. warning::
        With ``move_params=True`` the update holds the teleport's jump: chain
