@@ -728,6 +728,7 @@ def sharding_results(_sharding_proc):
     return four_devices.result(_sharding_proc)
 
 
+@pytest.mark.slow  # a 4-device child process: `make check`
 @pytest.mark.parametrize("case", BATTERY, ids=IDS)
 def test_keeps_auto_sharding(case, sharding_results):
     """Updates and params-shaped state keep the params' NamedSharding on an Auto mesh."""
@@ -735,6 +736,7 @@ def test_keeps_auto_sharding(case, sharding_results):
     assert not bad, bad
 
 
+@pytest.mark.slow  # a 4-device child process: `make check`
 @pytest.mark.parametrize("case", BATTERY, ids=IDS)
 def test_keeps_explicit_sharding_types(case, sharding_results):
     """Optax sharding test: on an ``AxisType.Explicit`` mesh the updates have the params'

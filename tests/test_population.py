@@ -297,6 +297,7 @@ def sharded_results(_sharded_proc):
     return four_devices.result(_sharded_proc)
 
 
+@pytest.mark.slow  # a 4-device child process: `make check`
 @pytest.mark.parametrize("name", ["relu", "tanh"])
 def test_sharded_matches_unsharded(name, sharded_results):
     """Over 4 host devices (a Mesh along the network axis) the numbers are those of one device."""
@@ -307,6 +308,7 @@ def test_sharded_matches_unsharded(name, sharded_results):
     assert r["err"] <= 1e-6 and r["loss_err"] <= 1e-7, r
 
 
+@pytest.mark.slow
 def test_sharded_revival_matches_unsharded(sharded_results):
     """``revive_dead_units(axis_name=POPULATION_AXIS)`` gathers the due networks across the
     4 devices and gives each its own result back, as on one device.
