@@ -64,11 +64,6 @@ def identity(sym: Symmetry, params: PyTree) -> Move:
     return Move(sym.zero_log_scales(dt), _kinds.identity(sym, dt))
 
 
-def zero_log_scales(sym: Symmetry, params: PyTree) -> LogScales:
-    """The identity element's log-scales, in the solve dtype of ``params``."""
-    return sym.zero_log_scales(solve_dtype(params))
-
-
 def act(sym: Symmetry, tree: PyTree, g: Move, power: int = 1) -> PyTree:
     """``tree`` moved by ``g`` (``power`` as in :meth:`~quotient_opt.Symmetry.act`)."""
     out = sym.rescale(tree, g.log_scales, power=power)
