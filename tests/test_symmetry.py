@@ -128,9 +128,10 @@ def gram_from_structure(sym: qo.Symmetry, p: Any) -> np.ndarray:
     diag = _gram.window_sums(st_, sq.__getitem__, lambda w: w * w, F64)
     off = np.cumsum([0] + list(st_.windows))
     gram = np.diag(np.concatenate([np.asarray(d) for d in diag])) if diag else np.zeros((0, 0))
-    for a, b, c in _gram.couplings(st_, sq):
+    for c in _gram.couplings(st_, sq):
+        a, b = c.a, c.b
         blk = np.zeros_like(gram)
-        blk[off[a]:off[a + 1], off[b]:off[b + 1]] += np.asarray(c)
+        blk[off[a]:off[a + 1], off[b]:off[b + 1]] += np.asarray(c.dense())
         gram = gram + blk + blk.T
     return gram
 

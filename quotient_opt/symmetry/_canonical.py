@@ -79,6 +79,7 @@ import numpy as np
 from quotient_opt.symmetry import _kinds
 from quotient_opt.symmetry import _views as views
 from quotient_opt.symmetry._gram import (
+    Block,
     couplings,
     gram_solve,
     squares_model,
@@ -309,14 +310,21 @@ def canonical_log_scales(
         if model is not None:
             m = model(s)
             e, ins, outs, diag = m.total, m.ins, m.outs, m.diag
-            coup = [(c.a, c.b, x) for c, x in zip(st.couplings, m.coupled)]
+            # the loop carries the blocks' scalings only; the matrices are fixed
+            coup = [(blk.left * live_f[blk.a], blk.right * live_f[blk.b]) for blk in m.coupled]
         else:
             q = scaled_q(s)
             ins, outs, diag = energies(q)
-            coup = couplings(st, q)
+            coup = [blk.scaled(live_f[blk.a], live_f[blk.b]).dense() for blk in couplings(st, q)]
             e = sum(jnp.sum(x) for x in q.values())
-        coup = [c * live_f[a][:, None] * live_f[b][None, :] for a, b, c in coup]
         return (e, tuple(ins), tuple(outs), tuple(diag), coup), residual(ins, outs)
+
+    fixed = None if model is None else at0.coupled
+
+    def blocks(coup) -> list:
+        if fixed is None:
+            return [Block(c.a, c.b, m) for c, m in zip(st.couplings, coup)]
+        return [blk._replace(left=lr[0], right=lr[1]) for blk, lr in zip(fixed, coup)]
 
     def clip(s):
         return tuple(jnp.clip(x, -bound, bound) for x in s)
@@ -342,8 +350,7 @@ def canonical_log_scales(
         rhs = [jnp.where(lv, 0.5 * (o - i), 0) for i, o, lv in zip(ins, outs, live)]
         dg = [jnp.where(lv, d, 0) for d, lv in zip(diag, live)]
         cg_tol = jnp.minimum(0.1, jnp.sqrt(res))
-        coupled = [(c.a, c.b, m) for c, m in zip(st.couplings, coup)]
-        newton = gram_solve(dg, coupled, rhs, eps, cg_tol, jnp.where(far, 0, cg_iter))
+        newton = gram_solve(dg, blocks(coup), rhs, eps, cg_tol, jnp.where(far, 0, cg_iter))
         newton = [jnp.where(lv, x, 0) for x, lv in zip(newton, live)]
         d = tuple(jnp.where(far, u, v) for u, v in zip(sweep, newton))
         # a safe step: at most 4 in any log-scale for Newton

@@ -145,6 +145,35 @@ def window_sums(
     return out
 
 
+def product_window_sums(
+    st: Structure,
+    x: Callable[[Path], jax.Array],
+    y: Callable[[Path], jax.Array],
+    weight: Callable[[int], float],
+    dtype: Any,
+) -> list[jax.Array]:
+    """Per rescalable group and window: ``sum_r weight(p_r) * (sum of x(path) * y(path)
+    over the window)``, each a reduction of its own: a leaf read by two refs (a kernel
+    between two layers) is read twice rather than having the product written out,
+    which XLA would otherwise do to share it between the two reductions (a write the
+    size of the kernel costs several reads on CPU)."""
+    out = []
+    seen: set[Path] = set()
+    for gi, rs in enumerate(st.refs):
+        total = jnp.zeros((st.windows[gi],), dtype)
+        for r in rs:
+            w = weight(r.power)
+            if w:
+                xr = x(r.path)
+                if r.path in seen:  # keeps this reduction's product from being shared
+                    xr = jax.lax.optimization_barrier(xr)
+                seen.add(r.path)
+                total = total + w * _to_windows(
+                    views.product_sums(xr, y(r.path), r, st.count(gi, r)), st, gi, r)
+        out.append(total)
+    return out
+
+
 def _pair_window_sums(st: Structure, c: Coupling, sq: jax.Array) -> jax.Array:
     """``S[u, w]``: the sum of ``sq`` over the entries of window ``u`` of group ``c.a`` and
     window ``w`` of group ``c.b``."""
@@ -156,11 +185,59 @@ def _pair_window_sums(st: Structure, c: Coupling, sq: jax.Array) -> jax.Array:
     return s
 
 
-def couplings(st: Structure, sq: dict[Path, jax.Array]) -> list[tuple[int, int, jax.Array]]:
-    """Off-diagonal Gram blocks ``(a, b, C)``: ``C[u, w] = p_a p_b`` times the sum of the
-    squared entries shared by window ``u`` of group ``a`` and window ``w`` of group ``b``."""
-    return [(c.a, c.b, (c.ref_a.power * c.ref_b.power) * _pair_window_sums(st, c, sq[c.path]))
-            for c in st.couplings]
+class Block(NamedTuple):
+    """An off-diagonal Gram block :math:`\\mathrm{diag}(l)\\, M\\, \\mathrm{diag}(r)`
+    between the windows of rescalable groups ``a`` (rows) and ``b`` (columns).
+
+    The diagonal scalings stay vectors: rescaling the parameters, regularizing or
+    Jacobi-scaling the system changes ``left``/``right`` only, never the matrix, so a
+    solve reads the (kernel-sized) matrix once per product and never writes a copy.
+
+    Attributes:
+      a: row group (index into :attr:`Structure.windows`).
+      b: column group.
+      matrix: ``(windows_a, windows_b)``.
+      left: row scaling (``None``: ones).
+      right: column scaling (``None``: ones).
+    """
+
+    a: int
+    b: int
+    matrix: jax.Array
+    left: jax.Array | None = None
+    right: jax.Array | None = None
+
+    def times(self, x: jax.Array) -> jax.Array:
+        """``B @ x`` for ``x`` over the windows of group ``b``."""
+        y = self.matrix @ (x if self.right is None else self.right * x)
+        return y if self.left is None else self.left * y
+
+    def transpose_times(self, x: jax.Array) -> jax.Array:
+        """``B^T @ x`` for ``x`` over the windows of group ``a``."""
+        y = (x if self.left is None else self.left * x) @ self.matrix
+        return y if self.right is None else self.right * y
+
+    def scaled(self, left: jax.Array, right: jax.Array) -> "Block":
+        """``diag(left) · B · diag(right)``, without touching the matrix."""
+        return self._replace(left=left if self.left is None else self.left * left,
+                             right=right if self.right is None else self.right * right)
+
+    def dense(self) -> jax.Array:
+        """The block as a matrix (for tests and small problems)."""
+        m = self.matrix
+        m = m if self.left is None else self.left[:, None] * m
+        return m if self.right is None else m * self.right[None, :]
+
+
+def couplings(st: Structure, sq: dict[Path, jax.Array]) -> list[Block]:
+    """Off-diagonal Gram blocks: ``B[u, w] = p_a p_b`` times the sum of the squared
+    entries shared by window ``u`` of group ``a`` and window ``w`` of group ``b``."""
+    out = []
+    for c in st.couplings:
+        m = _pair_window_sums(st, c, sq[c.path])
+        sign = c.ref_a.power * c.ref_b.power  # in the row scaling: the matrix is not rewritten
+        out.append(Block(c.a, c.b, m, None if sign == 1 else jnp.full(m.shape[:1], sign, m.dtype)))
+    return out
 
 
 class ScaledSquares(NamedTuple):
@@ -171,14 +248,16 @@ class ScaledSquares(NamedTuple):
       ins: per rescalable group and window, ``sum_r max(p_r, 0)`` times its squares.
       outs: the same with ``max(-p_r, 0)``.
       diag: the same with ``p_r^2`` (the Gram diagonal).
-      coupled: the Gram couplings ``p_a p_b S_ab`` in the order of ``st.couplings``.
+      coupled: the Gram couplings ``p_a p_b S_ab`` in the order of ``st.couplings``, as
+        :class:`Block` s over the unscaled pair sums (the rescaling only in their
+        ``left``/``right`` vectors).
     """
 
     total: jax.Array
     ins: list[jax.Array]
     outs: list[jax.Array]
     diag: list[jax.Array]
-    coupled: list[jax.Array]
+    coupled: list[Block]
 
 
 def squares_model(
@@ -190,8 +269,8 @@ def squares_model(
     leaf held by two refs on different axes (a kernel between two layers)
     scales its pair sums :math:`S_{uw}` by :math:`e^{2 p_a s_u + 2 p_b
     s_w}`. So after one pass over the parameters, the sums at any ``s`` cost
-    only vector operations and products with the small coupling matrices,
-    instead of a pass over every parameter. ``None`` when some leaf does not
+    only vector operations and two matrix-vector products with each coupling
+    matrix (which is never rewritten), instead of a pass over every parameter. ``None`` when some leaf does not
     have this form (more refs on one leaf, or units not filling their axis).
     """
     by_leaf: dict[Path, list[tuple[int, AxisRef]]] = {}
@@ -236,11 +315,13 @@ def squares_model(
         coupled = []
         for _, c, m in pairs:
             pa, pb = c.ref_a.power, c.ref_b.power
-            m = m * jnp.exp(2 * pa * s[c.a])[:, None] * jnp.exp(2 * pb * s[c.b])[None, :]
-            add(c.a, pa, m.sum(1))
-            add(c.b, pb, m.sum(0))
-            total = total + jnp.sum(m)
-            coupled.append((pa * pb) * m)
+            # m scaled by e_a e_b^T, read twice (row and column sums), never rewritten
+            ea, eb = jnp.exp(2 * pa * s[c.a]), jnp.exp(2 * pb * s[c.b])
+            rows, cols = ea * (m @ eb), eb * (ea @ m)
+            add(c.a, pa, rows)
+            add(c.b, pb, cols)
+            total = total + jnp.sum(rows)
+            coupled.append(Block(c.a, c.b, m, (pa * pb) * ea, eb))
         return ScaledSquares(total, ins, outs, diag, coupled)
 
     return at
@@ -308,7 +389,7 @@ def cg(matvec, b: list[jax.Array], tol: jax.Array, max_iter: jax.Array) -> list[
 
 def gram_solve(
     diag: list[jax.Array],
-    coupled: list[tuple[int, int, jax.Array]],
+    coupled: list[Block],
     b: list[jax.Array],
     eps: jax.Array,
     tol: jax.Array,
@@ -317,24 +398,25 @@ def gram_solve(
     """Solves ``((1 + eps) D + C + tiny) a = b`` by Jacobi-scaled CG.
 
     ``D`` is the Gram diagonal (one vector per rescalable group), ``C`` the
-    symmetric couplings from :func:`couplings` (each block ``(a, b, C_ab)``
-    stands for ``C_ab`` and its transpose). Only the small coupling matrices
-    are touched. A non-finite solution is replaced by zeros.
+    symmetric couplings from :func:`couplings` (each :class:`Block` stands for
+    itself and its transpose). The Jacobi scaling goes into the blocks' vectors,
+    so each CG iteration reads each coupling matrix twice (one product each way)
+    and writes nothing of its size. A non-finite solution is replaced by zeros.
     """
     tiny = jnp.finfo(diag[0].dtype).tiny
     # d^2 = (1 + eps) D + tiny: strictly diagonally dominant, so positive definite.
-    d = [jnp.sqrt((1 + eps) * dg + tiny) for dg in diag]
-    scaled = [(ia, ib, c / (d[ia][:, None] * d[ib][None, :])) for ia, ib, c in coupled]
+    inv = [jax.lax.rsqrt((1 + eps) * dg + tiny) for dg in diag]
+    scaled = [blk.scaled(inv[blk.a], inv[blk.b]) for blk in coupled]
 
     def matvec(x: list[jax.Array]) -> list[jax.Array]:
         y = list(x)
-        for ia, ib, c in scaled:
-            y[ia] = y[ia] + c @ x[ib]
-            y[ib] = y[ib] + x[ia] @ c
+        for blk in scaled:
+            y[blk.a] = y[blk.a] + blk.times(x[blk.b])
+            y[blk.b] = y[blk.b] + blk.transpose_times(x[blk.a])
         return y
 
-    bhat = [bi / di for bi, di in zip(b, d)]
+    bhat = [bi * di for bi, di in zip(b, inv)]
     x = cg(matvec, bhat, tol, jnp.asarray(max_iter))
-    a = [xi / di for xi, di in zip(x, d)]
+    a = [xi * di for xi, di in zip(x, inv)]
     finite = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(ai)) for ai in a]))
     return [jnp.where(finite, ai, 0.0) for ai in a]

@@ -117,6 +117,14 @@ def sums(x: jax.Array, ref: AxisRef, count: int) -> jax.Array:
     return _segment(v, ref, count).sum(axis=(0, 2))
 
 
+def product_sums(x: jax.Array, y: jax.Array, ref: AxisRef, count: int) -> jax.Array:
+    """Per unit: the sum of ``x * y`` over its entries (over every other axis and position)."""
+    v = replicated(jnp.sum(x * y, axis=tuple(a for a in range(x.ndim) if a != ref.axis)))
+    if is_plain(v.shape[0], ref, count):
+        return v
+    return _segment(v, ref, count).sum(axis=(0, 2))
+
+
 def pair_sums(
     x: jax.Array, ref_a: AxisRef, count_a: int, ref_b: AxisRef, count_b: int
 ) -> jax.Array:

@@ -83,6 +83,7 @@ from quotient_opt.symmetry._gram import (
     cg,
     couplings,
     gram_solve,
+    product_window_sums,
     structure,
     tangent,
     window_sums,
@@ -112,7 +113,7 @@ def _vertical_coefficients(
     th = {p: x.astype(dtype) for p, x in leaves_by_path(params).items()}
     vv = {p: x.astype(dtype) for p, x in leaves_by_path(v).items()}
     sq = {p: jnp.square(x) for p, x in th.items()}
-    b = window_sums(st, lambda p: th[p] * vv[p], lambda w: w, dtype)
+    b = product_window_sums(st, th.__getitem__, vv.__getitem__, lambda w: w, dtype)
     diag = window_sums(st, sq.__getitem__, lambda w: w * w, dtype)
     return gram_solve(diag, couplings(st, sq), b, eps, tol, max_iter), dtype
 
@@ -196,7 +197,8 @@ def _joint_horizontal(sym: Symmetry, st: Structure, facs: tuple[Any, ...], param
 
     def jt(w: dict) -> list[jax.Array]:
         full = {p: w.get(p, jnp.zeros_like(x)) for p, x in th.items()}
-        unit = window_sums(st, lambda p: th[p] * full[p], lambda x: x, dtype) if n else []
+        unit = product_window_sums(st, th.__getitem__, full.__getitem__, lambda x: x,
+                                   dtype) if n else []
         return list(unit) + list(_kinds.cotangent(sym, params, full, factors=facs, dtype=dtype))
 
     def j(a: list[jax.Array]) -> dict:
