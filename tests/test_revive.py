@@ -328,6 +328,10 @@ def test_configuration_and_structure_errors():
         qo.revive_dead_units(optax.adam(0.1), sym, polish_every=0)
     with pytest.raises(ValueError, match="min_support"):
         qo.revive_dead_units(optax.adam(0.1), sym, min_support=1.5)
+    with pytest.raises(ValueError, match="max_served needs axis_name"):
+        qo.revive_dead_units(optax.adam(0.1), sym, max_served=8)
+    with pytest.raises(ValueError, match="max_served"):
+        qo.revive_dead_units(optax.adam(0.1), sym, max_served=0, axis_name="i")
     other = nnx.state(MaxPoolNet(3, 1, 2, rngs=nnx.Rngs(0)), nnx.Param)
     with pytest.raises(ValueError, match="layers/0/kernel"):
         qo.revive_dead_units(optax.adam(0.1), sym).init(other)
@@ -537,6 +541,46 @@ def test_population_revives_only_due_networks_as_if_each_trained_alone():
     due = np.asarray(due_per_check)
     assert due.max() > 8 and ((due >= 1) & (due <= 8)).any(), due  # both branches ran
     assert int(s.revivals.sum()) > 0
+
+
+def test_population_cap_serves_at_most_max_served_per_check_in_rotation():
+    """``max_served`` bounds each check to that many due networks; the others stay due
+    (their dead counts keep growing) and are served at later checks, in a rotating order."""
+    cap = 3
+    tx = lambda sym: qo.revive_dead_units(optax.adam(0.02), sym, every=10, patience=5,  # noqa: E731
+                                          num_candidates=2, newton_steps=0, max_served=cap,
+                                          axis_name=qo.training.POPULATION_AXIS)
+    chunk, p, s, _ = _chunks(tx, 24)
+    served, waiting = [], []
+    for _ in range(6):  # checks at steps 10, 20, 30, 40, 50
+        (p, s1), _ = chunk(p, s)
+        served.append(np.asarray(s1.attempts - s.attempts))
+        waiting.append(np.asarray(sum(jnp.any(d >= 5, axis=-1) for d in s1.dead_steps)) > 0)
+        s = s1
+    per_check = [int(x.sum()) for x in served]
+    assert max(per_check) == cap and all(n <= cap for n in per_check), per_check
+    full = per_check.index(cap)
+    assert (waiting[full] & (served[full] == 0)).sum() > 0  # more were due than served
+    ever = np.stack(served).sum(0) > 0
+    assert ever.sum() > cap, ever  # the rotation reached other networks
+
+
+@pytest.mark.parametrize("due,cap,turn,want", [
+    (range(10), 3, 0, [0, 1, 2]),
+    (range(10), 3, 1, [3, 4, 5]),
+    (range(10), 3, 3, [0, 1, 9]),  # the order wraps around
+    ([1, 5, 7, 8], 2, 0, [1, 5]),
+    ([1, 5, 7, 8], 2, 1, [5, 7]),  # starts at network 2
+    ([1, 5, 7, 8], 2, 4, [1, 8]),  # starts at network 8, then wraps to 1
+    ([1, 5, 7, 8], 5, 0, [1, 5, 7, 8]),
+    ([1, 5, 7, 8], 20, 4, [1, 5, 7, 8]),
+])
+def test_serving_takes_the_first_due_networks_in_a_rotating_order(due, cap, turn, want):
+    from quotient_opt.transforms._revive import _serving
+
+    flags = jnp.zeros((10,), bool).at[jnp.asarray(list(due))].set(True)
+    served = jax.vmap(lambda f: _serving("i", f, cap, jnp.asarray(turn)), axis_name="i")(flags)
+    assert np.flatnonzero(np.asarray(served)).tolist() == want
 
 
 @pytest.mark.slow

@@ -105,8 +105,9 @@ class ReviveDeadUnitsState(NamedTuple):
         zero incoming gradient (int32, ``windows * pieces``).
       revivals: number of units revived so far (int32).
       attempts: number of checks at which some unit was due (dead for
-        ``patience`` steps, or starved); a due unit's split is applied only
-        where a sibling is alive and, with ``value_fn``, the loss drops (int32).
+        ``patience`` steps, or starved) and the network was served (see
+        ``max_served``); a due unit's split is applied only where a sibling is
+        alive and, with ``value_fn``, the loss drops (int32).
       key: PRNG key of the perturbations.
       inner_state: the inner optimizer's state.
     """
@@ -122,12 +123,31 @@ class ReviveDeadUnitsState(NamedTuple):
 # --------------------------------------------------------------------------- populations
 
 
+def _serving(axis_name: str, due: jax.Array, cap: int | None, turn: jax.Array) -> jax.Array:
+    """Which due networks are served at this check: all of them, or with ``cap`` the first
+    ``cap`` in a rotating order (starting ``turn * cap`` networks further at each check), so
+    a network whose split keeps failing cannot hold a place from the others.
+
+    Called under ``vmap(..., axis_name=axis_name)``; returns this network's flag."""
+    if cap is None:
+        return due
+    flags = jax.lax.all_gather(due, axis_name)
+    nets = flags.shape[0]
+    if cap >= nets:
+        return due
+    me = jax.lax.axis_index(axis_name)
+    place = (jnp.arange(nets) - turn * cap) % nets  # the rotating order
+    ahead = jnp.sum(flags & (place < place[me]))  # due networks before this one
+    return due & (ahead < cap)
+
+
 def _serve_due(
     axis_name: str,
     due: jax.Array,
     fn: Callable[..., PyTree],
     args: tuple[Any, ...],
     idle: PyTree,
+    cap: int | None = None,
 ) -> PyTree:
     """``fn(*args)`` where ``due``, else ``idle``, costing about as many calls as due networks.
 
@@ -139,11 +159,14 @@ def _serve_due(
     its own result back. A ``lax.switch`` on the (unbatched) number of due
     networks picks the size, so a check where 3 of 1024 networks are due
     costs 8 calls of ``fn``, not 1024; every due network is still served at
-    this check.
+    this check. With ``cap`` (at most that many due: :func:`_serving`), the
+    largest size is ``cap``.
     """
     flags = jax.lax.all_gather(due, axis_name)
     nets = flags.shape[0]
-    sizes = [s for s in (8, 64, 512, 4096) if 2 * s <= nets]
+    top = nets if cap is None or cap >= nets else cap
+    sizes = [s for s in (8, 64, 512, 4096) if 2 * s <= top] if top == nets else \
+        [s for s in (8, 64, 512, 4096) if s < top] + [top]
 
     def gathered(size: int) -> Callable[[tuple[Any, ...]], PyTree]:
         def run(args: tuple[Any, ...]) -> PyTree:
@@ -156,7 +179,9 @@ def _serve_due(
 
         return run
 
-    branches = [lambda args: idle, *(gathered(s) for s in sizes), lambda args: fn(*args)]
+    branches = [lambda args: idle, *(gathered(s) for s in sizes)]
+    if top == nets:
+        branches.append(lambda args: fn(*args))
     count = flags.sum()
     index = jnp.where(count == 0, 0, 1 + jnp.searchsorted(jnp.asarray(sizes, count.dtype), count))
     return jax.lax.switch(index, branches, args)
@@ -180,6 +205,7 @@ def revive_dead_units(
     seed: jax.typing.ArrayLike = 0,
     laws: Laws | None = None,
     axis_name: str | None = None,
+    max_served: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Wraps an optimizer so that dead units and max-pool pieces are split back to life.
 
@@ -279,6 +305,11 @@ def revive_dead_units(
         then be the same function for every network (the data shared, as in
         :func:`~quotient_opt.train_population`); a ``value_fn`` that closes
         over per-network values stays correct but pays per network again.
+      max_served: with ``axis_name``, serve at most this many due networks per check
+        (the others stay due and are served at later checks, in a rotating order, so
+        none waits forever behind a network whose split keeps failing): bounds the cost
+        of a check, and of the burst at the first checks, to ``max_served`` revivals.
+        ``None`` serves every due network at once.
       laws: state laws overriding the registry (see :func:`~quotient_opt.map_state`):
         the statistics of a revived unit are reset by them (fields moving like
         the gradient to zero, the others copied from the donor).
@@ -306,6 +337,10 @@ def revive_dead_units(
         raise ValueError(f"min_support must be in [0, 1), got {min_support!r}")
     validate.number("patience", patience)
     validate.number("perturbation", perturbation)
+    max_served = validate.integer("max_served", max_served, none_ok=True)
+    if max_served is not None and axis_name is None:
+        raise ValueError("max_served needs axis_name (the population's vmap axis): without "
+                         "it every network pays for every revival under vmap anyway")
     inner = optax.with_extra_args_support(inner)
 
     def revivable(params: PyTree, warn: bool = False) -> tuple[Symmetry, tuple[UnitGroup, ...]]:
@@ -357,8 +392,9 @@ def revive_dead_units(
             due_dead, due = _due(sym_t, groups, params, dead, value_fn, min_support,
                                  state.count, patience)
             if axis_name is not None:  # only the due networks of the population pay
+                due = _serving(axis_name, due, max_served, state.count // every)
                 out = _serve_due(axis_name, due, revive, (params, due_dead, alive, keys),
-                                 skip(params))
+                                 skip(params), cap=max_served)
             else:
                 out = jax.lax.cond(due, lambda *a: revive(*a, alive, keys), skip, params,
                                    due_dead)
