@@ -309,3 +309,36 @@ def test_one_nan_gradient_entry_stays_in_its_entry(make):
     bad = {p: np.argwhere(~np.isfinite(np.asarray(x))).tolist()
            for p, x in leaves_by_path(params).items()}
     assert {p: b for p, b in bad.items() if b} == {("layers", 0, "kernel"): [[1, 2]]}
+
+
+def test_an_embedding_counts_every_token_like_a_dense_layer_on_one_hot_inputs():
+    """A table lookup is a dense layer from a one-hot input: the path norm's skeleton (all
+    ones in) counts every row, so the embedding network's curvature equals that of the same
+    weights as a bias-free dense first layer."""
+
+    class Lookup(nnx.Module):
+        def __init__(self, rngs, dense):
+            self.dense = dense
+            self.first = (nnx.Linear(5, 3, use_bias=False, param_dtype=jnp.float64, rngs=rngs)
+                          if dense else nnx.Embed(5, 3, param_dtype=jnp.float64, rngs=rngs))
+            self.l1 = nnx.Linear(3, 4, param_dtype=jnp.float64, rngs=rngs)
+            self.l2 = nnx.Linear(4, 1, param_dtype=jnp.float64, rngs=rngs)
+
+        def __call__(self, x):
+            return self.l2(nnx.relu(self.l1(self.first(x))))
+
+    emb, dense = Lookup(nnx.Rngs(0), False), Lookup(nnx.Rngs(0), True)
+    ids = jnp.zeros((4, 1), jnp.int32)
+    sym_e = qo.infer_symmetry(emb, ids)
+    sym_d = qo.infer_symmetry(dense, jnp.zeros((4, 1, 5)))
+    _, pe = functional(emb)
+    _, pd = functional(dense)
+    table = jax.random.normal(jax.random.key(0), (5, 3), jnp.float64)
+    pe = map_with_path(lambda p, x: table if p == ("first", "embedding") else x, pe)
+    pd = map_with_path(lambda p, x: table if p == ("first", "kernel") else
+                       leaves_by_path(pe)[p], pd)
+    ge = leaves_by_path(qo.path_norm_curvature(sym_e, pe))
+    gd = leaves_by_path(qo.path_norm_curvature(sym_d, pd))
+    np.testing.assert_allclose(ge["first", "embedding"], gd["first", "kernel"], rtol=1e-12)
+    for p in (("l1", "kernel"), ("l1", "bias"), ("l2", "kernel"), ("l2", "bias")):
+        np.testing.assert_allclose(ge[p], gd[p], rtol=1e-12)

@@ -392,6 +392,82 @@ def test_unsafe_operations_remove_the_symmetry():
     assert all(not g.rescalable for g in sym.groups)
 
 
+class _TinyGPT(nnx.Module):
+    """Token and position embeddings, two pre-LayerNorm blocks (causal
+    ``nnx.MultiHeadAttention``, GELU MLP), a final LayerNorm and a head (tied to the
+    token table with ``tied``)."""
+
+    def __init__(self, rngs, tied=False):
+        v, d, t = 13, 8, 6
+        self.tied = tied
+        self.tok, self.pos = nnx.Embed(v, d, rngs=rngs), nnx.Embed(t, d, rngs=rngs)
+        self.ln1 = nnx.List([nnx.LayerNorm(d, rngs=rngs) for _ in range(2)])
+        self.ln2 = nnx.List([nnx.LayerNorm(d, rngs=rngs) for _ in range(2)])
+        self.attn = nnx.List([nnx.MultiHeadAttention(2, d, decode=False, rngs=rngs)
+                              for _ in range(2)])
+        self.fc1 = nnx.List([nnx.Linear(d, 16, rngs=rngs) for _ in range(2)])
+        self.fc2 = nnx.List([nnx.Linear(16, d, rngs=rngs) for _ in range(2)])
+        self.ln = nnx.LayerNorm(d, rngs=rngs)
+        self.head = None if tied else nnx.Linear(d, v, rngs=rngs)
+
+    def __call__(self, ids):
+        x = self.tok(ids) + self.pos(jnp.arange(ids.shape[-1]))
+        mask = nnx.make_causal_mask(ids)
+        for i in range(2):
+            x = x + self.attn[i](self.ln1[i](x), mask=mask)
+            x = x + self.fc2[i](nnx.gelu(self.fc1[i](self.ln2[i](x))))
+        x = self.ln(x)
+        return self.tok.attend(x) if self.tied else self.head(x)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_embeddings_write_the_residual_stream_of_a_gpt(tied):
+    """The token and position tables produce the stream's units (a gather from a table is a
+    layer), so every block's writers join them in one group (permutations: the LayerNorms
+    read it), with a tied head reading the token table's same axis."""
+    ids = jax.random.randint(jax.random.key(0), (3, 6), 0, 13)
+    model = _TinyGPT(nnx.Rngs(0), tied)
+    sym = qo.infer_symmetry(model, ids)
+    stream = next(g for g in sym.groups if g.name.startswith("tok+pos"))
+    assert stream.windows == 8 and stream.permutable and not stream.rescalable
+    refs = {(r.path, r.axis) for r in stream.refs}
+    for path in (("tok", "embedding"), ("pos", "embedding")):
+        assert (path, 1) in refs
+    for i in range(2):
+        assert (("attn", i, "out", "kernel"), 2) in refs and (("fc2", i, "kernel"), 1) in refs
+        assert (("attn", i, "query", "kernel"), 0) in refs
+    assert sum(g.name in ("fc1/0", "fc1/1") for g in sym.groups) == 2
+    # the permutation found is a symmetry: the logits of a permuted GPT are the same
+    apply, params = models.functional(model)
+    g = sym.sample(jax.random.key(1), log_scale=0.0)
+    np.testing.assert_allclose(apply(sym.act(params, g), ids), apply(params, ids),
+                               rtol=1e-5, atol=1e-5)
+    # the vocabulary axis of a tied table is the output: never permuted
+    if tied:
+        assert (("tok", "embedding"), 0) not in {(r.path, r.axis) for gr in sym.groups
+                                                 for r in gr.refs}
+
+
+def test_a_gather_of_data_is_not_followed():
+    """Picking rows or units of data (a permutation of the batch or of the units by fixed
+    indices) is not a table lookup: the units gathered lose their symmetries, and say so."""
+
+    class Picks(nnx.Module):
+        def __init__(self, rngs, axis):
+            self.axis = axis
+            self.l1, self.l2 = nnx.Linear(4, 6, rngs=rngs), nnx.Linear(6, 2, rngs=rngs)
+
+        def __call__(self, x):
+            h = nnx.relu(self.l1(x))
+            return self.l2(jnp.take(h, jnp.array([1, 0, 3, 2, 5, 4])[:h.shape[self.axis]],
+                                    axis=self.axis))
+
+    for axis in (0, 1):
+        sym = qo.infer_symmetry(Picks(nnx.Rngs(0), axis), jnp.ones((4, 4)))
+        assert sym.groups == ()
+        assert any("not a table lookup" in n for g in sym.dropped for n in g.notes)
+
+
 def test_residual_concat_and_shared_weights():
     class Concat(nnx.Module):
         def __init__(self, rngs):

@@ -36,6 +36,7 @@ class Model:
     abstract: Any
     x_shape: tuple[int, ...]  # one batch of inputs
     dtype: Any
+    vocab: int = 0  # > 0: the inputs are token ids below it
 
     def params(self, seed: int, scale: float = 0.8) -> Any:
         """Parameters filled with N(0, scale^2 / fan_in)-ish noise (biases too)."""
@@ -50,6 +51,8 @@ class Model:
 
     def inputs(self, seed: int) -> jax.Array:
         rng = np.random.default_rng(seed + 7919)
+        if self.vocab:
+            return jnp.asarray(rng.integers(0, self.vocab, self.x_shape), jnp.int32)
         return jnp.asarray(rng.uniform(-1.5, 1.5, self.x_shape), self.dtype)
 
 
@@ -214,6 +217,40 @@ class RNNNet(nnx.Module):
         return self.head(self.rnn(nnx.relu(self.embed(x)))[:, -1])
 
 
+class EmbedMLP(nnx.Module):
+    """Token and position embeddings (7 tokens, 5 positions, width 4) into a residual
+    ReLU block (4 → 6 → 4) and a linear head: the embeddings write the residual stream."""
+
+    def __init__(self, dtype: Any, rngs: nnx.Rngs):
+        self.tok = nnx.Embed(7, 4, param_dtype=dtype, rngs=rngs)
+        self.pos = nnx.Embed(5, 4, param_dtype=dtype, rngs=rngs)
+        self.l1 = nnx.Linear(4, 6, param_dtype=dtype, rngs=rngs)
+        self.l2 = nnx.Linear(6, 4, param_dtype=dtype, rngs=rngs)
+        self.head = nnx.Linear(4, 2, param_dtype=dtype, rngs=rngs)
+
+    def __call__(self, ids):
+        h = self.tok(ids) + self.pos(jnp.arange(ids.shape[-1]))
+        h = h + self.l2(nnx.relu(self.l1(h)))
+        return self.head(h)
+
+
+class EqxEmbed(eqx.Module):
+    """``eqx.nn.Embedding`` (7 tokens, width 4) per token into a ReLU MLP 4 → 6 → 2."""
+
+    emb: eqx.nn.Embedding
+    l1: eqx.nn.Linear
+    l2: eqx.nn.Linear
+
+    def __init__(self, dtype: Any, key: jax.Array):
+        k1, k2, k3 = jax.random.split(key, 3)
+        self.emb = eqx.nn.Embedding(7, 4, dtype=dtype, key=k1)
+        self.l1 = eqx.nn.Linear(4, 6, dtype=dtype, key=k2)
+        self.l2 = eqx.nn.Linear(6, 2, dtype=dtype, key=k3)
+
+    def __call__(self, ids):
+        return jax.vmap(lambda t: self.l2(jax.nn.relu(self.l1(self.emb(t)))))(ids)
+
+
 class EqxCNN(eqx.Module):
     """A custom equinox CNN (channels first, one sample at a time)."""
 
@@ -255,6 +292,14 @@ def _nnx(name: str, ctor: Callable[[], nnx.Module], x_shape, dtype) -> Model:
     return Model(name, sym, apply, abstract, x_shape, dtype)
 
 
+def _nnx_ids(name: str, ctor: Callable[[], nnx.Module], x_shape, dtype, vocab: int) -> Model:
+    """An nnx model of token ids."""
+    model = nnx.eval_shape(ctor)
+    apply, abstract = models.functional(model)
+    sym = qo.infer_symmetry(model, jax.ShapeDtypeStruct(x_shape, jnp.int32))
+    return Model(name, sym, apply, abstract, x_shape, dtype, vocab)
+
+
 def _nnx_train(name: str, ctor: Callable[[], nnx.Module], x_shape, dtype) -> Model:
     """A train-mode model, built concretely: its RNG state and batch statistics are real
     arrays, held fixed by ``functional`` (the same dropout masks at every call)."""
@@ -272,7 +317,7 @@ def rbg_rngs(seed: int) -> nnx.Rngs:
     return nnx.Rngs(jax.random.key(seed, impl="rbg"))
 
 
-def _eqx(name: str, ctor: Callable[[], eqx.Module], x_shape, dtype) -> Model:
+def _eqx(name: str, ctor: Callable[[], eqx.Module], x_shape, dtype, vocab: int = 0) -> Model:
     model = eqx.filter_eval_shape(ctor)
     is_leaf = lambda v: isinstance(v, (jax.Array, jax.ShapeDtypeStruct))  # noqa: E731
     abstract, static = eqx.partition(model, is_leaf)
@@ -280,8 +325,9 @@ def _eqx(name: str, ctor: Callable[[], eqx.Module], x_shape, dtype) -> Model:
     def apply(p, x):
         return jax.vmap(eqx.combine(p, static))(x)
 
-    sym = qo.infer_symmetry(model, jax.ShapeDtypeStruct(x_shape[1:], dtype))
-    return Model(name, sym, apply, abstract, x_shape, dtype)
+    x = jax.ShapeDtypeStruct(x_shape[1:], jnp.int32 if vocab else dtype)
+    sym = qo.infer_symmetry(model, x)
+    return Model(name, sym, apply, abstract, x_shape, dtype, vocab)
 
 
 def _seq(dtype: Any, *items: Any) -> nnx.Sequential:
@@ -306,6 +352,9 @@ EXPECT: dict[str, list[tuple[int, int, bool, bool]]] = {
     "linen_cnn": [(3, 1, True, True), (5, 1, True, True)],
     "maxpool_net": [(2, 3, False, False)],
     "sawtooth_net": [(5, 1, True, True)] * 5,
+    # the embeddings produce units: token + position tables and the block write one stream
+    "nnx_embed": [(4, 1, True, True), (6, 1, True, True)],
+    "eqx_embed": [(4, 1, True, True), (6, 1, True, True)],
 }
 NAMES = tuple(EXPECT)
 
@@ -377,6 +426,10 @@ def build(name: str, dtype: Any = jnp.float32) -> Model:
     if name == "sawtooth_net":
         return _nnx(name, lambda: models.SawtoothNet(rngs=nnx.Rngs(0), param_dtype=dtype),
                     (8, 1), dtype)
+    if name == "nnx_embed":
+        return _nnx_ids(name, lambda: EmbedMLP(dtype, nnx.Rngs(0)), (8, 5), dtype, 7)
+    if name == "eqx_embed":
+        return _eqx(name, lambda: EqxEmbed(dtype, jax.random.key(0)), (8, 5), dtype, vocab=7)
     if name == "nnx_dropout_train":
         return _nnx_train(name, lambda: DropoutMLP(dtype, rbg_rngs(0)), (8, 3), dtype)
     if name == "nnx_batchnorm_train":

@@ -101,9 +101,13 @@ class Program:
         leaves = jax.tree.leaves(squared_params)
         dtype = jnp.result_type(*leaves)
         closed = self.skeleton(dtype)
-        ones = [jnp.ones(np.shape(v), dtype) for v in jax.tree.leaves(self.example)]
+        # float inputs are the skeleton's all-ones input; integer ones (token ids) index
+        # tables, and stay plain constants (every token is counted by the lookup's rule)
+        example = jax.tree.leaves(self.example)
+        floats = [jnp.issubdtype(_dtype(v), jnp.floating) for v in example]
+        ones = [jnp.ones(np.shape(v), dtype if f else _dtype(v)) for v, f in zip(example, floats)]
         outs = _squared_eval(closed.jaxpr, list(closed.consts), leaves + ones,
-                             [True] * len(leaves) + [True] * len(ones))
+                             [True] * len(leaves) + floats)
         return sum(jnp.sum(o.astype(jnp.result_type(*leaves))) for o in outs)
 
 
@@ -170,9 +174,10 @@ def _fold(eqn: Any, vals: list[tuple[Any, bool]]) -> list[tuple[Any, bool]] | No
 
 def _call(interp: Any, eqn: Any, jaxpr: Any, consts: list[Any], vals: list[tuple[Any, bool]]
           ) -> list[tuple[Any, bool]]:
-    """A call meeting the skeleton: its body is a skeleton, on squared constants."""
-    outs = interp.run(jaxpr, consts, [(_squared(v, s), True) for v, s in vals])
-    return [(_squared(v, s), True) for v, s in outs]
+    """A call meeting the skeleton: its body is run on the same pairs (a plain constant
+    stays plain until it meets a skeleton value, so integer indices computed inside a call,
+    as ``jnp.take`` does, still index)."""
+    return interp.run(jaxpr, consts, list(vals))
 
 
 def _same(ctx: Any, eqn: Any, vals: list[tuple[Any, bool]]) -> list[tuple[Any, bool]]:
@@ -212,6 +217,28 @@ def _select_n(ctx: Any, eqn: Any, vals: list[tuple[Any, bool]]) -> list[tuple[An
     return [(jnp.broadcast_to(out, eqn.outvars[0].aval.shape).astype(out.dtype), True)]
 
 
+def _gather(ctx: Any, eqn: Any, vals: list[tuple[Any, bool]]) -> list[tuple[Any, bool]]:
+    """A lookup in a (squared) table by constant indices: every path through every row,
+    i.e. the table summed over its looked-up axes, broadcast to the output (the lookup is a
+    dense layer from a one-hot input, and the skeleton's input is all ones)."""
+    (table, skel), (_, idx_skel) = vals
+    if idx_skel:
+        raise ValueError(f"path norm: {_jaxpr.where(eqn)} gathers by a unit's value")
+    if not skel:
+        return [(o, False) for o in _jaxpr.bind(eqn, [v for v, _ in vals])]
+    dn, sizes = eqn.params["dimension_numbers"], eqn.params["slice_sizes"]
+    if dn.operand_batching_dims:
+        raise ValueError(f"path norm: {_jaxpr.where(eqn)} is a batched gather")
+    t = jnp.asarray(table)
+    looked = tuple(a for a in range(t.ndim) if sizes[a] < t.shape[a])
+    if any(sizes[a] != 1 for a in looked):
+        raise ValueError(f"path norm: {_jaxpr.where(eqn)} gathers windows, not rows")
+    t = jnp.sum(t, axis=looked, keepdims=True)
+    t = jnp.squeeze(t, axis=tuple(dn.collapsed_slice_dims))
+    shape = tuple(eqn.outvars[0].aval.shape)
+    return [(lax.broadcast_in_dim(t, shape, tuple(dn.offset_dims)), True)]
+
+
 def _comparison(ctx: Any, eqn: Any, vals: list[tuple[Any, bool]]) -> list[tuple[Any, bool]]:
     return [(jnp.zeros(eqn.outvars[0].aval.shape, bool), False)]
 
@@ -234,5 +261,6 @@ _RULES = {
     **{name: _add for name in ("sub", "add_any")},
     **{name: _max for name in ("max", "min")},
     "select_n": _select_n,
+    "gather": _gather,
     **{name: _comparison for name in _jaxpr.COMPARISONS},
 }

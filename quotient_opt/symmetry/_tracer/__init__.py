@@ -29,6 +29,8 @@ symmetries, never a wrong one):
 * adding two labelled values (a residual connection) merges their groups:
   one permutation and one scale shared by every writer and reader of the
   stream;
+* a lookup in a parameter table (``gather``: an embedding) starts a unit group on
+  the table's feature axis, like a kernel;
 * anything else that touches a labelled value (a contraction with data, as
   in attention; normalizations by non-parameter statistics; unknown
   primitives, unless :func:`~quotient_opt.symmetry.register_rule` taught
@@ -42,7 +44,8 @@ checked numerically by :func:`~quotient_opt.infer_symmetry`.
 The package: abstract values and labels (``_values``), the analysis state and
 its unit groups (``_analysis``), the rule table (``_registry``, open to users
 through :func:`~quotient_opt.symmetry.register_rule`) and the rules by family:
-contractions (``_linear``), elementwise operations (``_elementwise``),
+contractions (``_linear``), table lookups (``_gather``), elementwise operations
+(``_elementwise``),
 reductions (``_reductions``), shape operations (``_shapes``), control flow and
 calls (``_control``). The rules run on the library's jaxpr interpreter
 (``quotient_opt._jaxpr``).
@@ -56,6 +59,7 @@ References:
 from quotient_opt.symmetry._tracer import (  # noqa: F401 - the rule modules register their rules
     _control,
     _elementwise,
+    _gather,
     _linear,
     _reductions,
     _shapes,
