@@ -285,18 +285,11 @@ class LinenCNN(linen.Module):
 # --------------------------------------------------------------------------- builders
 
 
-def _nnx(name: str, ctor: Callable[[], nnx.Module], x_shape, dtype) -> Model:
+def _nnx(name: str, ctor: Callable[[], nnx.Module], x_shape, dtype, vocab: int = 0) -> Model:
+    """An nnx model (of token ids below ``vocab`` where that is given)."""
     model = nnx.eval_shape(ctor)
     apply, abstract = models.functional(model)
-    sym = qo.infer_symmetry(model, jax.ShapeDtypeStruct(x_shape, dtype))
-    return Model(name, sym, apply, abstract, x_shape, dtype)
-
-
-def _nnx_ids(name: str, ctor: Callable[[], nnx.Module], x_shape, dtype, vocab: int) -> Model:
-    """An nnx model of token ids."""
-    model = nnx.eval_shape(ctor)
-    apply, abstract = models.functional(model)
-    sym = qo.infer_symmetry(model, jax.ShapeDtypeStruct(x_shape, jnp.int32))
+    sym = qo.infer_symmetry(model, jax.ShapeDtypeStruct(x_shape, jnp.int32 if vocab else dtype))
     return Model(name, sym, apply, abstract, x_shape, dtype, vocab)
 
 
@@ -427,7 +420,7 @@ def build(name: str, dtype: Any = jnp.float32) -> Model:
         return _nnx(name, lambda: models.SawtoothNet(rngs=nnx.Rngs(0), param_dtype=dtype),
                     (8, 1), dtype)
     if name == "nnx_embed":
-        return _nnx_ids(name, lambda: EmbedMLP(dtype, nnx.Rngs(0)), (8, 5), dtype, 7)
+        return _nnx(name, lambda: EmbedMLP(dtype, nnx.Rngs(0)), (8, 5), dtype, vocab=7)
     if name == "eqx_embed":
         return _eqx(name, lambda: EqxEmbed(dtype, jax.random.key(0)), (8, 5), dtype, vocab=7)
     if name == "nnx_dropout_train":

@@ -164,9 +164,11 @@ def _serve_due(
     """
     flags = jax.lax.all_gather(due, axis_name)
     nets = flags.shape[0]
-    top = nets if cap is None or cap >= nets else cap
-    sizes = [s for s in (8, 64, 512, 4096) if 2 * s <= top] if top == nets else \
-        [s for s in (8, 64, 512, 4096) if s < top] + [top]
+    whole = cap is None or cap >= nets  # the largest size is the whole population
+    if whole:
+        sizes = [s for s in (8, 64, 512, 4096) if 2 * s <= nets]
+    else:
+        sizes = [s for s in (8, 64, 512, 4096) if s < cap] + [cap]
 
     def gathered(size: int) -> Callable[[tuple[Any, ...]], PyTree]:
         def run(args: tuple[Any, ...]) -> PyTree:
@@ -180,7 +182,7 @@ def _serve_due(
         return run
 
     branches = [lambda args: idle, *(gathered(s) for s in sizes)]
-    if top == nets:
+    if whole:
         branches.append(lambda args: fn(*args))
     count = flags.sum()
     index = jnp.where(count == 0, 0, 1 + jnp.searchsorted(jnp.asarray(sizes, count.dtype), count))
